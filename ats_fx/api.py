@@ -1,0 +1,228 @@
+"""The public API: transform a model, read back what ATS kept, count FLOPs."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.fx import Interpreter
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
+
+from . import ops
+from .config import PerStage, Stages, make_options
+from .errors import ATSConfigError, ATSInputError, ATSUnsupportedModel
+from .passes.capture import capture, example_inputs_for
+from .passes.match import find_attention
+from .passes.rewrite import Analysis, TokenWalk, remove_replaced
+from .passes.validate import output_shapes, validate
+
+log = logging.getLogger(__name__)
+
+
+class ATSGraphModule(fx.GraphModule):
+    """A model rewritten by :func:`transform`. Same parameters and state_dict keys as the
+    original; ``kept_tokens(model)`` reads back what the last forward pass kept."""
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        captured = getattr(self, "ats_captured_training", mode)
+        if mode != captured:
+            log.warning(
+                "this ATS model was captured in %s mode: dropout and drop-path stay as captured. "
+                "Call ats_fx.transform on the model in %s mode instead.",
+                "train" if captured else "eval", "train" if mode else "eval",
+            )
+        return self
+
+
+def _check_inputs(module: ATSGraphModule, args: tuple) -> None:
+    for i, (x, want) in enumerate(zip(pytree.tree_leaves(args), module.ats_input_shapes)):
+        if not isinstance(x, torch.Tensor) or want is None:
+            continue
+        if tuple(x.shape[1:]) != want:
+            raise ATSInputError(
+                f"input {i} has shape {tuple(x.shape)}, but this ATS model was captured for "
+                f"(batch, {', '.join(map(str, want))}). Pass example_inputs= of the shape you will use "
+                "to ats_fx.transform."
+            )
+        if module.ats_check_inputs:
+            ops.check_finite(x)
+
+
+def _assign(module: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
+    *path, leaf = name.split(".")
+    for part in path:
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    if not hasattr(module, leaf):
+        if is_param:
+            module.register_parameter(leaf, value)
+        else:
+            module.register_buffer(leaf, value)
+
+
+def _neutral_masks(gm: fx.GraphModule, example: tuple, sites) -> Any:
+    """Evaluate attention masks once: an all-True boolean or all-zero additive mask is neutral
+    (HF builds one from arange even without padding) and can be dropped after ATS."""
+    wanted = {s.mask for s in sites if s.mask is not None}
+    if not wanted:
+        return lambda node: False
+    values = {}
+
+    class Recorder(Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n in wanted:
+                values[n] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*pytree.tree_leaves(example))
+
+    def neutral(node: fx.Node) -> bool:
+        v = values.get(node)
+        if not isinstance(v, torch.Tensor):
+            return False
+        return bool(v.all()) if v.dtype == torch.bool else bool((v == 0).all())
+
+    return neutral
+
+
+def analyse(model: nn.Module, example_inputs: Any = None) -> tuple[fx.GraphModule, Analysis, tuple]:
+    """Capture ``model`` and find its attention sites, class token and pooling (no rewrite)."""
+    example = example_inputs_for(model, example_inputs)
+    gm = capture(model, example)
+    sites = find_attention(gm.graph)
+    analysis = TokenWalk(gm, sites).run()
+    return gm, analysis, example
+
+
+def _refuse_if_no_sites(model: nn.Module, analysis: Analysis) -> None:
+    name = type(model).__name__
+    if not analysis.sites:
+        raise ATSUnsupportedModel(
+            f"{name}: no attention softmax(Q·Kᵀ·scale)·V found (explicit matmul, "
+            "scaled_dot_product_attention or nn.MultiheadAttention); ATS needs a transformer"
+        )
+    if analysis.seed is None:
+        problem = analysis.seed_problem or (
+            "no class token: ATS scores tokens with the class token's attention row, and this "
+            "model does not concatenate a learned class token in front of its patch tokens "
+            "(e.g. global_pool='avg' with class_token=False, Swin, ConvNeXt, SigLIP)"
+        )
+        raise ATSUnsupportedModel(f"{name}: {problem}. Use a model with a class token.")
+    if not analysis.token_sites:
+        reasons = "; ".join(sorted({f"{s.module}: {why}" for s, why in analysis.not_token.items()}))
+        raise ATSUnsupportedModel(f"{name}: no attention over tokens found ({reasons})")
+
+
+def transform(
+    model: nn.Module,
+    stages: Stages,
+    *,
+    ratio: PerStage = None,
+    k: PerStage = None,
+    score: str = "attn_vnorm",
+    padding: str = "batch_max",
+    example_inputs: Any = None,
+    check_inputs: bool = True,
+) -> ATSGraphModule:
+    """Rewrite ``model`` so that the chosen attention layers sample tokens with ATS.
+
+    Args:
+        model: a vision transformer with a class token (timm, HF transformers, torchvision...).
+            It is not modified; the result has its own copy of the weights with the same
+            ``state_dict`` keys.
+        stages: attention layers (counted from 0 in execution order) that get ATS: an int,
+            an iterable such as ``range(3, 12)``, or a string such as ``"3-11"``.
+        ratio: rho in (0, 1]; each stage samples K = max(round(rho * N_in), 8) tokens.
+            One value, or one per stage. Defaults to 1.0 when neither ratio nor k is given.
+        k: an absolute K (int >= 1) instead of ratio, one value or one per stage.
+        score: ``"attn_vnorm"`` (paper eq. 3) or ``"attn"`` (no ‖V‖ factor).
+        padding: ``"batch_max"`` (truncate to the batch's largest K'+p) or ``"static"``
+            (always K+p rows: fixed shapes, no host synchronisation for the size).
+        example_inputs: inputs to capture with; by default a random batch of the size the
+            model declares (timm ``pretrained_cfg``, HF ``config.image_size``...).
+        check_inputs: refuse inputs with NaN/inf at run time.
+    Returns:
+        An :class:`ATSGraphModule` computing the same function as ATS-NOTES.md describes.
+    Raises:
+        ATSConfigError: bad options (stage out of range, ratio outside (0, 1], k < 1).
+        ATSUnsupportedModel: the model cannot be converted; the message names layer and reason.
+    """
+    options = make_options(stages, ratio=ratio, k=k, score=score, padding=padding)
+    gm, analysis, example = analyse(model, example_inputs)
+    _refuse_if_no_sites(model, analysis)
+    n = len(analysis.token_sites)
+    bad = [s for s in options.layers if s >= n]
+    if bad:
+        raise ATSConfigError(
+            f"stage(s) {bad} out of range: {type(model).__name__} has {n} attention layers, "
+            f"numbered 0-{n - 1}; e.g. stages=range(3, {n})"
+        )
+    expected = output_shapes(gm)
+    plan = {s.layer: s for s in options.stages}
+    first = min(options.layers)
+    neutral = _neutral_masks(gm, example, analysis.token_sites[first:])
+    walk = TokenWalk(gm, analysis.token_sites, plan, options, neutral)
+    walk.run()
+    remove_replaced(gm, walk.replaced)
+    result = ATSGraphModule(gm, gm.graph, class_name=f"ATS{type(model).__name__}")
+    for name, p in gm.named_parameters():
+        _assign(result, name, p, True)
+    for name, b in gm.named_buffers():
+        _assign(result, name, b, False)
+    result.ats_options = options
+    result.ats_captured_training = model.training
+    result.ats_check_inputs = check_inputs
+    result.ats_input_shapes = [tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves(example)]
+    result.register_forward_pre_hook(_check_inputs)
+    result.train(model.training)
+    validate(result, example, expected)
+    log.info("ATS on %s: stages %s of %d attention layers", type(model).__name__, list(options.layers), n)
+    return result
+
+
+def kept_tokens(model: nn.Module) -> list[ops.StageTrace]:
+    """Per ATS stage, what the last forward pass kept: original token positions (-1 = padding),
+    K' and K per image. Read from the model; no second forward pass."""
+    stages = sorted((m for m in model.modules() if isinstance(m, ops.ATSStage)), key=lambda m: m.layer)
+    if not stages:
+        raise ATSConfigError("this model has no ATS stages: make it with ats_fx.transform")
+    missing = [m.layer for m in stages if m.last is None]
+    if missing:
+        raise ATSConfigError(f"no forward pass yet (stages {missing}): call the model on a batch first")
+    return [m.last for m in stages]
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop(query_shape, key_shape, value_shape)
+
+
+def _flop_counter() -> FlopCounterMode:
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def count_flops(model: nn.Module, inputs: torch.Tensor, *, per_image: bool = True, macs: bool = True) -> torch.Tensor:
+    """GFLOPs of ``model`` on ``inputs``, measured by torch's FlopCounterMode.
+
+    With ``per_image`` each image runs alone, so the count is the image's own adaptive cost
+    (no padding from other images); otherwise the batch's total divided by its size. With
+    ``macs`` a multiply-add counts once, as in the ATS paper, timm and fvcore (DeiT-S = 4.6).
+    Returns a float64 tensor of shape (B,) (or (1,) without per_image).
+    """
+    batches = [inputs[i : i + 1] for i in range(inputs.shape[0])] if per_image else [inputs]
+    out = []
+    with torch.no_grad():
+        for x in batches:
+            counter = _flop_counter()
+            with counter:
+                model(x)
+            out.append(counter.get_total_flops() / x.shape[0] / (2 if macs else 1) / 1e9)
+    return torch.tensor(out, dtype=torch.float64)

@@ -1,0 +1,206 @@
+"""Pure-PyTorch reference of the ATS operator (shared/design/ATS-NOTES.md §1-§5).
+
+Batched, differentiable (the sampled indices are constants for autograd) and the oracle for the
+Triton kernels. Shapes: ``q, k, v`` are ``(B, H, T, dh)``; ``key_mask`` is ``(B, T)`` bool with
+True for real tokens, or None when nothing is padded. The first ``num_prefix`` tokens (class token
+first) are never scored and always kept.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ATSInputError
+
+MIN_TOKENS = 8  # K_n = max(round(rho * N_in), 8), paper appendix E.1
+
+
+class ATSResult(NamedTuple):
+    out: torch.Tensor  # (B, H, T', dh): attention output of the kept rows only
+    index: torch.Tensor  # (B, T') int64: kept rows, as positions in the input token set
+    mask: torch.Tensor  # (B, T') bool: True for real tokens, False for padding
+    kept: torch.Tensor  # (B,) int64: K', sampled tokens per image (prefix excluded)
+    budget: torch.Tensor  # (B,) int64: K, the sampling budget of each image
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores are computed in float32 whatever the model dtype (float64 stays float64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def class_token_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+    num_prefix: int,
+    scale: float,
+    score: str = "attn_vnorm",
+    strict: bool = True,
+) -> torch.Tensor:
+    """Significance score S (B, T) of every token, eq. 3 per head, summed over heads, normalised.
+
+    Prefix and padded tokens score 0. With ``strict`` a score row that is not finite or sums to
+    0 raises; otherwise it falls back to uniform scores over the real tokens.
+    """
+    dt = score_dtype(q.dtype)
+    B, H, T, _ = k.shape
+    logits = (q[:, :, :1].to(dt) @ k.to(dt).transpose(-2, -1)).squeeze(2) * scale  # (B, H, T)
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
+    attn = logits.softmax(dim=-1)
+    s = attn * v.to(dt).norm(dim=-1) if score == "attn_vnorm" else attn
+    scored = _scored_tokens(B, T, num_prefix, key_mask, q.device)
+    s = s.sum(dim=1) * scored  # (B, T), heads summed
+    denom = s.sum(dim=1, keepdim=True)
+    bad = ~torch.isfinite(denom) | (denom <= 0)
+    if strict:
+        if bool(bad.any()):
+            rows = bad.squeeze(1).nonzero().flatten().tolist()
+            raise ATSInputError(
+                f"ATS scores of image(s) {rows} are not finite or sum to zero: the input or an "
+                "activation holds NaN/inf, or the values are all zero. Check the input "
+                "(torch.isfinite(x).all()) and the model weights."
+            )
+        return s / denom
+    uniform = scored / scored.sum(dim=1, keepdim=True).clamp_min(1)
+    return torch.where(bad, uniform, s / torch.where(bad, torch.ones_like(denom), denom))
+
+
+def _scored_tokens(B: int, T: int, num_prefix: int, key_mask, device) -> torch.Tensor:
+    scored = torch.ones(B, T, dtype=torch.bool, device=device)
+    scored[:, :num_prefix] = False
+    if key_mask is not None:
+        scored &= key_mask
+    return scored
+
+
+def token_budget(
+    key_mask: Optional[torch.Tensor],
+    batch: int,
+    tokens: int,
+    num_prefix: int,
+    ratio: Optional[float],
+    k: Optional[int],
+    device: torch.device,
+) -> torch.Tensor:
+    """K per image (ATS-NOTES §3): max(round(rho * N_in), 8) or the given k, capped at N_in - p."""
+    n_in = (
+        key_mask.sum(dim=1)
+        if key_mask is not None
+        else torch.full((batch,), tokens, dtype=torch.int64, device=device)
+    )
+    n_scored = n_in - num_prefix
+    if k is not None:
+        budget = torch.full_like(n_in, k)
+    else:
+        budget = torch.floor(n_in.to(torch.float64) * ratio + 0.5).to(torch.int64).clamp_min(MIN_TOKENS)
+    return torch.minimum(budget, n_scored)
+
+
+def static_budget(tokens: int, num_prefix: int, ratio: Optional[float], k: Optional[int]) -> int:
+    """The largest K any image can get from a tensor of ``tokens`` rows: the static padding size."""
+    if k is not None:
+        budget = k
+    else:
+        budget = max(int(tokens * ratio + 0.5), MIN_TOKENS)
+    return max(min(budget, tokens - num_prefix), 0)
+
+
+def inverse_transform_sample(
+    scores: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+    budget: torch.Tensor,
+    num_prefix: int,
+    out_tokens: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eqs. 4-5: K quantiles (2i-1)/2K of the CDF of S; each picks the first token reaching it.
+
+    Returns ``(index, mask, kept)``: the kept positions (prefix first, then ascending original
+    order, padding last), their mask and K'. ``out_tokens`` fixes T' (static padding); by default
+    T' = max_b(K'_b + p), which reads K' on the host.
+    """
+    B, T = scores.shape
+    device = scores.device
+    cdf = scores.cumsum(dim=1)
+    k_max = int(out_tokens - num_prefix) if out_tokens is not None else int(budget.max())
+    k_max = max(k_max, 1)
+    i = torch.arange(1, k_max + 1, device=device, dtype=scores.dtype)
+    quantiles = (2 * i - 1) / (2 * budget.clamp_min(1).to(scores.dtype)[:, None])  # (B, k_max)
+    picks = torch.searchsorted(cdf.contiguous(), quantiles.contiguous(), right=False)
+    # Round-off can leave the last quantile above the CDF's end: clamp to the last real token.
+    positions = torch.arange(T, device=device)
+    real = key_mask if key_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
+    last_real = torch.where(real, positions, 0).amax(dim=1, keepdim=True)
+    picks = torch.minimum(picks, last_real)
+    valid = i[None, :] <= budget[:, None]
+    picks = torch.where(valid, picks, 0)  # unused quantile slots point at the class token
+    keep = torch.zeros(B, T, dtype=torch.bool, device=device)
+    keep.scatter_(1, picks, True)
+    keep[:, :num_prefix] = True
+    keep &= real
+    kept = keep.sum(dim=1) - num_prefix
+    if out_tokens is None:
+        out_tokens = int(kept.max()) + num_prefix
+    # Stable sort of "not kept" puts kept tokens first in their original order.
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :out_tokens]
+    mask = keep.gather(1, order)
+    index = torch.where(mask, order, 0)  # padding rows copy the class token; they stay masked
+    return index, mask, kept
+
+
+def attention_rows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Eq. 6: O = A[kept] V, computing attention for the kept query rows only."""
+    B, H, _, dh = q.shape
+    rows = q.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], dh))
+    return masked_attention(rows, k, v, key_mask, scale, dropout_p)
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+    scale: float,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the real keys only (padded keys get zero weight)."""
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
+def ats_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+    *,
+    num_prefix: int,
+    scale: float,
+    ratio: Optional[float] = None,
+    k_tokens: Optional[int] = None,
+    score: str = "attn_vnorm",
+    padding: str = "batch_max",
+    dropout_p: float = 0.0,
+    strict: bool = True,
+) -> ATSResult:
+    """The whole ATS layer core: score, sample, and attend for the kept rows (ATS-NOTES §1-§5)."""
+    B, H, T, _ = q.shape
+    scores = class_token_scores(q, k, v, key_mask, num_prefix, scale, score, strict)
+    budget = token_budget(key_mask, B, T, num_prefix, ratio, k_tokens, q.device)
+    out_tokens = None
+    if padding == "static":
+        out_tokens = static_budget(T, num_prefix, ratio, k_tokens) + num_prefix
+    index, mask, kept = inverse_transform_sample(scores, key_mask, budget, num_prefix, out_tokens)
+    out = attention_rows(q, k, v, index, key_mask, scale, dropout_p)
+    return ATSResult(out, index, mask, kept, budget)

@@ -1,0 +1,149 @@
+"""Run-time pieces the rewritten graph calls: the ATS stage, masked attention, masked pooling,
+and the gather that brings an older token set (the residual stream) to a newer one."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .kernels import reference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageTrace:
+    """What one ATS stage did in the last forward pass (tensors are detached, on the model's device).
+
+    ``positions[b, t]`` is the original token position (in the input token sequence, prefix
+    included) of row ``t`` for image ``b``, or -1 for padding. ``kept[b]`` is K' and ``budget[b]``
+    is K; ``tokens_in[b]`` counts the image's real input tokens (prefix included).
+    """
+
+    layer: int
+    module: str
+    positions: torch.Tensor
+    kept: torch.Tensor
+    budget: torch.Tensor
+    tokens_in: torch.Tensor
+
+    @property
+    def tokens_out(self) -> torch.Tensor:
+        return (self.positions >= 0).sum(dim=1)
+
+
+class ATSStage(nn.Module):
+    """One ATS layer core inside a rewritten graph; holds no parameters (state_dict unchanged)."""
+
+    def __init__(
+        self,
+        layer: int,
+        module: str,
+        num_prefix: int,
+        scale: float,
+        ratio: Optional[float],
+        k: Optional[int],
+        score: str,
+        padding: str,
+        dropout_p: float = 0.0,
+    ):
+        super().__init__()
+        self.layer, self.module_name, self.num_prefix, self.scale = layer, module, num_prefix, scale
+        self.ratio, self.k, self.score, self.padding, self.dropout_p = ratio, k, score, padding, dropout_p
+        self.last: Optional[StageTrace] = None
+
+    def extra_repr(self) -> str:
+        budget = f"ratio={self.ratio}" if self.k is None else f"k={self.k}"
+        return f"layer={self.layer}, {budget}, prefix={self.num_prefix}, score={self.score}, padding={self.padding}"
+
+    def forward(self, q, k, v, key_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor]):
+        result = reference.ats_attention(
+            q, k, v, key_mask,
+            num_prefix=self.num_prefix, scale=self.scale, ratio=self.ratio, k_tokens=self.k,
+            score=self.score, padding=self.padding,
+            dropout_p=self.dropout_p if self.training else 0.0,
+        )
+        B, T = q.shape[0], q.shape[2]
+        if positions is None:
+            positions = torch.arange(T, device=q.device).expand(B, T)
+        new_positions = torch.where(result.mask, positions.gather(1, result.index), -1)
+        tokens_in = key_mask.sum(1) if key_mask is not None else torch.full((B,), T, device=q.device)
+        self.last = StageTrace(
+            self.layer, self.module_name, new_positions.detach(), result.kept.detach(),
+            result.budget.detach(), tokens_in.detach(),
+        )
+        return result.out, result.index, result.mask, new_positions
+
+
+def _index_view(index: torch.Tensor, x: torch.Tensor, batch_dim: int, token_dim: int) -> torch.Tensor:
+    B, tokens = index.shape
+    shape = [1] * x.dim()
+    shape[batch_dim], shape[token_dim] = B, tokens
+    if batch_dim > token_dim:
+        index = index.t()
+    size = list(x.shape)
+    size[token_dim] = tokens
+    return index.reshape(shape).expand(size)
+
+
+def token_gather(x: torch.Tensor, index: torch.Tensor, batch_dim: int, token_dim: int) -> torch.Tensor:
+    """Rows ``index`` (B, T') of x's token axis, per image: the residual gather of ATS-NOTES §4."""
+    return x.gather(token_dim, _index_view(index, x, batch_dim, token_dim))
+
+
+def _mask_view(mask: torch.Tensor, x: torch.Tensor, batch_dim: int, token_dim: int, start: int) -> torch.Tensor:
+    mask = mask[:, start:]
+    shape = [1] * x.dim()
+    shape[batch_dim], shape[token_dim] = mask.shape[0], mask.shape[1]
+    if batch_dim > token_dim:
+        mask = mask.transpose(0, 1)
+    return mask.reshape(shape)
+
+
+def masked_mean(x, mask, batch_dim: int, token_dim: int, start: int, dims, keepdim: bool = False, dtype=None):
+    """Mean over ``dims`` (which include the token axis) counting real tokens only."""
+    m = _mask_view(mask, x, batch_dim, token_dim, start).to(x.dtype)
+    total = (x * m).sum(dim=dims, keepdim=keepdim, dtype=dtype)
+    count = m.expand_as(x).sum(dim=dims, keepdim=keepdim)
+    return total / count.to(total.dtype)
+
+
+def masked_sum(x, mask, batch_dim: int, token_dim: int, start: int, dims, keepdim: bool = False, dtype=None):
+    m = _mask_view(mask, x, batch_dim, token_dim, start)
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(dim=dims, keepdim=keepdim, dtype=dtype)
+
+
+def masked_amax(x, mask, batch_dim: int, token_dim: int, start: int, dims, keepdim: bool = False):
+    m = _mask_view(mask, x, batch_dim, token_dim, start)
+    return torch.where(m, x, torch.full((), float("-inf"), dtype=x.dtype, device=x.device)).amax(dim=dims, keepdim=keepdim)
+
+
+def masked_amin(x, mask, batch_dim: int, token_dim: int, start: int, dims, keepdim: bool = False):
+    m = _mask_view(mask, x, batch_dim, token_dim, start)
+    return torch.where(m, x, torch.full((), float("inf"), dtype=x.dtype, device=x.device)).amin(dim=dims, keepdim=keepdim)
+
+
+def masked_attention(q, k, v, key_mask, batch_dim: int, scale: float, dropout_p: float = 0.0, heads_merged: int = 0):
+    """Attention of a layer after an ATS stage: padded keys get zero weight (ATS-NOTES §4)."""
+    attn_mask = key_mask
+    if heads_merged:
+        attn_mask = attn_mask.repeat_interleave(heads_merged, dim=0)
+    shape = [1] * q.dim()
+    shape[batch_dim], shape[-1] = attn_mask.shape[0], attn_mask.shape[1]
+    attn_mask = attn_mask.reshape(shape)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
+def check_finite(x: torch.Tensor) -> torch.Tensor:
+    """Refuse NaN/inf inputs before they turn into a silent wrong answer."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        from .errors import ATSInputError
+
+        raise ATSInputError(
+            "the input holds NaN or inf values: ATS would sample tokens from meaningless scores. "
+            "Clean the input (torch.nan_to_num) or find where the NaN comes from."
+        )
+    return x

@@ -1,0 +1,1 @@
+"""The graph passes: capture (torch.export), match attention, propagate tokens, rewrite, validate."""

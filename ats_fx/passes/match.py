@@ -1,0 +1,207 @@
+"""Find softmax(Q Kᵀ · scale) V in an exported graph, in every spelling real models use.
+
+Spellings (each has a tiny model in tests/test_match.py written the way it appears in the wild):
+- ``sdpa``: ``F.scaled_dot_product_attention`` (timm fused_attn, HF sdpa, and
+  ``nn.MultiheadAttention``, which torch.export lowers to it);
+- ``matmul``: ``softmax(q @ k.transpose(-2, -1) * scale) @ v`` with the scale as a multiply or a
+  divide, on q, on kᵀ or on the product, an optional additive mask, dropout and dtype casts
+  between softmax and the second matmul (timm with fused_attn off, HF eager).
+Matching is syntactic; whether the rows and columns are *tokens* (not channels, as in XCiT's
+cross-covariance attention) is checked later by token-axis propagation (passes/tokens.py).
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .graph import module_path
+
+aten = torch.ops.aten
+
+SOFTMAX = {aten.softmax.int, aten._softmax.default, aten._safe_softmax.default}
+MATMUL = {aten.matmul.default, aten.bmm.default}
+SDPA = aten.scaled_dot_product_attention.default
+# Ops between softmax and the value product that do not change the attention weights' meaning.
+PASS_THROUGH = {
+    aten.dropout.default,
+    aten.to.dtype,
+    aten._to_copy.default,
+    aten.clone.default,
+    aten.contiguous.default,
+    aten.type_as.default,
+    aten.alias.default,
+}
+TRANSPOSE = {aten.transpose.int}
+SCALAR_MUL = {aten.mul.Tensor, aten.mul.Scalar}
+SCALAR_DIV = {aten.div.Tensor, aten.div.Scalar}
+
+
+@dataclass
+class AttentionSite:
+    """One matched attention: ``out = softmax(q kᵀ * scale + mask) v``."""
+
+    spelling: str
+    q: fx.Node
+    k: Optional[fx.Node]  # (..., T, dh); None when only kᵀ exists in the graph
+    k_t: Optional[fx.Node]  # (..., dh, T) when the graph transposes k itself
+    v: fx.Node
+    out: fx.Node
+    scale: Optional[float]  # None: 1/sqrt(dh), the SDPA default
+    mask: Optional[fx.Node] = None  # boolean attn_mask or additive bias
+    dropout_p: float = 0.0
+    is_causal: bool = False
+    interior: set = field(default_factory=set)  # nodes that die when the site is replaced
+    index: int = -1  # position among token-attention sites, in execution order
+
+    @property
+    def module(self) -> str:
+        return module_path(self.out)
+
+    def resolved_scale(self, head_dim: int) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(head_dim)
+
+
+def _scalar(arg) -> Optional[float]:
+    return float(arg) if isinstance(arg, (int, float)) and not isinstance(arg, bool) else None
+
+
+def _peel_scale(node: fx.Node, interior: set) -> tuple[fx.Node, float]:
+    """Strip multiplies/divides by Python scalars off ``node``; return (base, factor)."""
+    factor = 1.0
+    while node.op == "call_function":
+        if node.target in SCALAR_MUL:
+            a, b = node.args[0], node.args[1]
+            if _scalar(b) is not None and isinstance(a, fx.Node):
+                factor *= _scalar(b)
+                interior.add(node)
+                node = a
+                continue
+            if _scalar(a) is not None and isinstance(b, fx.Node):
+                factor *= _scalar(a)
+                interior.add(node)
+                node = b
+                continue
+        if node.target in SCALAR_DIV and _scalar(node.args[1]) is not None:
+            factor /= _scalar(node.args[1])
+            interior.add(node)
+            node = node.args[0]
+            continue
+        break
+    return node, factor
+
+
+def _is_last_two_transpose(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in TRANSPOSE:
+        return False
+    nd = node.args[0].meta["val"].dim()
+    dims = {d % nd for d in node.args[1:3]}
+    return dims == {nd - 2, nd - 1}
+
+
+def _sdpa_site(node: fx.Node) -> AttentionSite:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    bound = dict(zip(names, node.args))
+    bound.update(node.kwargs)
+    return AttentionSite(
+        spelling="sdpa",
+        q=bound["query"],
+        k=bound["key"],
+        k_t=None,
+        v=bound["value"],
+        out=node,
+        scale=bound.get("scale"),
+        mask=bound.get("attn_mask"),
+        dropout_p=float(bound.get("dropout_p", 0.0) or 0.0),
+        is_causal=bool(bound.get("is_causal", False)),
+    )
+
+
+def _matmul_site(softmax: fx.Node) -> Optional[AttentionSite]:
+    nd = softmax.meta["val"].dim()
+    if softmax.args[1] % nd != nd - 1:
+        return None
+    interior = {softmax}
+    # Backwards from softmax: casts, additive mask, scale, then the score product.
+    node, mask, scale = softmax.args[0], None, 1.0
+    while isinstance(node, fx.Node) and node.op == "call_function":
+        if node.target in PASS_THROUGH - {aten.dropout.default}:
+            interior.add(node)
+            node = node.args[0]
+        elif node.target is aten.add.Tensor and mask is None and all(isinstance(a, fx.Node) for a in node.args[:2]):
+            a, b = node.args[0], node.args[1]
+            # The score product is the operand that comes from a matmul (through scalings).
+            a_base, _ = _peel_scale(a, set())
+            score, mask = (a, b) if a_base.target in MATMUL else (b, a)
+            interior.add(node)
+            node = score
+        elif node.target in SCALAR_MUL | SCALAR_DIV:
+            node, factor = _peel_scale(node, interior)
+            scale *= factor
+        else:
+            break
+    if not isinstance(node, fx.Node) or node.target not in MATMUL:
+        return None
+    scores = node
+    interior.add(scores)
+    q, q_factor = _peel_scale(scores.args[0], interior)
+    k_t, k_factor = _peel_scale(scores.args[1], interior)
+    scale *= q_factor * k_factor
+    # Forwards from softmax: dropout and casts, then the product with the values.
+    node, dropout_p = softmax, 0.0
+    while True:
+        users = [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
+        interior |= set(node.users) - set(users)
+        if len(users) != 1:
+            return None  # the attention weights are used elsewhere (e.g. returned): not a pure site
+        user = users[0]
+        if user.target in PASS_THROUGH:
+            if user.target is aten.dropout.default and len(user.args) > 2 and user.args[2]:
+                dropout_p = float(user.args[1])
+            interior.add(user)
+            node = user
+            continue
+        if user.target in MATMUL and user.args[0] is node:
+            out = user
+            break
+        return None
+    k = k_t.args[0] if _is_last_two_transpose(k_t) else None
+    if k is not None:
+        interior.add(k_t)
+    return AttentionSite(
+        spelling="matmul",
+        q=q,
+        k=k,
+        k_t=None if k is not None else k_t,
+        v=out.args[1],
+        out=out,
+        scale=scale,
+        mask=mask,
+        dropout_p=dropout_p,
+        interior=interior,
+    )
+
+
+def find_attention(graph: fx.Graph) -> list[AttentionSite]:
+    """All syntactic attention sites in execution order."""
+    sites = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is SDPA:
+            sites.append(_sdpa_site(node))
+        elif node.target in SOFTMAX:
+            site = _matmul_site(node)
+            if site is not None:
+                sites.append(site)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    sites.sort(key=lambda s: order[s.out])
+    return sites
+
+
+def getitem_users(node: fx.Node) -> list[fx.Node]:
+    return [u for u in node.users if u.target is operator.getitem]

@@ -1,0 +1,571 @@
+"""The rewrite: chosen attention sites become ATS stages; everything downstream follows.
+
+One forward walk over the captured graph labels token axes (passes/tokens.py). Downstream of
+an ATS stage a tensor's token set is newer ("active"), and each op is patched:
+- reshapes get ``-1`` where the token count used to be a constant;
+- an older token set meeting a newer one (the residual stream) is gathered with the kept rows;
+- later attention masks padded keys; token pooling (mean/sum/max) ignores padding;
+- anything whose meaning on a variable token count is unknown raises ATSUnsupportedModel
+  naming the op and its module, so a wrong model is never returned silently.
+Run without a plan the walk only analyses: which sites attend over tokens, where the class
+token is, and how the model pools.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from .. import ops
+from ..config import ATSOptions, StageOptions
+from ..errors import ATSUnsupportedModel
+from .graph import BATCH_PROBE, DataFlow, batch_dim, concrete_shape, describe, module_path
+from .match import AttentionSite, PASS_THROUGH
+from .tokens import Label, TokenAxis, map_reshape, norm_dim
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+INT_MAX = 9223372036854775807
+
+VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+SIZE_FREE_RESHAPES = {
+    aten.flatten.using_ints, aten.unflatten.int, aten.squeeze.dim, aten.squeeze.dims, aten.unsqueeze.default,
+}
+REDUCTIONS = {
+    aten.mean.dim: ops.masked_mean,
+    aten.sum.dim_IntList: ops.masked_sum,
+    aten.amax.default: ops.masked_amax,
+    aten.amin.default: ops.masked_amin,
+}
+SOFTMAXES = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default}
+NORMS = {aten.layer_norm.default, aten.rms_norm.default}
+EXTRA_POINTWISE = PASS_THROUGH | {aten.detach.default, aten.lift_fresh_copy.default, aten.where.self}
+IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int}
+
+
+class Unsupported(Exception):
+    """Raised by a rule; turned into ATSUnsupportedModel with the node's context."""
+
+
+@dataclass
+class TokenSet:
+    """A token set made by an ATS stage: rows of the previous set, padding mask, positions."""
+
+    index: fx.Node
+    mask: fx.Node
+    positions: fx.Node
+    layer: int
+    module: str
+
+
+@dataclass
+class Analysis:
+    """What the analysis walk found."""
+
+    sites: list  # every syntactic site
+    token_sites: list  # sites attending over tokens, in execution order (stage numbering)
+    not_token: dict  # site -> why it is not token attention
+    seed: Optional[fx.Node] = None
+    prefix: int = 0
+    seed_problem: Optional[str] = None
+    pooling: list = field(default_factory=list)  # how tokens leave: "token", "avg", ...
+    lost: dict = field(default_factory=dict)  # node -> why its token axis could not be followed
+
+
+class TokenWalk:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        sites: list[AttentionSite],
+        plan: Optional[dict[int, StageOptions]] = None,
+        options: Optional[ATSOptions] = None,
+        neutral: Optional[Callable[[fx.Node], bool]] = None,
+    ):
+        self.gm, self.graph = gm, gm.graph
+        self.sites = {s.out: s for s in sites}
+        self.interior = set().union(*(s.interior for s in sites)) if sites else set()
+        self.plan = plan
+        self.options = options
+        self.neutral = neutral or (lambda node: False)
+        self.flow = DataFlow(self.graph)
+        self.labels: dict[fx.Node, Label] = {}
+        self.sets: list[Optional[TokenSet]] = [None]
+        self.gathers: dict = {}
+        self.replaced: list[AttentionSite] = []
+        self.analysis = Analysis(sites=sites, token_sites=[], not_token={})
+        self.node: Optional[fx.Node] = None
+
+    # ---------------------------------------------------------------- driving
+    def run(self) -> Analysis:
+        for node in list(self.graph.nodes):
+            self.node = node
+            try:
+                self.labels[node] = self.visit(node)
+            except Unsupported as err:
+                raise ATSUnsupportedModel(self._context(str(err))) from None
+        return self.analysis
+
+    def _context(self, reason: str) -> str:
+        last = self.sets[-1]
+        after = f"after the ATS stage at attention layer {last.layer} ({last.module}), " if last else ""
+        return f"{after}{describe(self.node)} {reason}"
+
+    def label(self, arg) -> Label:
+        return self.labels.get(arg) if isinstance(arg, fx.Node) else None
+
+    def active(self, node: fx.Node) -> bool:
+        def newer(lab) -> bool:
+            if isinstance(lab, tuple):
+                return any(newer(x) for x in lab)
+            return isinstance(lab, TokenAxis) and lab.version > 0
+
+        return any(newer(self.label(a)) for a in node.all_input_nodes)
+
+    def fail(self, node: fx.Node, reason: str) -> None:
+        """Unknown territory: fatal when active, otherwise the token axis is just lost."""
+        if self.active(node):
+            raise Unsupported(reason)
+        if any(isinstance(self.label(a), TokenAxis) for a in node.all_input_nodes):
+            self.analysis.lost[node] = reason
+
+    # ---------------------------------------------------------------- dispatch
+    def visit(self, node: fx.Node) -> Label:
+        if node.op == "output":
+            return self.visit_output(node)
+        if node.op != "call_function" or node in self.interior:
+            return None
+        if node in self.sites:
+            return self.visit_site(self.sites[node])
+        target = node.target
+        if target in IGNORED:
+            return None
+        if target is operator.getitem:
+            lab = self.label(node.args[0])
+            return lab[node.args[1]] if isinstance(lab, tuple) and node.args[1] < len(lab) else None
+        if not any(isinstance(self.label(a), (TokenAxis, tuple)) for a in node.all_input_nodes):
+            return self.visit_cat_seed(node) if target is aten.cat.default else None
+        handler = RULES.get(target)
+        if handler is None and isinstance(target, torch._ops.OpOverload) and (
+            torch.Tag.pointwise in target.tags or target in EXTRA_POINTWISE
+        ):
+            handler = TokenWalk.rule_pointwise
+        if handler is None:
+            self.fail(node, "receives the token axis, and ats_fx has no rule for how it treats a varying number of tokens")
+            return None
+        return handler(self, node)
+
+    # ---------------------------------------------------------------- token sequence start
+    def visit_cat_seed(self, node: fx.Node) -> Label:
+        """``cat([cls.expand(B,-1,-1), (dist/registers,) patches], dim)`` starts the sequence."""
+        if self.analysis.seed is not None:
+            return None
+        tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+        out_shape = concrete_shape(node)
+        if out_shape is None or len(tensors) < 2:
+            return None
+        dim = norm_dim(dim, len(out_shape))
+        if out_shape[dim] == BATCH_PROBE or batch_dim(node) is None:
+            return None
+        data = [self.flow.depends_on_input(t) for t in tensors]
+        if not any(data) or all(data):
+            return None
+        if not data[-1] or data[0]:
+            self.analysis.seed_problem = (
+                f"{describe(node)} concatenates learned tokens after the patch tokens; ATS needs the "
+                "class token first (index 0)"
+            )
+            return None
+        first_data = data.index(True)
+        if not all(data[first_data:]):
+            return None
+        prefix = sum(concrete_shape(t)[dim] for t in tensors[:first_data])
+        self.analysis.seed, self.analysis.prefix = node, prefix
+        return TokenAxis(dim=dim, version=0, prefix=prefix)
+
+    # ---------------------------------------------------------------- attention sites
+    def visit_site(self, site: AttentionSite) -> Label:
+        q, k, v = self.label(site.q), self.label(site.k if site.k is not None else site.k_t), self.label(site.v)
+        nd = len(concrete_shape(site.q))
+        k_dim = nd - 2 if site.k is not None else nd - 1
+        ok = (
+            all(isinstance(x, TokenAxis) for x in (q, k, v))
+            and q.dim == nd - 2 and k.dim == k_dim and v.dim == nd - 2
+            and q.plain and k.plain and v.plain
+            and q.version == k.version == v.version
+        )
+        if not ok:
+            why = self._why_not_tokens(site, q, k, v, nd)
+            self.analysis.not_token[site] = why
+            if self.active(site.out):
+                raise Unsupported(f"is an attention whose tokens ats_fx cannot follow: {why}")
+            return None
+        site.index = len(self.analysis.token_sites)
+        self.analysis.token_sites.append(site)
+        out = TokenAxis(dim=nd - 2, version=q.version, prefix=q.prefix)
+        stage = self.plan.get(site.index) if self.plan else None
+        if stage is None and q.version == 0:
+            return out
+        self._check_site(site, nd)
+        if stage is not None:
+            return self._insert_stage(site, stage, q)
+        return self._insert_masked_attention(site, q)
+
+    def _why_not_tokens(self, site, q, k, v, nd) -> str:
+        if self.analysis.seed is None:
+            return self.analysis.seed_problem or "no class token in front of the patch tokens"
+        labs = [x for x in (q, k, v) if isinstance(x, TokenAxis)]
+        if len(labs) < 3:
+            return "its queries, keys or values do not come from the token sequence"
+        if q.dim != nd - 2:
+            return "it attends over channels, not tokens (softmax over the channel axis, as in XCiT)"
+        return "its token axis is merged or sliced"
+
+    def _check_site(self, site: AttentionSite, nd: int) -> None:
+        if site.is_causal:
+            raise Unsupported("is causal attention; ATS applies to bidirectional vision attention only")
+        if site.mask is not None and not self.neutral(site.mask):
+            raise Unsupported(
+                "adds a mask or position-dependent bias (e.g. relative position bias) to the attention "
+                "logits; ats_fx cannot yet keep such a term aligned with the sampled tokens"
+            )
+        if nd != 4 or batch_dim(site.q) != 0:
+            raise Unsupported(f"computes attention on tensors of shape {concrete_shape(site.q)}; ats_fx "
+                              "needs (batch, heads, tokens, head_dim)")
+
+    def _key(self, site: AttentionSite) -> fx.Node:
+        if site.k is not None:
+            return site.k
+        return self.graph.call_function(aten.transpose.int, (site.k_t, -2, -1))
+
+    def _insert_stage(self, site: AttentionSite, stage: StageOptions, q: TokenAxis) -> Label:
+        prev = self.sets[-1]
+        head_dim = concrete_shape(site.q)[-1]
+        name = f"ats_stage_{stage.layer}"
+        module = ops.ATSStage(
+            layer=stage.layer, module=site.module, num_prefix=q.prefix, scale=site.resolved_scale(head_dim),
+            ratio=stage.ratio, k=stage.k, score=self.options.score, padding=self.options.padding,
+            dropout_p=site.dropout_p,
+        )
+        self.gm.add_submodule(name, module)
+        with self.graph.inserting_before(site.out):
+            key = self._key(site)
+            args = (site.q, key, site.v, prev.mask if prev else None, prev.positions if prev else None)
+            call = self.graph.call_module(name, args)
+            out, index, mask, positions = (self.graph.call_function(operator.getitem, (call, i)) for i in range(4))
+        out.meta = dict(site.out.meta)  # rules reason on captured shapes; only T changes
+        site.out.replace_all_uses_with(out)
+        self.replaced.append(site)
+        self.sets.append(TokenSet(index, mask, positions, stage.layer, site.module))
+        label = TokenAxis(dim=q.dim, version=len(self.sets) - 1, prefix=q.prefix)
+        self.labels[out] = label
+        return None
+
+    def _insert_masked_attention(self, site: AttentionSite, q: TokenAxis) -> Label:
+        head_dim = concrete_shape(site.q)[-1]
+        with self.graph.inserting_before(site.out):
+            key = self._key(site)
+            out = self.graph.call_function(
+                ops.masked_attention,
+                (site.q, key, site.v, self.sets[q.version].mask, 0, site.resolved_scale(head_dim), site.dropout_p),
+            )
+        out.meta = dict(site.out.meta)
+        site.out.replace_all_uses_with(out)
+        self.replaced.append(site)
+        self.labels[out] = replace(q, dim=q.dim)
+        return None
+
+    # ---------------------------------------------------------------- gathers
+    def to_version(self, arg: fx.Node, lab: TokenAxis, version: int, at: fx.Node) -> fx.Node:
+        """Bring an older token set (the residual stream) to ``version`` by gathering kept rows."""
+        key = (arg, version)
+        if key in self.gathers:
+            return self.gathers[key]
+        if not lab.plain:
+            raise Unsupported("mixes token sets of different ATS stages on a sliced or merged token axis")
+        bdim = batch_dim(arg)
+        if bdim is None:
+            raise Unsupported("needs a gather of the residual stream, but its batch axis is merged with another axis")
+        node = arg
+        with self.graph.inserting_before(at):
+            for u in range(lab.version + 1, version + 1):
+                node = self.graph.call_function(ops.token_gather, (node, self.sets[u].index, bdim, lab.dim))
+                node.meta = dict(arg.meta)
+        self.gathers[key] = node
+        return node
+
+    # ---------------------------------------------------------------- rules
+    def rule_pointwise(self, node: fx.Node) -> Label:
+        out_nd = len(concrete_shape(node) or ())
+        tensors = [a for a in list(node.args) + list(node.kwargs.values()) if isinstance(a, fx.Node) and concrete_shape(a) is not None]
+        labeled = [(a, self.label(a)) for a in tensors if isinstance(self.label(a), TokenAxis)]
+        if not labeled:
+            self.fail(node, "receives several token axes at once")
+            return None
+        dims = {lab.dim + out_nd - len(concrete_shape(a)) for a, lab in labeled}
+        shapes = {(lab.start, lab.outer, lab.inner) for _, lab in labeled}
+        if len(dims) != 1 or len(shapes) != 1:
+            self.fail(node, "combines tensors whose token axes do not line up")
+            return None
+        dim = dims.pop()
+        top = max(labeled, key=lambda p: p[1].version)[1]
+        if top.version > 0:
+            for a in tensors:
+                lab = self.label(a)
+                shape = concrete_shape(a)
+                pos = dim - (out_nd - len(shape))
+                if not isinstance(lab, TokenAxis) and pos >= 0 and shape[pos] != 1:
+                    raise Unsupported(
+                        f"adds or multiplies a tensor ({a.name}) that has one entry per token position but "
+                        "does not come from the tokens (a position embedding or bias applied after the "
+                        "ATS stage); ats_fx cannot keep it aligned with the sampled tokens"
+                    )
+            for a, lab in labeled:
+                if lab.version < top.version:
+                    node.replace_input_with(a, self.to_version(a, lab, top.version, node))
+        return replace(top, dim=dim)
+
+    def rule_view(self, node: fx.Node) -> Label:
+        lab = self.label(node.args[0])
+        new = map_reshape(concrete_shape(node.args[0]), concrete_shape(node), lab)
+        if new is None:
+            self.fail(node, "splits the token axis into several axes (a reshape to a 2-D grid?)")
+            return None
+        if lab.version > 0:
+            self._patch_sizes(node, 1, new.dim, node.args[0])
+        return new
+
+    def _patch_sizes(self, node: fx.Node, arg_index: int, token_pos: int, source: fx.Node, offset: int = 0) -> None:
+        """Replace the size that held the old token count by -1; pin every other -1."""
+        sizes = list(node.args[arg_index])
+        out_shape = concrete_shape(node)
+        for i, s in enumerate(sizes):
+            if i == token_pos:
+                sizes[i] = -1
+            elif isinstance(s, int) and s == -1:
+                d = out_shape[i + offset]
+                if d == BATCH_PROBE and batch_dim(source) is not None:
+                    with self.graph.inserting_before(node):
+                        sizes[i] = self.graph.call_function(aten.sym_size.int, (source, batch_dim(source)))
+                elif BATCH_PROBE > d:
+                    sizes[i] = d
+                else:
+                    raise Unsupported("infers a size merged with the batch; ats_fx cannot pin it")
+        args = list(node.args)
+        args[arg_index] = sizes
+        node.args = tuple(args)
+
+    def rule_size_free_reshape(self, node: fx.Node) -> Label:
+        lab = self.label(node.args[0])
+        new = map_reshape(concrete_shape(node.args[0]), concrete_shape(node), lab)
+        if new is None:
+            self.fail(node, "splits the token axis into several axes (a reshape to a 2-D grid?)")
+            return None
+        if lab.version > 0 and node.target is aten.unflatten.int:
+            in_nd = len(concrete_shape(node.args[0]))
+            if norm_dim(node.args[1], in_nd) == lab.dim:
+                self._patch_sizes(node, 2, new.dim - lab.dim, node.args[0], offset=lab.dim)
+        if lab.version > 0 and node.target is aten.squeeze.dims and lab.dim in [norm_dim(d, len(concrete_shape(node.args[0]))) for d in node.args[1]]:
+            raise Unsupported("squeezes the token axis, which may hold one token after sampling")
+        return new
+
+    def rule_expand(self, node: fx.Node) -> Label:
+        lab = self.label(node.args[0])
+        sizes = list(node.args[1])
+        dim = lab.dim + len(sizes) - len(concrete_shape(node.args[0]))
+        if lab.version > 0:
+            sizes[dim] = -1
+            node.args = (node.args[0], sizes) + tuple(node.args[2:])
+        return replace(lab, dim=dim)
+
+    def rule_permute(self, node: fx.Node) -> Label:
+        lab = self.label(node.args[0])
+        nd = len(concrete_shape(node.args[0]))
+        dims = [norm_dim(d, nd) for d in node.args[1]]
+        return replace(lab, dim=dims.index(lab.dim))
+
+    def rule_transpose(self, node: fx.Node) -> Label:
+        lab = self.label(node.args[0])
+        nd = len(concrete_shape(node.args[0]))
+        if node.target is aten.t.default:
+            a, b = 0, nd - 1
+        else:
+            a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
+        dim = b if lab.dim == a else a if lab.dim == b else lab.dim
+        return replace(lab, dim=dim)
+
+    def rule_select(self, node: fx.Node) -> Label:
+        lab = self.label(node.args[0])
+        shape = concrete_shape(node.args[0])
+        dim, index = norm_dim(node.args[1], len(shape)), node.args[2]
+        if dim != lab.dim:
+            return replace(lab, dim=lab.dim - (dim < lab.dim))
+        if not lab.plain or not isinstance(index, int):
+            self.fail(node, "selects from a sliced or merged token axis")
+            return None
+        if index < 0 and lab.version > 0:
+            raise Unsupported("selects a token counted from the end, which moves when tokens are dropped")
+        index = index % shape[dim]
+        if index < lab.prefix:
+            self.analysis.pooling.append(("token", index))
+            return None
+        self.fail(node, f"reads token {index}, which ATS may drop; only the {lab.prefix} prefix token(s) are kept")
+        return None
+
+    def rule_slice(self, node: fx.Node) -> Label:
+        lab = self.label(node.args[0])
+        shape = concrete_shape(node.args[0])
+        args = list(node.args) + [None] * (5 - len(node.args))
+        dim = norm_dim(args[1] if args[1] is not None else 0, len(shape))
+        if dim != lab.dim:
+            return lab
+        start, end, step = args[2] or 0, args[3], args[4] or 1
+        size = shape[dim]
+        end = size if end is None else end
+        if lab.outer != 1 or lab.inner != 1 or step != 1 or start < 0 or end < 0:
+            self.fail(node, "slices the token axis with a step, from the end, or while it is merged")
+            return None
+        first = lab.start + start
+        if end >= size and first <= lab.prefix:
+            if lab.version > 0 and args[3] is not None:
+                args[3] = INT_MAX
+                node.args = tuple(args[: max(len(node.args), 4)])
+            return replace(lab, start=first)
+        if lab.start + end <= lab.prefix:
+            return None  # prefix tokens only: never dropped, fixed size
+        self.fail(node, f"slices tokens [{start}:{end}], a range ATS changes")
+        return None
+
+    def rule_split(self, node: fx.Node) -> Label:
+        lab = self.label(node.args[0])
+        nd = len(concrete_shape(node.args[0]))
+        dim = norm_dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), nd)
+        if node.target is aten.unbind.int:
+            dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
+            if dim == lab.dim:
+                self.fail(node, "unbinds the token axis")
+                return None
+            return tuple(replace(lab, dim=lab.dim - (dim < lab.dim)) for _ in node.meta["val"])
+        if dim == lab.dim:
+            self.fail(node, "splits the token axis")
+            return None
+        return tuple(lab for _ in node.meta["val"])
+
+    def rule_cat(self, node: fx.Node) -> Label:
+        tensors = node.args[0]
+        nd = len(concrete_shape(node))
+        dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
+        labs = [self.label(t) for t in tensors]
+        token_labs = [x for x in labs if isinstance(x, TokenAxis)]
+        if any(x.dim == dim for x in token_labs):
+            self.fail(node, "concatenates tokens along the token axis after ATS (e.g. a class-attention block's class token)")
+            return None
+        if len({(x.dim, x.version, x.start) for x in token_labs}) != 1 or len(token_labs) != len(labs):
+            self.fail(node, "concatenates tensors whose token axes differ")
+            return None
+        return token_labs[0]
+
+    def rule_reduce(self, node: fx.Node) -> Label:
+        lab = self.label(node.args[0])
+        nd = len(concrete_shape(node.args[0]))
+        dims = node.args[1] if len(node.args) > 1 else None
+        dims = list(range(nd)) if dims is None or dims == [] else [norm_dim(d, nd) for d in ([dims] if isinstance(dims, int) else dims)]
+        keepdim = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim", False))
+        if lab.dim not in dims:
+            return replace(lab, dim=lab.dim if keepdim else lab.dim - sum(d < lab.dim for d in dims))
+        kind = "avg" if node.target is aten.mean.dim else str(node.target).split(".")[1]
+        self.analysis.pooling.append((kind, lab.start))
+        if lab.version == 0:
+            return None
+        if lab.outer != 1 or lab.inner != 1 or batch_dim(node.args[0]) is None:
+            raise Unsupported("pools over a token axis merged with another axis")
+        token_set = self.sets[lab.version]
+        extra = {"dtype": node.kwargs["dtype"]} if node.kwargs.get("dtype") is not None else {}
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(
+                REDUCTIONS[node.target],
+                (node.args[0], token_set.mask, batch_dim(node.args[0]), lab.dim, lab.start, dims, keepdim),
+                extra,
+            )
+        node.replace_all_uses_with(new)
+        new.meta = dict(node.meta)
+        return None
+
+    def rule_along_last(self, node: fx.Node) -> Label:
+        """Ops that act on trailing dims only: layer norm, linear, softmax over channels."""
+        lab = self.label(node.args[0])
+        nd = len(concrete_shape(node.args[0]))
+        if node.target in NORMS:
+            acts_on = range(nd - len(node.args[1]), nd)
+        elif node.target in SOFTMAXES:
+            acts_on = [norm_dim(node.args[1], nd)]
+        else:
+            acts_on = [nd - 1]
+        if lab.dim in acts_on:
+            self.fail(node, "mixes values across tokens")
+            return None
+        if any(isinstance(self.label(a), TokenAxis) for a in node.args[1:] if isinstance(a, fx.Node)):
+            self.fail(node, "takes a second token-indexed operand")
+            return None
+        return lab
+
+    def rule_matmul(self, node: fx.Node) -> Label:
+        a, b = self.label(node.args[0]), self.label(node.args[1])
+        a_nd, out_nd = len(concrete_shape(node.args[0])), len(concrete_shape(node))
+        if isinstance(a, TokenAxis) and b is None and a.dim < a_nd - 1:
+            return replace(a, dim=a.dim + out_nd - a_nd)
+        self.fail(node, "multiplies token-indexed tensors together outside a recognised attention "
+                        "(an attention spelling ats_fx cannot match)")
+        return None
+
+    def visit_output(self, node: fx.Node) -> Label:
+        for arg in node.all_input_nodes:
+            lab = self.label(arg)
+            if isinstance(lab, TokenAxis) and lab.version > 0:
+                log.warning(
+                    "output %s still has a token axis after ATS; it is padded (see ats_fx.kept_tokens for the mask)",
+                    arg.name,
+                )
+        return None
+
+
+RULES = {
+    **{t: TokenWalk.rule_view for t in VIEWS},
+    **{t: TokenWalk.rule_size_free_reshape for t in SIZE_FREE_RESHAPES},
+    aten.expand.default: TokenWalk.rule_expand,
+    aten.permute.default: TokenWalk.rule_permute,
+    aten.transpose.int: TokenWalk.rule_transpose,
+    aten.t.default: TokenWalk.rule_transpose,
+    aten.select.int: TokenWalk.rule_select,
+    aten.slice.Tensor: TokenWalk.rule_slice,
+    aten.unbind.int: TokenWalk.rule_split,
+    aten.split.Tensor: TokenWalk.rule_split,
+    aten.split_with_sizes.default: TokenWalk.rule_split,
+    aten.chunk.default: TokenWalk.rule_split,
+    aten.cat.default: TokenWalk.rule_cat,
+    **{t: TokenWalk.rule_reduce for t in REDUCTIONS},
+    **{t: TokenWalk.rule_along_last for t in NORMS | SOFTMAXES | {aten.linear.default}},
+    aten.matmul.default: TokenWalk.rule_matmul,
+    aten.bmm.default: TokenWalk.rule_matmul,
+    aten.mm.default: TokenWalk.rule_matmul,
+}
+
+
+def remove_replaced(gm: fx.GraphModule, replaced: list[AttentionSite]) -> None:
+    """Erase the dead cores of replaced sites (and asserts that would keep them alive), then DCE."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    dead = set()
+    for site in replaced:
+        dead |= site.interior | {site.out}
+    for node in sorted(dead, key=order.get, reverse=True):
+        for user in list(node.users):
+            if user.target is aten._assert_tensor_metadata.default:
+                gm.graph.erase_node(user)
+        if not node.users:
+            gm.graph.erase_node(node)
+    # Keep export's input guards (an impure-free call_module would otherwise count as dead).
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.op == "call_module")
+    gm.recompile()
