@@ -31,9 +31,12 @@ def _image_size(value: Any) -> Optional[tuple[int, int]]:
 
 def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
     """The (C, H, W) a vision model expects, read from timm, HF or torchvision attributes."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        return tuple(cfg["input_size"])
+    # The built model's own patch embedding first: pretrained_cfg keeps the default size
+    # even when the model was created with another img_size.
+    patch = getattr(model, "patch_embed", None)
+    if patch is not None and _image_size(getattr(patch, "img_size", None)):
+        chans = getattr(getattr(patch, "proj", None), "in_channels", 3)
+        return (chans, *_image_size(patch.img_size))
     hf = getattr(model, "config", None)
     if hf is not None and _image_size(getattr(hf, "image_size", None)):
         h, w = _image_size(hf.image_size)
@@ -42,10 +45,9 @@ def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
         size = _image_size(getattr(model, name, None))
         if size:
             return (3, *size)
-    patch = getattr(model, "patch_embed", None)
-    if patch is not None and _image_size(getattr(patch, "img_size", None)):
-        chans = getattr(getattr(patch, "proj", None), "in_channels", 3)
-        return (chans, *_image_size(patch.img_size))
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return tuple(cfg["input_size"])
     raise ATSUnsupportedModel(
         f"cannot tell which input {type(model).__name__} expects: pass example_inputs=, e.g. "
         "ats_fx.transform(model, ..., example_inputs=torch.randn(2, 3, 224, 224))"

@@ -1,0 +1,95 @@
+"""Tiny, random-weight versions of the models ats_fx must convert (no weights exist offline)."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import reference_ats as ref  # noqa: E402
+
+SMALL = dict(depth=4, embed_dim=64, num_heads=4)
+
+
+def sharpen(model: torch.nn.Module, std: float = 0.15, seed: int = 0) -> torch.nn.Module:
+    """Random init with larger weights: peaky attention, so K' differs between images.
+
+    (Default ViT init makes attention nearly uniform, and then every image keeps K' = K,
+    which would leave padding untested.)"""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or "token" in name or "pos" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def timm_model(name: str, **kw):
+    import timm
+
+    args = dict(SMALL)
+    args.update(kw)
+    return sharpen(timm.create_model(name, pretrained=False, **args)).eval()
+
+
+def timm_unfused(name: str, **kw):
+    import timm.layers.config as cfg
+
+    before = cfg.use_fused_attn()
+    cfg.set_fused_attn(False)
+    try:
+        return timm_model(name, **kw)
+    finally:
+        cfg.set_fused_attn(before)
+
+
+def hf_vit(attn: str):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                    image_size=64, patch_size=8, num_labels=10, attn_implementation=attn)
+    return sharpen(ViTForImageClassification(cfg)).eval()
+
+
+def hf_deit_teacher():
+    from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+    cfg = DeiTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                     image_size=64, patch_size=8, num_labels=10)
+    return sharpen(DeiTForImageClassificationWithTeacher(cfg)).eval()
+
+
+def torchvision_vit():
+    import torchvision
+
+    m = torchvision.models.VisionTransformer(image_size=64, patch_size=8, num_layers=4, num_heads=4,
+                                             hidden_dim=64, mlp_dim=128)
+    return sharpen(m).eval()
+
+
+# name -> (factory, independent reference forward, input (C, H, W))
+MODELS = {
+    "timm_vit_tiny": (lambda: timm_model("vit_tiny_patch16_224", img_size=64), ref.timm_forward, (3, 64, 64)),
+    "timm_vit_tiny_unfused": (lambda: timm_unfused("vit_tiny_patch16_224", img_size=64), ref.timm_forward, (3, 64, 64)),
+    "timm_deit_small": (lambda: timm_model("deit_small_patch16_224", img_size=64), ref.timm_forward, (3, 64, 64)),
+    "timm_deit_distilled": (lambda: timm_model("deit_base_distilled_patch16_224", img_size=64), ref.timm_forward, (3, 64, 64)),
+    "timm_deit3_layerscale": (lambda: timm_model("deit3_small_patch16_224", img_size=64), ref.timm_forward, (3, 64, 64)),
+    "timm_vit_avgpool": (lambda: timm_model("vit_small_patch16_224", img_size=64, global_pool="avg"), ref.timm_forward, (3, 64, 64)),
+    "timm_vit_registers": (lambda: timm_model("vit_base_patch16_reg4_gap_256", img_size=64), ref.timm_forward, (3, 64, 64)),
+    "hf_vit_eager": (lambda: hf_vit("eager"), ref.hf_vit_forward, (3, 64, 64)),
+    "hf_vit_sdpa": (lambda: hf_vit("sdpa"), ref.hf_vit_forward, (3, 64, 64)),
+    "hf_deit_teacher": (hf_deit_teacher, ref.hf_deit_teacher_forward, (3, 64, 64)),
+    "torchvision_vit": (torchvision_vit, ref.torchvision_forward, (3, 64, 64)),
+}
+
+
+@pytest.fixture(params=sorted(MODELS))
+def model_case(request):
+    return request.param
+
+
+def logits(out):
+    return out.logits if hasattr(out, "logits") else out

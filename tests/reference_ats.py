@@ -1,0 +1,144 @@
+"""An independent, readable ATS: one image at a time, no padding, no graph rewriting.
+
+Written from the paper (eqs. 1-6) and ATS-NOTES.md, not from ats_fx. Each model family gets a
+block-by-block forward that reuses the model's own layers (linear, norm, MLP) but does the
+attention, scoring, sampling and token dropping here. Because each image runs alone, comparing
+a batched ats_fx model against it also checks padding, masking and batch invariance.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sample_tokens(scores: torch.Tensor, budget: int, prefix: int) -> list[int]:
+    """Inverse-transform sampling for one image. scores: (N,) with zeros on the prefix."""
+    tail = scores[prefix:]
+    cdf = torch.cumsum(tail, 0)
+    picked = set()
+    for i in range(1, budget + 1):
+        u = (2 * i - 1) / (2 * budget)
+        hits = (cdf >= u).nonzero()
+        j = int(hits[0]) if len(hits) else len(tail) - 1
+        picked.add(prefix + j)
+    return list(range(prefix)) + sorted(picked)
+
+
+def budget_for(n_in: int, prefix: int, ratio=None, k=None) -> int:
+    if k is not None:
+        want = k
+    else:
+        want = max(math.floor(ratio * n_in + 0.5), 8)
+    return min(want, n_in - prefix)
+
+
+def attention_with_ats(q, k, v, scale, prefix, stage):
+    """q, k, v: (H, N, dh) for one image. stage: None or dict(ratio=..)/dict(k=..).
+    Returns (output rows (H, N', dh), kept row indices)."""
+    n = q.shape[1]
+    rows = list(range(n))
+    if stage is not None:
+        dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        a0 = torch.softmax((q[:, :1].to(dt) @ k.to(dt).transpose(1, 2))[:, 0] * scale, dim=-1)  # (H, N)
+        s = a0 * v.to(dt).norm(dim=-1) if stage.get("score", "attn_vnorm") == "attn_vnorm" else a0
+        s[:, :prefix] = 0
+        s = s.sum(0)
+        s = s / s.sum()
+        rows = sample_tokens(s, budget_for(n, prefix, stage.get("ratio"), stage.get("k")), prefix)
+    attn = torch.softmax((q[:, rows] @ k.transpose(1, 2)) * scale, dim=-1)
+    return attn @ v, rows
+
+
+def split_heads(t, heads):
+    n, c = t.shape
+    return t.reshape(n, heads, c // heads).transpose(0, 1)
+
+
+def merge_heads(t):
+    h, n, d = t.shape
+    return t.transpose(0, 1).reshape(n, h * d)
+
+
+def run_blocks(x, blocks, prefix, stages, kept_log=None):
+    """x: (N, C) tokens of one image. blocks: per block a dict of callables:
+    norm1, qkv (-> q, k, v each (N, C)), heads, proj, post_attn (layer scale), mlp_branch."""
+    for i, b in enumerate(blocks):
+        h = b["norm1"](x)
+        q, k, v = (split_heads(t, b["heads"]) for t in b["qkv"](h))
+        scale = q.shape[-1] ** -0.5
+        o, rows = attention_with_ats(q, k, v, scale, prefix, stages.get(i))
+        x = x[rows] + b["post_attn"](b["proj"](merge_heads(o)))
+        x = x + b["mlp_branch"](x)
+        if kept_log is not None and i in stages:
+            kept_log.append(len(rows) - prefix)
+    return x
+
+
+# ------------------------------------------------------------------ model families
+def timm_blocks(model):
+    out = []
+    for blk in model.blocks:
+        attn = blk.attn
+
+        def qkv(h, attn=attn):
+            return attn.qkv(h).chunk(3, dim=-1)
+
+        out.append(dict(
+            norm1=blk.norm1, qkv=qkv, heads=attn.num_heads, proj=attn.proj, post_attn=blk.ls1,
+            mlp_branch=lambda x, blk=blk: blk.ls2(blk.mlp(blk.norm2(x))),
+        ))
+    return out
+
+
+def timm_forward(model, image, stages):
+    x = model.patch_embed(image[None])
+    x = model._pos_embed(x)
+    x = model.norm_pre(x)[0]
+    x = run_blocks(x, timm_blocks(model), model.num_prefix_tokens, stages)
+    x = model.norm(x)[None]
+    return model.forward_head(x)[0]
+
+
+def hf_blocks(encoder_layers, heads):
+    out = []
+    for layer in encoder_layers:
+        a = layer.attention
+        out.append(dict(
+            norm1=layer.layernorm_before, qkv=lambda h, a=a: (a.q_proj(h), a.k_proj(h), a.v_proj(h)), heads=heads,
+            proj=a.o_proj, post_attn=lambda t: t,
+            mlp_branch=lambda x, layer=layer: layer.mlp(layer.layernorm_after(x)),
+        ))
+    return out
+
+
+def hf_vit_forward(model, image, stages):
+    x = model.vit.embeddings(image[None])[0]
+    x = run_blocks(x, hf_blocks(model.vit.layers, model.config.num_attention_heads), 1, stages)
+    x = model.vit.layernorm(x)
+    return model.classifier(x[0])
+
+
+def hf_deit_teacher_forward(model, image, stages):
+    x = model.deit.embeddings(image[None])[0]
+    x = run_blocks(x, hf_blocks(model.deit.layers, model.config.num_attention_heads), 2, stages)
+    x = model.deit.layernorm(x)
+    return (model.cls_classifier(x[0]) + model.distillation_classifier(x[1])) / 2
+
+
+def torchvision_forward(model, image, stages):
+    x = model._process_input(image[None])
+    x = torch.cat([model.class_token, x], dim=1)
+    x = (x + model.encoder.pos_embedding)[0]
+    blocks = []
+    for layer in model.encoder.layers:
+        mha = layer.self_attention
+        blocks.append(dict(
+            norm1=layer.ln_1,
+            qkv=lambda h, mha=mha: torch.nn.functional.linear(h, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1),
+            heads=mha.num_heads, proj=mha.out_proj, post_attn=lambda t: t,
+            mlp_branch=lambda x, layer=layer: layer.mlp(layer.ln_2(x)),
+        ))
+    x = run_blocks(x, blocks, 1, stages)
+    x = model.encoder.ln(x)
+    return model.heads(x[0])

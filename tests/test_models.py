@@ -1,0 +1,77 @@
+"""Every supported model, rewritten by ats_fx, equals an independent per-image ATS (float64)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ats_fx
+from conftest import MODELS, logits
+
+# (stages, options, the same stages for the reference)
+OPERATING_POINTS = {
+    "multi_stage_rho": (range(1, 4), dict(ratio=0.5)),
+    "single_stage_k": (1, dict(k=12)),
+    "per_stage_rho": ([0, 2], dict(ratio=[0.7, 0.4])),
+}
+
+
+def reference_stages(stages, opts):
+    stages = [stages] if isinstance(stages, int) else list(stages)
+    out = {}
+    for i, s in enumerate(stages):
+        entry = {}
+        for key in ("ratio", "k"):
+            if key in opts:
+                v = opts[key]
+                entry[key] = v[i] if isinstance(v, (list, tuple)) else v
+        out[s] = entry
+    return out
+
+
+@pytest.mark.parametrize("point", sorted(OPERATING_POINTS))
+@pytest.mark.parametrize("padding", ["batch_max", "static"])
+def test_matches_independent_reference(model_case, point, padding):
+    factory, reference, shape = MODELS[model_case]
+    torch.manual_seed(1)
+    model = factory().double()
+    stages, opts = OPERATING_POINTS[point]
+    ats = ats_fx.transform(model, stages, padding=padding, **opts)
+    images = torch.randn(5, *shape, dtype=torch.float64)
+    got = logits(ats(images))
+    ref_stages = reference_stages(stages, opts)
+    with torch.no_grad():
+        want = torch.stack([reference(model, img, ref_stages) for img in images])
+    # HF's eager attention computes its softmax in float32 even in a float64 model.
+    tol = dict(atol=1e-5, rtol=1e-4) if model_case == "hf_vit_eager" else {}
+    torch.testing.assert_close(got.detach(), want, **tol)
+    kept = torch.stack([t.kept for t in ats_fx.kept_tokens(ats)])
+    if point == "multi_stage_rho":
+        # the test must exercise padding: images keep different numbers of tokens
+        assert (kept.max(dim=1).values > kept.min(dim=1).values).any(), kept
+
+
+def test_state_dict_keys_and_input_not_mutated(model_case):
+    factory, _, shape = MODELS[model_case]
+    model = factory()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, *shape)
+    dense = logits(model(x))
+    ats = ats_fx.transform(model, range(1, 4), ratio=0.6)
+    assert list(ats.state_dict()) == list(model.state_dict()) or sorted(ats.state_dict()) == sorted(model.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    torch.testing.assert_close(logits(model(x)), dense)
+    # the copy is independent: loading a checkpoint into it leaves the original alone
+    ats.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_rho_one_at_last_layer_is_close_to_dense(model_case):
+    """rho = 1 at the last layer samples K = N tokens: most survive, logits stay close."""
+    factory, _, shape = MODELS[model_case]
+    model = factory()
+    ats = ats_fx.transform(model, 3, ratio=1.0)
+    x = torch.randn(3, *shape)
+    trace = ats_fx.kept_tokens(ats)[0]
+    assert trace.layer == 3
+    assert (trace.kept <= trace.budget).all()
+    assert torch.isfinite(logits(ats(x))).all()
