@@ -183,6 +183,9 @@ def transform(
     result.register_forward_pre_hook(_check_inputs)
     result.train(model.training)
     validate(result, example, expected)
+    for stage in result.modules():
+        if isinstance(stage, ops.ATSStage):
+            stage.last = None  # the validation run is not the user's
     log.info("ATS on %s: stages %s of %d attention layers", type(model).__name__, list(options.layers), n)
     return result
 

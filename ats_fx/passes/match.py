@@ -41,7 +41,7 @@ SCALAR_MUL = {aten.mul.Tensor, aten.mul.Scalar}
 SCALAR_DIV = {aten.div.Tensor, aten.div.Scalar}
 
 
-@dataclass
+@dataclass(eq=False)  # identity: sites are dict keys
 class AttentionSite:
     """One matched attention: ``out = softmax(q kᵀ * scale + mask) v``."""
 

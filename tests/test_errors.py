@@ -1,0 +1,109 @@
+"""Bad input gets a clear error that names the fix; never a silent wrong answer."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ats_fx
+from conftest import timm_model
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return timm_model("vit_tiny_patch16_224", img_size=32, depth=4)
+
+
+def test_no_class_token(vit):
+    model = timm_model("vit_small_patch16_224", img_size=32, class_token=False, global_pool="avg")
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="no class token"):
+        ats_fx.transform(model, 1)
+
+
+def test_swin_is_refused():
+    import timm
+
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1), num_heads=(1, 2),
+                              embed_dim=16, img_size=56).eval()
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="class token"):
+        ats_fx.transform(model, 0)
+
+
+def test_convnext_is_refused():
+    import timm
+
+    model = timm.create_model("convnext_atto", pretrained=False).eval()
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="no attention"):
+        ats_fx.transform(model, 0, example_inputs=torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "kwargs, pattern",
+    [
+        (dict(stages=4), r"out of range: VisionTransformer has 4 attention layers, numbered 0-3"),
+        (dict(stages=range(2, 9)), "out of range"),
+        (dict(stages=-1), "cannot be negative"),
+        (dict(stages=[]), "stages is empty"),
+        (dict(stages="3-x"), "cannot read"),
+        (dict(stages=1, ratio=0.0), r"outside \(0, 1\]"),
+        (dict(stages=1, ratio=1.5), r"outside \(0, 1\]"),
+        (dict(stages=1, k=0), "k=0"),
+        (dict(stages=1, k=2.5), "must be an int"),
+        (dict(stages=[1, 2], ratio=[0.5]), "one per stage"),
+        (dict(stages=1, ratio=0.5, k=8), "either ratio"),
+        (dict(stages=1, padding="none"), "padding="),
+        (dict(stages=1, score="topk"), "score="),
+    ],
+)
+def test_bad_options(vit, kwargs, pattern):
+    with pytest.raises(ats_fx.ATSConfigError, match=pattern):
+        ats_fx.transform(vit, **kwargs)
+
+
+def test_nan_input_is_refused(vit):
+    ats = ats_fx.transform(vit, 1)
+    x = torch.randn(2, 3, 32, 32)
+    x[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ats_fx.ATSInputError, match="NaN"):
+        ats(x)
+
+
+def test_nan_activation_is_refused_at_the_stage(vit):
+    ats = ats_fx.transform(vit, 1, check_inputs=False)
+    x = torch.randn(2, 3, 32, 32)
+    x[1] = float("inf")
+    with pytest.raises(ats_fx.ATSInputError, match=r"image\(s\) \[1\]"):
+        ats(x)
+
+
+def test_wrong_shape_is_refused(vit):
+    ats = ats_fx.transform(vit, 1)
+    with pytest.raises(ats_fx.ATSInputError, match=r"captured for \(batch, 3, 32, 32\).*example_inputs="):
+        ats(torch.randn(2, 3, 64, 64))
+
+
+def test_kept_tokens_before_forward(vit):
+    ats = ats_fx.transform(vit, 1)
+    with pytest.raises(ats_fx.ATSConfigError, match="no forward pass yet"):
+        ats_fx.kept_tokens(ats)
+    with pytest.raises(ats_fx.ATSConfigError, match="no ATS stages"):
+        ats_fx.kept_tokens(vit)
+
+
+def test_position_bias_after_stage_is_refused():
+    """A position-dependent term added after the ATS stage cannot follow the sampled tokens."""
+    import torch.nn as nn
+
+    from test_match import Attention, TinyViT
+
+    class LatePositions(TinyViT):
+        def forward(self, x):
+            x = self.tokens(x)
+            x = self.blocks[0](x) + self.pos_embed  # a second position embedding, mid-network
+            for blk in self.blocks[1:]:
+                x = blk(x)
+            return self.head(self.norm(x)[:, 0])
+
+    model = LatePositions(lambda i: Attention(32, 4, "sdpa")).eval()
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="position"):
+        ats_fx.transform(model, 0, k=4)
+    assert isinstance(model, nn.Module)
