@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import reference_ats as ref  # noqa: E402
+from ats_fx.testing import eager as ref  # noqa: E402
 
 SMALL = dict(depth=4, embed_dim=64, num_heads=4)
 

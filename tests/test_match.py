@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import ats_fx
 from ats_fx.api import analyse
 from conftest import sharpen
-from reference_ats import run_blocks
+from ats_fx.testing.eager import run_blocks
 
 
 class Attention(nn.Module):
@@ -175,3 +175,8 @@ def test_unmatched_attention_after_ats_is_refused_naming_the_layer():
     model = TinyViT(make).eval()
     with pytest.raises(ats_fx.ATSUnsupportedModel, match=r"blocks\.2\.attn"):
         ats_fx.transform(model, 0, k=4)
+
+
+def inspect_model():
+    """Factory for the CLI test: token attention, channel attention, token attention."""
+    return TinyViT(lambda i: ChannelAttention(32, 4) if i == 1 else Attention(32, 4, "sdpa")).eval()

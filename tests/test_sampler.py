@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from ats_fx.errors import ATSInputError
 from ats_fx.kernels import reference as R
-from reference_ats import sample_tokens
+from ats_fx.testing.eager import sample_tokens
 
 
 @st.composite

@@ -1,6 +1,6 @@
 """An independent, readable ATS: one image at a time, no padding, no graph rewriting.
 
-Written from the paper (eqs. 1-6) and ATS-NOTES.md, not from ats_fx. Each model family gets a
+Written from the paper (eqs. 1-6) and ATS-NOTES.md; it shares no code with the ats_fx pass. Each model family gets a
 block-by-block forward that reuses the model's own layers (linear, norm, MLP) but does the
 attention, scoring, sampling and token dropping here. Because each image runs alone, comparing
 a batched ats_fx model against it also checks padding, masking and batch invariance.

@@ -1,0 +1,1 @@
+"""Independent eager references of ATS, used by the tests and by ``ats-fx demo``."""

@@ -1,0 +1,24 @@
+"""The CLI a newcomer meets first: inspect and demo."""
+from __future__ import annotations
+
+from ats_fx import cli
+
+
+def test_inspect_lists_sites_and_verdicts(capsys):
+    assert cli.main(["inspect", "test_match:inspect_model"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0.attn" in out and "blocks.1.attn" in out
+    assert "channels" in out  # the XCiT-like layer is reported, not converted
+    assert "prefix tokens: 1" in out and "pooling: token" in out
+
+
+def test_inspect_refuses_a_cnn(capsys):
+    assert cli.main(["inspect", "timm.models:convnext_atto"]) == 0
+    assert "no attention" in capsys.readouterr().out
+
+
+def test_demo_runs_and_matches_reference(capsys):
+    assert cli.main(["demo", "--batch", "2", "--stages", "9-11"]) == 0
+    out = capsys.readouterr().out
+    assert "GFLOPs per image, dense" in out and "4.599" in out
+    assert "max |Δ| vs eager reference" in out
