@@ -65,13 +65,15 @@ def test_state_dict_keys_and_input_not_mutated(model_case):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_rho_one_at_last_layer_is_close_to_dense(model_case):
-    """rho = 1 at the last layer samples K = N tokens: most survive, logits stay close."""
+def test_rho_one_at_last_layer_traces_budget(model_case):
+    """rho = 1 at the last layer: K = N_in - p (all scored tokens), K' <= K, outputs finite."""
     factory, _, shape = MODELS[model_case]
     model = factory()
     ats = ats_fx.transform(model, 3, ratio=1.0)
     x = torch.randn(3, *shape)
+    assert torch.isfinite(logits(ats(x))).all()
     trace = ats_fx.kept_tokens(ats)[0]
     assert trace.layer == 3
-    assert (trace.kept <= trace.budget).all()
-    assert torch.isfinite(logits(ats(x))).all()
+    prefix = trace.tokens_in - trace.budget
+    assert (trace.budget == trace.tokens_in - prefix).all() and (prefix >= 1).all()
+    assert ((trace.kept >= 1) & (trace.kept <= trace.budget)).all()
