@@ -78,7 +78,7 @@ MODELS = {
     "timm_deit_distilled": (lambda: timm_model("deit_base_distilled_patch16_224", img_size=64), ref.timm_forward, (3, 64, 64)),
     "timm_deit3_layerscale": (lambda: timm_model("deit3_small_patch16_224", img_size=64), ref.timm_forward, (3, 64, 64)),
     "timm_vit_avgpool": (lambda: timm_model("vit_small_patch16_224", img_size=64, global_pool="avg"), ref.timm_forward, (3, 64, 64)),
-    "timm_vit_registers": (lambda: timm_model("vit_base_patch16_reg4_gap_256", img_size=64), ref.timm_forward, (3, 64, 64)),
+    "timm_vit_registers": (lambda: timm_model("vit_base_patch16_reg4_gap_256", img_size=64, class_token=True), ref.timm_forward, (3, 64, 64)),
     "hf_vit_eager": (lambda: hf_vit("eager"), ref.hf_vit_forward, (3, 64, 64)),
     "hf_vit_sdpa": (lambda: hf_vit("sdpa"), ref.hf_vit_forward, (3, 64, 64)),
     "hf_deit_teacher": (hf_deit_teacher, ref.hf_deit_teacher_forward, (3, 64, 64)),
