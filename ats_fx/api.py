@@ -108,7 +108,10 @@ def _refuse_if_no_sites(model: nn.Module, analysis: Analysis) -> None:
             f"{name}: no attention softmax(Q·Kᵀ·scale)·V found (explicit matmul, "
             "scaled_dot_product_attention or nn.MultiheadAttention); ATS needs a transformer"
         )
-    if analysis.seed is None:
+    # A model that declares "no class token" (timm: cls_token None) but puts learned tokens first
+    # (registers) would otherwise score with a register's attention row.
+    no_cls = hasattr(model, "cls_token") and getattr(model, "cls_token") is None
+    if analysis.seed is None or no_cls:
         problem = analysis.seed_problem or (
             "no class token: ATS scores tokens with the class token's attention row, and this "
             "model does not concatenate a learned class token in front of its patch tokens "

@@ -19,6 +19,12 @@ def test_no_class_token(vit):
         ats_fx.transform(model, 1)
 
 
+def test_registers_without_class_token_are_refused():
+    model = timm_model("vit_base_patch16_reg4_gap_256", img_size=32)  # class_token=False, 4 registers
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="no class token"):
+        ats_fx.transform(model, 1)
+
+
 def test_swin_is_refused():
     import timm
 
