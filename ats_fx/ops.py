@@ -126,11 +126,9 @@ def masked_amin(x, mask, batch_dim: int, token_dim: int, start: int, dims, keepd
     return torch.where(m, x, torch.full((), float("inf"), dtype=x.dtype, device=x.device)).amin(dim=dims, keepdim=keepdim)
 
 
-def masked_attention(q, k, v, key_mask, batch_dim: int, scale: float, dropout_p: float = 0.0, heads_merged: int = 0):
+def masked_attention(q, k, v, key_mask, batch_dim: int, scale: float, dropout_p: float = 0.0):
     """Attention of a layer after an ATS stage: padded keys get zero weight (ATS-NOTES §4)."""
     attn_mask = key_mask
-    if heads_merged:
-        attn_mask = attn_mask.repeat_interleave(heads_merged, dim=0)
     shape = [1] * q.dim()
     shape[batch_dim], shape[-1] = attn_mask.shape[0], attn_mask.shape[1]
     attn_mask = attn_mask.reshape(shape)
