@@ -131,6 +131,7 @@ def transform(
     k: PerStage = None,
     score: str = "attn_vnorm",
     padding: str = "batch_max",
+    kernels: str = "auto",
     example_inputs: Any = None,
     check_inputs: bool = True,
 ) -> ATSGraphModule:
@@ -148,6 +149,10 @@ def transform(
         score: ``"attn_vnorm"`` (paper eq. 3) or ``"attn"`` (no ‖V‖ factor).
         padding: ``"batch_max"`` (truncate to the batch's largest K'+p) or ``"static"``
             (always K+p rows: fixed shapes, no host synchronisation for the size).
+        kernels: ``"auto"`` (Triton scoring and sampling on CUDA, the PyTorch reference on the
+            CPU and for float64), ``"triton"`` (Triton everywhere, also for the kept-row
+            attention at inference; on the CPU only under ``TRITON_INTERPRET=1``) or
+            ``"reference"`` (PyTorch only).
         example_inputs: inputs to capture with; by default a random batch of the size the
             model declares (timm ``pretrained_cfg``, HF ``config.image_size``...).
         check_inputs: refuse inputs with NaN/inf at run time.
@@ -157,7 +162,7 @@ def transform(
         ATSConfigError: bad options (stage out of range, ratio outside (0, 1], k < 1).
         ATSUnsupportedModel: the model cannot be converted; the message names layer and reason.
     """
-    options = make_options(stages, ratio=ratio, k=k, score=score, padding=padding)
+    options = make_options(stages, ratio=ratio, k=k, score=score, padding=padding, kernels=kernels)
     gm, analysis, example = analyse(model, example_inputs)
     _refuse_if_no_sites(model, analysis)
     n = len(analysis.token_sites)

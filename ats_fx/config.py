@@ -11,6 +11,7 @@ PerStage = Union[None, float, int, Sequence[Union[float, int]]]
 
 SCORES = ("attn_vnorm", "attn")
 PADDINGS = ("batch_max", "static")
+KERNELS = ("auto", "triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ATSOptions:
     stages: tuple[StageOptions, ...]
     score: str = "attn_vnorm"
     padding: str = "batch_max"
+    kernels: str = "auto"
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -82,6 +84,7 @@ def make_options(
     k: PerStage = None,
     score: str = "attn_vnorm",
     padding: str = "batch_max",
+    kernels: str = "auto",
 ) -> ATSOptions:
     """Validate user options. With neither ``ratio`` nor ``k`` given, ratio defaults to 1.0."""
     layers = parse_stages(stages)
@@ -101,7 +104,9 @@ def make_options(
         raise ATSConfigError(f"score={score!r}: choose one of {SCORES}")
     if padding not in PADDINGS:
         raise ATSConfigError(f"padding={padding!r}: choose one of {PADDINGS}")
+    if kernels not in KERNELS:
+        raise ATSConfigError(f"kernels={kernels!r}: choose one of {KERNELS}")
     stage_opts = tuple(
         StageOptions(layer, None if r is None else float(r), kk) for layer, r, kk in zip(layers, ratios, ks)
     )
-    return ATSOptions(stage_opts, score, padding)
+    return ATSOptions(stage_opts, score, padding, kernels)

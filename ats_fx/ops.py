@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from . import library
 from .kernels import reference
 
 log = logging.getLogger(__name__)
@@ -49,33 +50,44 @@ class ATSStage(nn.Module):
         score: str,
         padding: str,
         dropout_p: float = 0.0,
+        kernels: str = "auto",
     ):
         super().__init__()
         self.layer, self.module_name, self.num_prefix, self.scale = layer, module, num_prefix, scale
         self.ratio, self.k, self.score, self.padding, self.dropout_p = ratio, k, score, padding, dropout_p
+        self.kernels = kernels
         self.last: Optional[StageTrace] = None
 
     def extra_repr(self) -> str:
         budget = f"ratio={self.ratio}" if self.k is None else f"k={self.k}"
-        return f"layer={self.layer}, {budget}, prefix={self.num_prefix}, score={self.score}, padding={self.padding}"
+        return (f"layer={self.layer}, {budget}, prefix={self.num_prefix}, score={self.score}, "
+                f"padding={self.padding}, kernels={self.kernels}")
 
     def forward(self, q, k, v, key_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor]):
-        result = reference.ats_attention(
-            q, k, v, key_mask,
-            num_prefix=self.num_prefix, scale=self.scale, ratio=self.ratio, k_tokens=self.k,
-            score=self.score, padding=self.padding,
-            dropout_p=self.dropout_p if self.training else 0.0,
+        compiling = torch.compiler.is_compiling()
+        # Eager raises on NaN scores; compiled static padding must not sync, so it falls back to
+        # uniform scores there (ATS-NOTES §1). batch_max reads the width on the host anyway.
+        strict = not compiling or self.padding == "batch_max"
+        width = -1  # batch_max: data-dependent
+        if self.padding == "static":  # K + p for this layer's (static) token count
+            width = reference.static_budget(q.shape[2], self.num_prefix, self.ratio, self.k) + self.num_prefix
+        index, mask, kept, budget = torch.ops.ats_fx.sample_tokens(
+            q.detach(), k.detach(), v.detach(), key_mask, self.num_prefix, self.scale, self.ratio, self.k,
+            self.score, width, strict, self.kernels,
         )
+        dropout_p = self.dropout_p if self.training else 0.0
+        out = library.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
         B, T = q.shape[0], q.shape[2]
         if positions is None:
             positions = torch.arange(T, device=q.device).expand(B, T)
-        new_positions = torch.where(result.mask, positions.gather(1, result.index), -1)
-        tokens_in = key_mask.sum(1) if key_mask is not None else torch.full((B,), T, device=q.device)
-        self.last = StageTrace(
-            self.layer, self.module_name, new_positions.detach(), result.kept.detach(),
-            result.budget.detach(), tokens_in.detach(),
-        )
-        return result.out, result.index, result.mask, new_positions
+        new_positions = torch.where(mask, positions.gather(1, index), -1)
+        if not compiling:  # the trace API is eager-only: a compiled graph keeps no Python state
+            tokens_in = key_mask.sum(1) if key_mask is not None else torch.full((B,), T, device=q.device)
+            self.last = StageTrace(
+                self.layer, self.module_name, new_positions.detach(), kept.detach(), budget.detach(),
+                tokens_in.detach(),
+            )
+        return out, index, mask, new_positions
 
 
 def _index_view(index: torch.Tensor, x: torch.Tensor, batch_dim: int, token_dim: int) -> torch.Tensor:

@@ -9,6 +9,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Without a GPU the Triton kernels run in Triton's CPU interpreter. It is chosen when a kernel is
+# decorated, so it must be set before anything imports ats_fx.kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from ats_fx.testing import eager as ref  # noqa: E402
 
 SMALL = dict(depth=4, embed_dim=64, num_heads=4)

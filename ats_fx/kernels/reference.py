@@ -125,8 +125,9 @@ def inverse_transform_sample(
     B, T = scores.shape
     device = scores.device
     cdf = scores.cumsum(dim=1)
-    k_max = int(out_tokens - num_prefix) if out_tokens is not None else int(budget.max())
-    k_max = max(k_max, 1)
+    # K <= T - p always: searching T - p quantile slots needs no host read of max(K), and a
+    # static width below some K still samples from all K quantiles (then truncates).
+    k_max = max(T - num_prefix, 1)
     i = torch.arange(1, k_max + 1, device=device, dtype=scores.dtype)
     quantiles = (2 * i - 1) / (2 * budget.clamp_min(1).to(scores.dtype)[:, None])  # (B, k_max)
     picks = torch.searchsorted(cdf.contiguous(), quantiles.contiguous(), right=False)

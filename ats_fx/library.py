@@ -1,0 +1,142 @@
+"""The ATS operators as ``torch.library`` custom ops, so Dynamo, AOTAutograd, Inductor and
+``torch.export`` see one opaque node each instead of a graph break.
+
+``ats_fx::sample_tokens`` scores and samples (ATS-NOTES §1-§3, §5): CPU and float64 run the
+PyTorch reference, CUDA runs the Triton kernels. Its fake implementation gives a static width
+for ``padding="static"`` and a data-dependent width (an unbacked SymInt) for ``"batch_max"``.
+Its outputs are indices and masks: constants for autograd (ATS-NOTES §6), so it takes detached
+inputs and needs no backward.
+
+``ats_fx::attention_rows`` is the Triton kernel for the kept query rows; it is used only when
+nothing needs its gradient (inference), otherwise ``scaled_dot_product_attention`` on gathered
+queries does that step and autograd goes through it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .errors import ATSInputError
+from .kernels import reference
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "triton", "reference")
+
+
+def triton_available() -> bool:
+    """Triton kernels can run: on a CUDA device, or anywhere under ``TRITON_INTERPRET=1``."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover - triton ships with torch on Linux
+        return False
+    return True
+
+
+def use_triton(x: Tensor, kernels: str) -> bool:
+    """``kernels="auto"``: Triton on CUDA for float32/16/bf16; the reference elsewhere."""
+    if kernels == "reference":
+        return False
+    if kernels == "triton":
+        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ATSInputError(
+                "kernels='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the "
+                "CPU, slowly); use kernels='auto' to fall back to the PyTorch reference"
+            )
+        return True
+    return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available()
+
+
+def _raise_bad(bad: Tensor) -> None:
+    rows = bad.nonzero().flatten().tolist()
+    raise ATSInputError(
+        f"ATS scores of image(s) {rows} are not finite or sum to zero: the input or an activation "
+        "holds NaN/inf, or the values are all zero. Check the input (torch.isfinite(x).all()) and "
+        "the model weights."
+    )
+
+
+@torch.library.custom_op("ats_fx::sample_tokens", mutates_args=())
+def sample_tokens(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_mask: Optional[Tensor],
+    num_prefix: int,
+    scale: float,
+    ratio: Optional[float],
+    k_tokens: Optional[int],
+    score: str,
+    width: int,
+    strict: bool,
+    kernels: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Score and sample one ATS stage: ``(index, mask, kept, budget)``.
+
+    ``index``/``mask`` are (B, W): kept rows (prefix first, ascending positions, padding last).
+    ``width`` is K + p for static padding, or -1 for batch_max (W = max_b K'_b + p).
+    """
+    B, _, T, _ = q.shape
+    budget = reference.token_budget(key_mask, B, T, num_prefix, ratio, k_tokens, q.device)
+    if not use_triton(q, kernels):
+        s = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, strict)
+        index, mask, kept = reference.inverse_transform_sample(
+            s, key_mask, budget, num_prefix, None if width < 0 else width
+        )
+        return index, mask, kept, budget
+    from .kernels.sample import inverse_transform_sample
+    from .kernels.scores import class_token_scores
+
+    s, bad = class_token_scores(q, k, v, key_mask, num_prefix, scale, score)
+    index, mask, kept = inverse_transform_sample(s, key_mask, budget, num_prefix, None if width < 0 else width)
+    if width < 0 or strict:
+        # One host read for both the batch width and the strict NaN check.
+        widest, any_bad = torch.stack([kept.max() + num_prefix, bad.any().long()]).tolist()
+        if strict and any_bad:
+            _raise_bad(bad)
+        if width < 0:
+            index, mask = index[:, :widest].contiguous(), mask[:, :widest].contiguous()
+    return index, mask, kept, budget
+
+
+@sample_tokens.register_fake
+def _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels):
+    B, T = q.shape[0], q.shape[2]
+    if width < 0:
+        ctx = torch.library.get_ctx()
+        width = ctx.new_dynamic_size(min=num_prefix, max=T if isinstance(T, int) else None)
+        torch._check(width <= T)
+    index = q.new_empty((B, width), dtype=torch.int64)
+    return index, q.new_empty((B, width), dtype=torch.bool), q.new_empty((B,), dtype=torch.int64), q.new_empty(
+        (B,), dtype=torch.int64
+    )
+
+
+@torch.library.custom_op("ats_fx::attention_rows", mutates_args=())
+def attention_rows_op(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_mask: Optional[Tensor], scale: float) -> Tensor:
+    """Triton attention of the kept query rows (B, H, T', dh); forward only."""
+    from .kernels.attention_rows import attention_rows
+
+    return attention_rows(q, k, v, index, key_mask, scale)
+
+
+@attention_rows_op.register_fake
+def _attention_rows_fake(q, k, v, index, key_mask, scale):
+    B, H, _, D = q.shape
+    return q.new_empty((B, H, index.shape[1], D))
+
+
+def attention_rows(
+    q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_mask: Optional[Tensor], scale: float,
+    dropout_p: float, kernels: str,
+) -> Tensor:
+    """Eq. 6 for the kept rows: the Triton kernel with ``kernels="triton"`` when no gradient or
+    dropout is needed, else SDPA on gathered queries (faster on H100 by our benchmark)."""
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if kernels == "triton" and not grad and dropout_p == 0.0 and use_triton(q, kernels):
+        return torch.ops.ats_fx.attention_rows(q, k, v, index, key_mask, scale)
+    return reference.attention_rows(q, k, v, index, key_mask, scale, dropout_p)
