@@ -60,8 +60,14 @@ def _raise_bad(bad: Tensor) -> None:
     )
 
 
-@torch.library.custom_op("ats_fx::sample_tokens", mutates_args=())
-def sample_tokens(
+def _budget(key_mask: Optional[Tensor], B: int, T: int, num_prefix: int, ratio, k_tokens, device) -> Tensor:
+    if key_mask is None:  # every image has T tokens: K is one number, computed on the host
+        K = reference.static_budget(T, num_prefix, ratio, k_tokens)
+        return torch.full((B,), K, dtype=torch.int64, device=device)
+    return reference.token_budget(key_mask, B, T, num_prefix, ratio, k_tokens, device)
+
+
+def sample_tokens_impl(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -81,7 +87,7 @@ def sample_tokens(
     ``width`` is K + p for static padding, or -1 for batch_max (W = max_b K'_b + p).
     """
     B, _, T, _ = q.shape
-    budget = reference.token_budget(key_mask, B, T, num_prefix, ratio, k_tokens, q.device)
+    budget = _budget(key_mask, B, T, num_prefix, ratio, k_tokens, q.device)
     if not use_triton(q, kernels):
         s = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, strict)
         index, mask, kept = reference.inverse_transform_sample(
@@ -99,8 +105,12 @@ def sample_tokens(
         if strict and any_bad:
             _raise_bad(bad)
         if width < 0:
-            index, mask = index[:, :widest].contiguous(), mask[:, :widest].contiguous()
+            index, mask = index[:, :widest], mask[:, :widest]
     return index, mask, kept, budget
+
+
+# The registered operator: what Dynamo, AOTAutograd, Inductor and torch.export see.
+sample_tokens = torch.library.custom_op("ats_fx::sample_tokens", mutates_args=())(sample_tokens_impl)
 
 
 @sample_tokens.register_fake
@@ -140,3 +150,19 @@ def attention_rows(
     if kernels == "triton" and not grad and dropout_p == 0.0 and use_triton(q, kernels):
         return torch.ops.ats_fx.attention_rows(q, k, v, index, key_mask, scale)
     return reference.attention_rows(q, k, v, index, key_mask, scale, dropout_p)
+
+
+def tracing(x: Tensor) -> bool:
+    """True under Dynamo, export or any tracing/dispatch mode: then the registered op must be called.
+    Plain eager calls skip the dispatcher's custom-op overhead (tens of microseconds per call)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or type(x) is not Tensor
+
+
+def sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``ats_fx::sample_tokens`` on detached inputs (the indices are constants for autograd)."""
+    q, k, v = q.detach(), k.detach(), v.detach()
+    if tracing(q):
+        return torch.ops.ats_fx.sample_tokens(q, k, v, key_mask, *args)
+    return sample_tokens_impl(q, k, v, key_mask, *args)

@@ -71,9 +71,9 @@ class ATSStage(nn.Module):
         width = -1  # batch_max: data-dependent
         if self.padding == "static":  # K + p for this layer's (static) token count
             width = reference.static_budget(q.shape[2], self.num_prefix, self.ratio, self.k) + self.num_prefix
-        index, mask, kept, budget = torch.ops.ats_fx.sample_tokens(
-            q.detach(), k.detach(), v.detach(), key_mask, self.num_prefix, self.scale, self.ratio, self.k,
-            self.score, width, strict, self.kernels,
+        index, mask, kept, budget = library.sample(
+            q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
+            self.kernels,
         )
         dropout_p = self.dropout_p if self.training else 0.0
         out = library.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
