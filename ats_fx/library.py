@@ -118,7 +118,9 @@ def _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, s
     B, T = q.shape[0], q.shape[2]
     if width < 0:
         ctx = torch.library.get_ctx()
-        width = ctx.new_dynamic_size(min=num_prefix, max=T if isinstance(T, int) else None)
+        # At least the prefix and one sampled token (K >= 1), so width >= 2: tells the compiler the
+        # token axis never broadcasts.
+        width = ctx.new_dynamic_size(min=num_prefix + 1, max=T if isinstance(T, int) else None)
         torch._check(width <= T)
     index = q.new_empty((B, width), dtype=torch.int64)
     return index, q.new_empty((B, width), dtype=torch.bool), q.new_empty((B,), dtype=torch.int64), q.new_empty(

@@ -56,6 +56,7 @@ class ATSStage(nn.Module):
         self.layer, self.module_name, self.num_prefix, self.scale = layer, module, num_prefix, scale
         self.ratio, self.k, self.score, self.padding, self.dropout_p = ratio, k, score, padding, dropout_p
         self.kernels = kernels
+        self.compiled = False  # set by the "ats" torch.compile backend
         self.last: Optional[StageTrace] = None
 
     def extra_repr(self) -> str:
@@ -64,10 +65,10 @@ class ATSStage(nn.Module):
                 f"padding={self.padding}, kernels={self.kernels}")
 
     def forward(self, q, k, v, key_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor]):
-        compiling = torch.compiler.is_compiling()
-        # Eager raises on NaN scores; compiled static padding must not sync, so it falls back to
-        # uniform scores there (ATS-NOTES §1). batch_max reads the width on the host anyway.
-        strict = not compiling or self.padding == "batch_max"
+        tracing = library.tracing(q)
+        # Eager raises on NaN scores; compiled static padding must not sync (CUDA graphs), so it
+        # falls back to uniform scores there (ATS-NOTES §1). batch_max reads the width anyway.
+        strict = not (self.compiled or tracing) or self.padding == "batch_max"
         width = -1  # batch_max: data-dependent
         if self.padding == "static":  # K + p for this layer's (static) token count
             width = reference.static_budget(q.shape[2], self.num_prefix, self.ratio, self.k) + self.num_prefix
@@ -81,7 +82,7 @@ class ATSStage(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=q.device).expand(B, T)
         new_positions = torch.where(mask, positions.gather(1, index), -1)
-        if not compiling:  # the trace API is eager-only: a compiled graph keeps no Python state
+        if not tracing:  # the trace API is eager-only: a compiled graph keeps no Python state
             tokens_in = key_mask.sum(1) if key_mask is not None else torch.full((B,), T, device=q.device)
             self.last = StageTrace(
                 self.layer, self.module_name, new_positions.detach(), kept.detach(), budget.detach(),

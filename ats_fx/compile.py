@@ -1,0 +1,210 @@
+"""``torch.compile(model, backend="ats", options={...})``: the ATS rewrite as a Dynamo backend.
+
+Dynamo hands us the graph it captured, with the module's parameters and buffers lifted to graph
+inputs. We put those back as attributes (so the graph is a model again, with one image input),
+run the same capture-match-rewrite pipeline as :func:`ats_fx.transform` on that graph, and pass
+the result to Inductor (or to the backend named in ``options["backend"]``). The ATS node reaches
+Inductor as the ``ats_fx::sample_tokens`` custom op: opaque, with a static output width for
+``padding="static"`` and an unbacked SymInt for ``"batch_max"``.
+
+Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so
+``backend="ats"`` works after ``pip install`` without importing ats_fx.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .config import make_options
+from .errors import ATSConfigError, ATSUnsupportedModel
+
+log = logging.getLogger(__name__)
+
+TRANSFORM_KEYS = ("stages", "ratio", "k", "score", "padding", "kernels")
+BACKEND_KEYS = ("backend", "inductor_options")
+
+
+def _size_source(node: fx.Node, tensors: list[fx.Node]) -> Optional[tuple[fx.Node, int]]:
+    """The (tensor placeholder, dim) whose size a SymInt placeholder (Dynamo's dynamic batch) is."""
+    sym = node.meta.get("example_value")
+    if not isinstance(sym, torch.SymInt):
+        return None
+    for t in tensors:
+        val = t.meta.get("example_value")
+        for d, size in enumerate(getattr(val, "shape", ())):
+            if isinstance(size, torch.SymInt) and str(size.node.expr) == str(sym.node.expr):
+                return t, d
+    return None
+
+
+SIZE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full", "repeat"}
+SIZE_FUNCTIONS = {torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full, torch.randn, torch.rand}
+
+
+def generalize_batch(graph: fx.Graph, data: fx.Node, batch: int) -> int:
+    """Dynamo traced a static batch, so sizes such as ``x.reshape(B, N, 3, H, d)`` hold B as a literal.
+    Replace a leading size literal equal to B with ``data.size(0)`` wherever the result's first dim is
+    the batch. Export then checks that no specialisation is left (else we compile without ATS)."""
+    size_node = None
+    changed = 0
+    for node in list(graph.nodes):
+        is_size_call = (node.op == "call_method" and node.target in SIZE_METHODS) or (
+            node.op == "call_function" and node.target in SIZE_FUNCTIONS
+        )
+        val = node.meta.get("example_value")
+        if not is_size_call or not isinstance(val, torch.Tensor) or val.dim() == 0 or val.shape[0] != batch:
+            continue
+        args = list(node.args)
+        first = 1 if node.op == "call_method" or node.target is torch.reshape else 0
+        if first >= len(args):
+            continue
+        if isinstance(args[first], (tuple, list)) and args[first] and args[first][0] == batch:
+            target, inner = args[first], True
+        elif isinstance(args[first], int) and not isinstance(args[first], bool) and args[first] == batch:
+            target, inner = None, False
+        else:
+            continue
+        if size_node is None:
+            with graph.inserting_after(data):
+                size_node = graph.call_method("size", (data, 0))
+        if inner:
+            args[first] = type(target)([size_node, *target[1:]])
+        else:
+            args[first] = size_node
+        node.args = tuple(args)
+        changed += 1
+    return changed
+
+
+def freeze(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> tuple[fx.GraphModule, list[int]]:
+    """Dynamo's graph as a model again: lifted parameters/buffers become attributes and SymInt
+    inputs (a dynamic batch) become ``x.size(d)``. Returns the new module and the positions of
+    the remaining (tensor data) inputs in Dynamo's argument list."""
+    graph = copy.deepcopy(gm.graph)
+    out = fx.GraphModule(gm, graph)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    data_idx, tensors = [], []
+    for i, (node, x) in enumerate(zip(placeholders, example_inputs)):
+        if isinstance(x, torch.Tensor) and (
+            isinstance(x, nn.Parameter) or "_parameters_" in node.name or "_buffers_" in node.name
+        ):
+            name = f"ats_w{i}"
+            if isinstance(x, nn.Parameter):
+                out.register_parameter(name, x)
+            else:
+                out.register_buffer(name, x)
+            with graph.inserting_before(node):
+                attr = graph.get_attr(name)
+            attr.meta = dict(node.meta)
+            node.replace_all_uses_with(attr)
+            graph.erase_node(node)
+        elif isinstance(x, torch.Tensor):
+            data_idx.append(i)
+            tensors.append(node)
+    for node, x in zip(placeholders, example_inputs):
+        if node.graph is graph and node in graph.nodes and not isinstance(x, torch.Tensor):
+            source = _size_source(node, tensors)
+            if source is None:
+                raise ATSUnsupportedModel(f"graph input {node.name} is not a tensor nor a tensor's size")
+            with graph.inserting_after(source[0]):
+                size = graph.call_function(torch.ops.aten.sym_size.int, source)
+            node.replace_all_uses_with(size)
+            graph.erase_node(node)
+    if len(tensors) == 1:
+        val = tensors[0].meta.get("example_value")
+        if isinstance(val, torch.Tensor) and val.dim() > 0 and not isinstance(val.shape[0], torch.SymInt):
+            generalize_batch(graph, tensors[0], int(val.shape[0]))
+    graph.lint()
+    out.recompile()
+    return out, data_idx
+
+
+def _rebind(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    *path, name = name.split(".")
+    for part in path:
+        module = getattr(module, part, None)
+        if module is None:
+            return
+    if name in module._parameters:
+        module._parameters[name] = value
+    elif name in module._buffers:
+        module._buffers[name] = value
+
+
+def _inner_compiler(name: str, mode: Optional[str], inductor_options: Optional[dict]) -> Callable:
+    if name == "inductor":
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = dict(list_mode_options(mode)) if mode else {}
+        patches.update(inductor_options or {})
+        return lambda gm, inputs: compile_fx(gm, inputs, config_patches=patches)
+    if name == "eager":
+        return lambda gm, inputs: gm.forward
+    from torch._dynamo import lookup_backend
+
+    return lookup_backend(name)
+
+
+def parse_options(options: Optional[dict]) -> tuple[dict, str, Optional[dict]]:
+    """Split and validate ``options``: transform keywords, inner backend, Inductor options."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(TRANSFORM_KEYS) - set(BACKEND_KEYS))
+    if unknown:
+        raise ATSConfigError(
+            f"unknown option(s) {unknown} for backend='ats'; known: {list(TRANSFORM_KEYS + BACKEND_KEYS)}"
+        )
+    if "stages" not in options:
+        raise ATSConfigError("backend='ats' needs options={'stages': ...}, e.g. {'stages': '3-11', 'ratio': 0.87}")
+    backend = options.pop("backend", "inductor")
+    inductor_options = options.pop("inductor_options", None)
+    # Validate now, before Dynamo traces anything, so option errors read as option errors.
+    make_options(options["stages"], options.get("ratio"), options.get("k"), options.get("score", "attn_vnorm"),
+                 options.get("padding", "batch_max"), options.get("kernels", "auto"))
+    return options, backend, inductor_options
+
+
+def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None,
+                mode: Optional[str] = None) -> Callable:
+    """Dynamo backend: rewrite the captured graph with ATS, then compile it with the inner backend."""
+    from . import ops
+    from .api import transform
+
+    transform_kw, backend, inductor_options = parse_options(options)
+    inner = _inner_compiler(backend, mode, inductor_options)
+    try:
+        frozen, data_idx = freeze(gm, example_inputs)
+        data = [example_inputs[i] for i in data_idx]
+        # torch.export must not see Dynamo's tracing context (its shape environment and guards).
+        with torch._guards.tracing(None):
+            ats = transform(frozen, example_inputs=tuple(data), check_inputs=False, **transform_kw)
+    except ATSUnsupportedModel as err:
+        warnings.warn(f"backend='ats': graph compiled without ATS: {err}", stacklevel=2)
+        return inner(gm, list(example_inputs))
+    # transform() works on a copy; bind the compiled graph to the live parameters and buffers so
+    # that training updates and gradients reach the user's model.
+    for name, value in list(frozen.named_parameters()) + list(frozen.named_buffers()):
+        _rebind(ats, name, value)
+    for m in ats.modules():
+        if isinstance(m, ops.ATSStage):
+            m.compiled = True
+    log.info("backend='ats': rewrote a graph of %d nodes; compiling with %s", len(gm.graph.nodes), backend)
+    # batch_max gives the ATS op a data-dependent output width: let this compile's shape
+    # environment allocate it (Dynamo leaves that off unless capture_dynamic_output_shape_ops).
+    fake_mode = torch._guards.detect_fake_mode()
+    env = fake_mode.shape_env if fake_mode is not None else None
+    if env is not None and not env.allow_dynamic_output_shape_ops:
+        env.settings = dataclasses.replace(env.settings, allow_dynamic_output_shape_ops=True)
+    compiled = inner(ats, data)
+
+    def run(*args):
+        return compiled(*[args[i] for i in data_idx])
+
+    return run

@@ -1,0 +1,138 @@
+"""torch.compile(backend="ats") and torch.export of ATS models (issue 4), on the CPU with Inductor's
+C++ backend. The reference is the eager ``ats_fx.transform`` output of the same model."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import ats_fx
+from ats_fx.compile import ats_backend
+from conftest import MODELS, logits
+
+CASES = ["timm_deit_small", "hf_vit_sdpa", "torchvision_vit"]
+OPTIONS = {"stages": "1-3", "ratio": 0.6}
+
+
+def counting_backend(calls: list):
+    def backend(gm, example_inputs, **kw):
+        calls.append(len(gm.graph.nodes))
+        return ats_backend(gm, example_inputs, **kw)
+
+    return backend
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("padding", ["batch_max", "static"])
+@pytest.mark.parametrize("name", CASES)
+def test_compiled_equals_eager_transform(name, padding):
+    factory, _, chw = MODELS[name]
+    model = factory()
+    eager = ats_fx.transform(model, padding=padding, **OPTIONS)
+    calls: list = []
+    compiled = torch.compile(model, backend=counting_backend(calls), options={**OPTIONS, "padding": padding})
+    with torch.no_grad():
+        for batch in (3, 3, 5, 2):  # new images each call: K' changes; then new batch sizes
+            x = torch.randn(batch, *chw)
+            torch.testing.assert_close(logits(compiled(x)), logits(eager(x)), atol=1e-4, rtol=1e-4)
+    # One graph per compile (a graph break would show as more); one compile for the first batch
+    # size, one more when the batch size changes and Dynamo makes it dynamic.
+    assert 1 <= len(calls) <= 2, calls
+
+
+def test_kept_tokens_changing_does_not_recompile():
+    factory, _, chw = MODELS["timm_deit_small"]
+    model = factory()
+    calls: list = []
+    compiled = torch.compile(model, backend=counting_backend(calls), options=OPTIONS)
+    eager = ats_fx.transform(model, **OPTIONS)
+    widths = set()
+    with torch.no_grad():
+        for seed in range(6):
+            x = torch.randn(4, *chw, generator=torch.Generator().manual_seed(seed))
+            compiled(x)
+            eager(x)
+            widths.add(tuple(t.positions.shape[1] for t in ats_fx.kept_tokens(eager)))
+    assert len(widths) > 1, "the test needs batches whose padded widths differ"
+    assert len(calls) == 1
+
+
+def test_ats_is_an_installed_dynamo_backend():
+    """The torch_dynamo_backends entry point makes backend='ats' work without importing ats_fx."""
+    code = "import sys, torch; assert 'ats' in torch._dynamo.list_backends(); assert 'ats_fx' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"stages": "3-x"}, "cannot read"),
+        ({"stages": "1", "ratio": 1.5}, "outside"),
+        ({"stages": "1", "ration": 0.5}, "unknown option"),
+        ({"ratio": 0.5}, "needs options"),
+        ({"stages": "9"}, "out of range"),
+    ],
+)
+def test_option_errors_are_clear(options, match):
+    factory, _, chw = MODELS["timm_vit_tiny"]
+    compiled = torch.compile(factory(), backend="ats", options=options)
+    with pytest.raises(Exception, match=match):
+        compiled(torch.randn(2, *chw))
+
+
+def test_model_without_attention_compiles_unchanged_with_one_warning():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model, backend="ats", options={"stages": "0", "backend": "eager"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = compiled(x)
+    ours = [w for w in caught if "backend='ats'" in str(w.message)]
+    assert len(ours) == 1 and "no attention" in str(ours[0].message)
+    torch.testing.assert_close(out, model(x))
+
+
+def test_compiled_training_matches_eager_gradients():
+    """Compiled training: backward through the compiled ATS graph (the sampled indices are
+    constants; gradients flow through the kept rows), same gradients as the eager transform."""
+    factory, _, chw = MODELS["timm_deit_small"]
+    model = factory().train()
+    for m in model.modules():  # no dropout randomness: compare gradients exactly
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    eager = ats_fx.transform(model, **OPTIONS)
+    compiled = torch.compile(model, backend="ats", options=OPTIONS)
+    x = torch.randn(3, *chw)
+    compiled(x).square().mean().backward()
+    eager(x).square().mean().backward()
+    grads = dict(model.named_parameters())
+    checked = 0
+    for name, p in eager.named_parameters():
+        assert grads[name].grad is not None, name
+        torch.testing.assert_close(grads[name].grad, p.grad, atol=1e-5, rtol=1e-4, msg=name)
+        checked += 1
+    assert checked == len(grads)
+
+
+@pytest.mark.parametrize("padding", ["batch_max", "static"])
+@pytest.mark.parametrize("name", CASES)
+def test_export_round_trip(name, padding):
+    factory, _, chw = MODELS[name]
+    ats = ats_fx.transform(factory(), padding=padding, check_inputs=False, **OPTIONS)
+    x = torch.randn(3, *chw)
+    program = torch.export.export(ats, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
+    ops = [n for n in program.graph.nodes if n.target is torch.ops.ats_fx.sample_tokens.default]
+    assert len(ops) == 3
+    for batch in (3, 5):
+        x = torch.randn(batch, *chw)
+        torch.testing.assert_close(logits(program.module()(x)), logits(ats(x)))
