@@ -87,23 +87,24 @@ def sample_tokens_impl(
     ``width`` is K + p for static padding, or -1 for batch_max (W = max_b K'_b + p).
     """
     B, _, T, _ = q.shape
-    budget = _budget(key_mask, B, T, num_prefix, ratio, k_tokens, q.device)
     if not use_triton(q, kernels):
+        budget = _budget(key_mask, B, T, num_prefix, ratio, k_tokens, q.device)
         s = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, strict)
         index, mask, kept = reference.inverse_transform_sample(
             s, key_mask, budget, num_prefix, None if width < 0 else width
         )
         return index, mask, kept, budget
-    from .kernels.sample import inverse_transform_sample
+    from .kernels.sample import sample_with_budget
     from .kernels.scores import class_token_scores
 
     s, bad = class_token_scores(q, k, v, key_mask, num_prefix, scale, score)
-    index, mask, kept = inverse_transform_sample(s, key_mask, budget, num_prefix, None if width < 0 else width)
+    index, mask, kept, budget, stats = sample_with_budget(
+        s, key_mask, num_prefix, ratio, k_tokens, None if width < 0 else width, bad
+    )
     if width < 0 or strict:
-        # One host read for both the batch width and the strict NaN check.
-        widest, any_bad = torch.stack([kept.max() + num_prefix, bad.any().long()]).tolist()
+        widest, any_bad = stats.tolist()  # one host read: the batch width and the NaN check
         if strict and any_bad:
-            _raise_bad(bad)
+            _raise_bad(bad.bool())
         if width < 0:
             index, mask = index[:, :widest], mask[:, :widest]
     return index, mask, kept, budget

@@ -29,7 +29,14 @@ class StageTrace:
     positions: torch.Tensor
     kept: torch.Tensor
     budget: torch.Tensor
-    tokens_in: torch.Tensor
+    width_in: int
+    mask_in: Optional[torch.Tensor]
+
+    @property
+    def tokens_in(self) -> torch.Tensor:
+        if self.mask_in is None:
+            return torch.full_like(self.kept, self.width_in)
+        return self.mask_in.sum(dim=1)
 
     @property
     def tokens_out(self) -> torch.Tensor:
@@ -78,15 +85,13 @@ class ATSStage(nn.Module):
         )
         dropout_p = self.dropout_p if self.training else 0.0
         out = library.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
-        B, T = q.shape[0], q.shape[2]
-        if positions is None:
-            positions = torch.arange(T, device=q.device).expand(B, T)
-        new_positions = torch.where(mask, positions.gather(1, index), -1)
+        # Original positions of the kept rows; at the first stage the rows' positions are the index.
+        source = index if positions is None else positions.gather(1, index)
+        new_positions = torch.where(mask, source, -1)
         if not tracing:  # the trace API is eager-only: a compiled graph keeps no Python state
-            tokens_in = key_mask.sum(1) if key_mask is not None else torch.full((B,), T, device=q.device)
             self.last = StageTrace(
                 self.layer, self.module_name, new_positions.detach(), kept.detach(), budget.detach(),
-                tokens_in.detach(),
+                q.shape[2], None if key_mask is None else key_mask.detach(),
             )
         return out, index, mask, new_positions
 

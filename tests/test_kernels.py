@@ -69,7 +69,7 @@ def test_scores_kernel_flags_nan_and_zero_rows():
     q[0, 1, 0, 3] = float("nan")  # image 0: NaN in the class query
     v[2] = 0  # image 2: all values zero, denominator 0
     got, bad = class_token_scores(q, k, v, None, 1, 0.25, "attn_vnorm")
-    assert bad.tolist() == [True, False, True]
+    assert bad.bool().tolist() == [True, False, True]
     uniform = torch.full((19,), 1 / 19, device=DEVICE)
     torch.testing.assert_close(got[0, 1:], uniform)
     torch.testing.assert_close(got[2, 1:], uniform)
@@ -187,3 +187,22 @@ def test_model_with_kernels_equals_reference_path(name, padding):
     for a, b in zip(kept["triton"], kept["reference"]):
         assert torch.equal(a, b)
     torch.testing.assert_close(outs["triton"], outs["reference"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("ratio", [0.87, 0.5, 0.3, 0.05, 1.0])
+@pytest.mark.parametrize("T", [50, 65, 197])
+def test_in_kernel_budget_matches_reference(ratio, T):
+    """K computed inside the sampling kernel equals reference.token_budget, including the
+    products that land on x.5 (50 * 0.87, 65 * 0.5), the floor of 8, and padded images."""
+    from ats_fx.kernels.sample import sample_with_budget
+
+    B, p = 4, 1
+    mask = padding_mask(B, T, seed=T)
+    scores = torch.rand(B, T, device=DEVICE) * mask
+    scores[:, :p] = 0
+    scores = scores / scores.sum(1, keepdim=True)
+    bad = torch.zeros(B, dtype=torch.int8, device=DEVICE)
+    for key_mask in (None, mask):
+        _, _, kept, budget, stats = sample_with_budget(scores, key_mask, p, ratio, None, None, bad)
+        assert torch.equal(budget, reference.token_budget(key_mask, B, T, p, ratio, None, DEVICE))
+        assert stats.tolist() == [int(kept.max()) + p, 0]

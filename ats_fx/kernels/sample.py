@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import MIN_TOKENS
+
 
 @triton.jit
 def _quantile(i, K):
@@ -26,10 +28,10 @@ def _quantile(i, K):
 
 @triton.jit
 def _sample_kernel(
-    S, BUDGET, MASK, CDF, INDEX, OUT_MASK, KEPT,
+    S, BUDGET, MASK, CDF, INDEX, OUT_MASK, KEPT, BAD, STATS,
     smb, smt,
-    T, W, num_prefix,
-    HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
+    T, W, num_prefix, ratio, k_fixed, min_tokens,
+    HAS_MASK: tl.constexpr, BUDGET_GIVEN: tl.constexpr, HAS_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     t = tl.arange(0, BLOCK_T)
@@ -38,7 +40,19 @@ def _sample_kernel(
     if HAS_MASK:
         real &= tl.load(MASK + b * smb + t * smt, mask=inside, other=0) != 0
     s = tl.load(S + b * T + t, mask=inside, other=0.0)
-    K = tl.load(BUDGET + b).to(tl.int32)
+    if BUDGET_GIVEN:
+        K = tl.load(BUDGET + b).to(tl.int32)
+    else:
+        # ATS-NOTES §3, as reference.token_budget: K = max(floor(rho * N_in + 1/2), 8) in float64
+        # (no FMA: the launch sets enable_fp_fusion=False), or k; capped at the scored tokens.
+        n_in = tl.sum(real.to(tl.int32), axis=0)
+        if k_fixed >= 0:
+            K = tl.zeros([], dtype=tl.int32) + k_fixed
+        else:
+            K = tl.floor(n_in.to(tl.float64) * ratio + 0.5).to(tl.int32)
+            K = tl.maximum(K, min_tokens)
+        K = tl.minimum(K, n_in - num_prefix)
+        tl.store(BUDGET + b, K.to(tl.int64))
     cdf = tl.cumsum(s, axis=0)
     # C[j-1] must be the very value the scan gave token j-1 (not cdf - s, which rounds
     # differently), so every quantile is claimed by exactly one token: go through memory.
@@ -63,6 +77,10 @@ def _sample_kernel(
     tl.store(INDEX + b * W + slot, tl.where(keep, t, 0).to(tl.int64), mask=store)
     tl.store(OUT_MASK + b * W + slot, keep.to(tl.int8), mask=store)
     tl.store(KEPT + b, (total - num_prefix).to(tl.int64))
+    if HAS_STATS:
+        # Batch width and "any image fell back to uniform scores", for one host read per stage.
+        tl.atomic_max(STATS, total)
+        tl.atomic_max(STATS + 1, tl.load(BAD + b).to(tl.int32))
 
 
 def inverse_transform_sample(
@@ -76,21 +94,44 @@ def inverse_transform_sample(
 
     With ``width=None`` the result has T slots; the caller truncates to max K' + p (batch_max).
     """
+    index, out_mask, kept, _, _ = _launch(scores, key_mask, num_prefix, width, budget=budget)
+    return index, out_mask, kept
+
+
+def sample_with_budget(
+    scores: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+    num_prefix: int,
+    ratio: Optional[float],
+    k: Optional[int],
+    width: Optional[int],
+    bad: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The library's path: K computed in the kernel, plus ``stats`` = [max_b K'_b + p, any(bad)]
+    (int32, on the device) so one host read gives the batch width and the NaN check."""
+    return _launch(scores, key_mask, num_prefix, width, ratio=ratio, k=k, bad=bad)
+
+
+def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None, bad=None):
     B, T = scores.shape
     W = T if width is None else width
     scores = scores.contiguous().float()
-    budget = budget.contiguous()
+    device = scores.device
     # Every slot below min(W, T) is written (the slots are a permutation of the tokens).
-    index = torch.empty(B, W, device=scores.device, dtype=torch.int64)
-    out_mask = torch.empty(B, W, device=scores.device, dtype=torch.int8)
-    kept = torch.empty(B, device=scores.device, dtype=torch.int64)
-    cdf = torch.empty(B, T, device=scores.device, dtype=torch.float32)
+    index = torch.empty(B, W, device=device, dtype=torch.int64)
+    out_mask = torch.empty(B, W, device=device, dtype=torch.int8)
+    kept = torch.empty(B, device=device, dtype=torch.int64)
+    cdf = torch.empty(B, T, device=device, dtype=torch.float32)
+    given = budget is not None
+    if not given:
+        budget = torch.empty(B, device=device, dtype=torch.int64)
+    stats = torch.zeros(2, device=device, dtype=torch.int32) if bad is not None else kept
     mask = key_mask if key_mask is not None else scores
     _sample_kernel[(B,)](
-        scores, budget, mask, cdf, index, out_mask, kept,
+        scores, budget, mask, cdf, index, out_mask, kept, bad if bad is not None else kept, stats,
         mask.stride(0), mask.stride(1),
-        T, W, num_prefix,
-        HAS_MASK=key_mask is not None, BLOCK_T=triton.next_power_of_2(T),
-        num_warps=4 if T <= 256 else 8,
+        T, W, num_prefix, float(ratio or 0.0), -1 if k is None else int(k), MIN_TOKENS,
+        HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=bad is not None,
+        BLOCK_T=triton.next_power_of_2(T), num_warps=4 if T <= 256 else 8, enable_fp_fusion=False,
     )
-    return index, out_mask.bool(), kept
+    return index, out_mask.bool(), kept, budget, stats

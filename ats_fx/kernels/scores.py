@@ -72,7 +72,7 @@ def class_token_scores(
     scale: float,
     score: str = "attn_vnorm",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scores S (B, T) float32 and a per-image flag (B,) bool for rows that fell back to uniform.
+    """Scores S (B, T) float32 and a per-image flag (B,) int8, 1 for rows that fell back to uniform.
 
     ``q, k, v`` are (B, H, T, dh) with any strides; only the class row of q is read.
     """
@@ -93,4 +93,4 @@ def class_token_scores(
         HAS_MASK=key_mask is not None, USE_VNORM=score == "attn_vnorm",
         BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4 if block_t <= 256 else 8,
     )
-    return scores, bad.bool()
+    return scores, bad

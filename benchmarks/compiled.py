@@ -1,0 +1,129 @@
+"""Compiled ATS (``torch.compile(backend="ats")``) vs the compiled dense model on a GPU (issue 4).
+
+    python -m benchmarks.compiled --out benchmarks/results/compiled.json
+    python -m benchmarks.compiled --models deit_small_patch16_224 --modes reduce-overhead --batches 1 256
+
+Each (model, configuration, mode) compiles once with a dynamic batch (``mark_dynamic``), then is
+timed at every batch size (``triton.testing.do_bench``, median). Modes: ``default`` (Inductor;
+ATS with ``padding="batch_max"``, whose width is an unbacked SymInt), ``reduce-overhead`` (CUDA
+graphs; ATS with ``padding="static"``: fixed shapes, no host sync) and ``max-autotune``.
+Compile time is the wall time of the first call. GFLOPs (MACs) per image come from the eager
+``ats_fx.transform`` of the same configuration (FlopCounterMode).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+import ats_fx
+from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment
+
+log = logging.getLogger("benchmarks.compiled")
+
+
+def compile_model(model, label: str, mode: str):
+    if label == "dense":
+        return torch.compile(model, mode=None if mode == "default" else mode)
+    _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
+    options = {"stages": stages, "ratio": ratio, "k": k,
+               "padding": "static" if mode == "reduce-overhead" else "batch_max"}
+    options = {key: v for key, v in options.items() if v is not None}
+    return torch.compile(model, backend="ats", mode=None if mode == "default" else mode, options=options)
+
+
+def flops_of(base, label: str, x) -> float:
+    if label == "dense":
+        return float(ats_fx.count_flops(base, x[:4]).mean())
+    _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
+    return float(ats_fx.count_flops(ats_fx.transform(base, stages, ratio=ratio, k=k, check_inputs=False), x[:4]).mean())
+
+
+def run(args) -> dict:
+    import timm
+
+    torch.backends.cudnn.benchmark = True
+    results = {"env": environment(), "rows": []}
+    start = time.time()
+    dtype = getattr(torch, args.dtype)
+    for name in args.models:
+        torch.manual_seed(0)
+        base = timm.create_model(name, pretrained=False).eval().cuda().to(dtype)
+        inputs = {b: torch.randn(b, 3, 224, 224, device="cuda", dtype=dtype) for b in args.batches}
+        for mode in args.modes:
+            dense_ms = {}
+            for label in ["dense", *args.configs]:
+                if time.time() - start > args.budget_s:
+                    log.warning("time budget spent; skipping %s %s %s", name, mode, label)
+                    continue
+                torch._dynamo.reset()
+                model = compile_model(base, label, mode)
+                first = inputs[args.batches[0]].clone()
+                torch._dynamo.mark_dynamic(first, 0)
+                t0 = time.time()
+                with torch.no_grad():
+                    model(first)
+                torch.cuda.synchronize()
+                compile_s = time.time() - t0
+                flops = flops_of(base, label, inputs[args.batches[-1]])
+                for batch, x in inputs.items():
+                    ms = bench_ms(lambda: model(x), args.rep)
+                    row = dict(model=name, dtype=args.dtype, mode=mode, config=label, batch=batch, ms=ms,
+                               img_s=batch / ms * 1e3, gflops=flops, compile_s=compile_s)
+                    if label == "dense":
+                        dense_ms[batch] = (ms, flops)
+                    elif batch in dense_ms:
+                        row["speedup"] = dense_ms[batch][0] / ms
+                        row["flops_ratio"] = dense_ms[batch][1] / flops
+                        row["efficiency"] = row["speedup"] / row["flops_ratio"]
+                    results["rows"].append(row)
+                    log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+                if args.out:
+                    Path(args.out).write_text(json.dumps(results, indent=1))
+                del model
+    return results
+
+
+def table(results: dict) -> str:
+    env = results["env"]
+    lines = [f"Device: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. "
+             "torch.compile; ATS through backend='ats'; img/s from median do_bench times.",
+             "",
+             "| model | dtype | mode | batch | config | img/s | GFLOPs | speed-up | FLOPs ratio | speed-up / FLOPs ratio | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        def f(key):
+            return f"{r[key]:.3f}" if key in r else ""
+        lines.append(f"| {r['model']} | {r['dtype']} | {r['mode']} | {r['batch']} | {r['config']} | {r['img_s']:.0f} | "
+                     f"{r['gflops']:.2f} | {f('speedup')} | {f('flops_ratio')} | {f('efficiency')} | {r['compile_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "vit_base_patch16_224"])
+    p.add_argument("--configs", nargs="+", default=[p[0] for p in OPERATING_POINTS])
+    p.add_argument("--modes", nargs="+", default=["default", "reduce-overhead"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 64, 256])
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--rep", type=int, default=200)
+    p.add_argument("--budget-s", type=float, default=540, help="stop starting new compiles after this")
+    p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    results = run(args)
+    text = table(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
