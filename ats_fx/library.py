@@ -86,6 +86,12 @@ def sample_tokens_impl(
     ``index``/``mask`` are (B, W): kept rows (prefix first, ascending positions, padding last).
     ``width`` is K + p for static padding, or -1 for batch_max (W = max_b K'_b + p).
     """
+    return _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels)[:4]
+
+
+def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels):
+    """``sample_tokens_impl`` plus ``padded``: False when the host already knows that no image has
+    padding rows (batch_max on the Triton path), None when it does not know."""
     B, _, T, _ = q.shape
     if not use_triton(q, kernels):
         budget = _budget(key_mask, B, T, num_prefix, ratio, k_tokens, q.device)
@@ -93,7 +99,7 @@ def sample_tokens_impl(
         index, mask, kept = reference.inverse_transform_sample(
             s, key_mask, budget, num_prefix, None if width < 0 else width
         )
-        return index, mask, kept, budget
+        return index, mask, kept, budget, None
     from .kernels.sample import sample_with_budget
     from .kernels.scores import class_token_scores
 
@@ -101,13 +107,16 @@ def sample_tokens_impl(
     index, mask, kept, budget, stats = sample_with_budget(
         s, key_mask, num_prefix, ratio, k_tokens, None if width < 0 else width, bad
     )
+    padded = None
     if width < 0 or strict:
-        widest, any_bad = stats.tolist()  # one host read: the batch width and the NaN check
+        # One host read: the batch width, the NaN check, and whether any image is padded.
+        widest, any_bad, neg_narrowest = stats.tolist()
         if strict and any_bad:
             _raise_bad(bad.bool())
         if width < 0:
             index, mask = index[:, :widest], mask[:, :widest]
-    return index, mask, kept, budget
+            padded = widest != -neg_narrowest
+    return index, mask, kept, budget, padded
 
 
 # The registered operator: what Dynamo, AOTAutograd, Inductor and torch.export see.
@@ -163,9 +172,10 @@ def tracing(x: Tensor) -> bool:
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or type(x) is not Tensor
 
 
-def sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *args) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``ats_fx::sample_tokens`` on detached inputs (the indices are constants for autograd)."""
+def sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *args) -> tuple:
+    """``ats_fx::sample_tokens`` on detached inputs (the indices are constants for autograd), and
+    ``padded`` (see ``_sample``; always None when tracing)."""
     q, k, v = q.detach(), k.detach(), v.detach()
     if tracing(q):
-        return torch.ops.ats_fx.sample_tokens(q, k, v, key_mask, *args)
-    return sample_tokens_impl(q, k, v, key_mask, *args)
+        return (*torch.ops.ats_fx.sample_tokens(q, k, v, key_mask, *args), None)
+    return _sample(q, k, v, key_mask, *args)

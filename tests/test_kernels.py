@@ -205,4 +205,25 @@ def test_in_kernel_budget_matches_reference(ratio, T):
     for key_mask in (None, mask):
         _, _, kept, budget, stats = sample_with_budget(scores, key_mask, p, ratio, None, None, bad)
         assert torch.equal(budget, reference.token_budget(key_mask, B, T, p, ratio, None, DEVICE))
-        assert stats.tolist() == [int(kept.max()) + p, 0]
+        assert stats.tolist() == [int(kept.max()) + p, 0, -int(kept.min()) - p]
+
+
+def test_unpadded_batch_drops_the_key_mask_and_matches_reference():
+    """When every image keeps the same K' (here: the same image repeated), the Triton path knows it
+    from its one host read and runs later layers unmasked; the result is unchanged."""
+    import ats_fx
+    from conftest import MODELS, logits
+
+    factory, _, chw = MODELS["timm_vit_avgpool"]
+    model = factory().to(DEVICE)
+    x = torch.randn(1, *chw, device=DEVICE).expand(3, *chw).contiguous()
+    outs = {}
+    for kernels in ("triton", "reference"):
+        ats = ats_fx.transform(model, "1-3", ratio=0.6, kernels=kernels)
+        with torch.no_grad():
+            outs[kernels] = logits(ats(x))
+        traces = ats_fx.kept_tokens(ats)
+        assert all((t.positions >= 0).all() for t in traces)  # no padding rows
+        if kernels == "triton":
+            assert all(t.mask_in is None for t in traces)
+    torch.testing.assert_close(outs["triton"], outs["reference"], atol=1e-4, rtol=1e-4)

@@ -81,6 +81,7 @@ def _sample_kernel(
         # Batch width and "any image fell back to uniform scores", for one host read per stage.
         tl.atomic_max(STATS, total)
         tl.atomic_max(STATS + 1, tl.load(BAD + b).to(tl.int32))
+        tl.atomic_max(STATS + 2, -total)  # -min_b(K'_b + p): no padding when it equals the max
 
 
 def inverse_transform_sample(
@@ -107,8 +108,9 @@ def sample_with_budget(
     width: Optional[int],
     bad: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The library's path: K computed in the kernel, plus ``stats`` = [max_b K'_b + p, any(bad)]
-    (int32, on the device) so one host read gives the batch width and the NaN check."""
+    """The library's path: K computed in the kernel, plus ``stats`` = [max_b K'_b + p, any(bad),
+    -min_b K'_b - p] (int32, on the device): one host read gives the batch width, the NaN check and
+    whether any image is padded."""
     return _launch(scores, key_mask, num_prefix, width, ratio=ratio, k=k, bad=bad)
 
 
@@ -125,7 +127,7 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     given = budget is not None
     if not given:
         budget = torch.empty(B, device=device, dtype=torch.int64)
-    stats = torch.zeros(2, device=device, dtype=torch.int32) if bad is not None else kept
+    stats = torch.full((3,), -(2**30), device=device, dtype=torch.int32) if bad is not None else kept
     mask = key_mask if key_mask is not None else scores
     _sample_kernel[(B,)](
         scores, budget, mask, cdf, index, out_mask, kept, bad if bad is not None else kept, stats,
