@@ -54,9 +54,9 @@ def run(args) -> dict:
         torch.manual_seed(0)
         base = timm.create_model(name, pretrained=False).eval().cuda().to(dtype)
         inputs = {b: torch.randn(b, 3, 224, 224, device="cuda", dtype=dtype) for b in args.batches}
-        for mode in args.modes:
-            dense_ms = {}
-            for label in ["dense", *args.configs]:
+        dense_ms = {}
+        for label in ["dense", *args.configs]:
+            for mode in args.modes:
                 if time.time() - start > args.budget_s:
                     log.warning("time budget spent; skipping %s %s %s", name, mode, label)
                     continue
@@ -75,10 +75,10 @@ def run(args) -> dict:
                     row = dict(model=name, dtype=args.dtype, mode=mode, config=label, batch=batch, ms=ms,
                                img_s=batch / ms * 1e3, gflops=flops, compile_s=compile_s)
                     if label == "dense":
-                        dense_ms[batch] = (ms, flops)
-                    elif batch in dense_ms:
-                        row["speedup"] = dense_ms[batch][0] / ms
-                        row["flops_ratio"] = dense_ms[batch][1] / flops
+                        dense_ms[mode, batch] = (ms, flops)
+                    elif (mode, batch) in dense_ms:
+                        row["speedup"] = dense_ms[mode, batch][0] / ms
+                        row["flops_ratio"] = dense_ms[mode, batch][1] / flops
                         row["efficiency"] = row["speedup"] / row["flops_ratio"]
                     results["rows"].append(row)
                     log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
