@@ -33,7 +33,11 @@ def compile_model(model, label: str, mode: str):
     options = {"stages": stages, "ratio": ratio, "k": k,
                "padding": "static" if mode == "reduce-overhead" else "batch_max"}
     options = {key: v for key, v in options.items() if v is not None}
-    return torch.compile(model, backend="ats", mode=None if mode == "default" else mode, options=options)
+    # The callable is what backend="ats" resolves to once the package is pip-installed (the GPU
+    # machine runs from a source tree without the entry point).
+    from ats_fx.compile import ats_backend
+
+    return torch.compile(model, backend=ats_backend, mode=None if mode == "default" else mode, options=options)
 
 
 def flops_of(base, label: str, x) -> float:
