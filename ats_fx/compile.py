@@ -28,7 +28,8 @@ from .errors import ATSConfigError, ATSUnsupportedModel
 log = logging.getLogger(__name__)
 
 TRANSFORM_KEYS = ("stages", "ratio", "k", "score", "padding", "kernels")
-BACKEND_KEYS = ("backend", "inductor_options")
+# torch.compile refuses mode= together with options=, so the Inductor mode can ride in options.
+BACKEND_KEYS = ("backend", "mode", "inductor_options")
 
 
 def _size_source(node: fx.Node, tensors: list[fx.Node]) -> Optional[tuple[fx.Node, int]]:
@@ -153,8 +154,8 @@ def _inner_compiler(name: str, mode: Optional[str], inductor_options: Optional[d
     return lookup_backend(name)
 
 
-def parse_options(options: Optional[dict]) -> tuple[dict, str, Optional[dict]]:
-    """Split and validate ``options``: transform keywords, inner backend, Inductor options."""
+def parse_options(options: Optional[dict]) -> tuple[dict, str, Optional[dict], Optional[str]]:
+    """Split and validate ``options``: transform keywords, inner backend, Inductor options, mode."""
     options = dict(options or {})
     unknown = sorted(set(options) - set(TRANSFORM_KEYS) - set(BACKEND_KEYS))
     if unknown:
@@ -165,10 +166,13 @@ def parse_options(options: Optional[dict]) -> tuple[dict, str, Optional[dict]]:
         raise ATSConfigError("backend='ats' needs options={'stages': ...}, e.g. {'stages': '3-11', 'ratio': 0.87}")
     backend = options.pop("backend", "inductor")
     inductor_options = options.pop("inductor_options", None)
+    mode = options.pop("mode", None)
+    if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        raise ATSConfigError(f"mode={mode!r}: use one of torch.compile's modes, e.g. 'reduce-overhead'")
     # Validate now, before Dynamo traces anything, so option errors read as option errors.
     make_options(options["stages"], options.get("ratio"), options.get("k"), options.get("score", "attn_vnorm"),
                  options.get("padding", "batch_max"), options.get("kernels", "auto"))
-    return options, backend, inductor_options
+    return options, backend, inductor_options, None if mode == "default" else mode
 
 
 def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Optional[dict] = None,
@@ -177,8 +181,8 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
     from . import ops
     from .api import transform
 
-    transform_kw, backend, inductor_options = parse_options(options)
-    inner = _inner_compiler(backend, mode, inductor_options)
+    transform_kw, backend, inductor_options, options_mode = parse_options(options)
+    inner = _inner_compiler(backend, options_mode or mode, inductor_options)
     try:
         frozen, data_idx = freeze(gm, example_inputs)
         data = [example_inputs[i] for i in data_idx]

@@ -86,7 +86,10 @@ def sample_tokens_impl(
     ``index``/``mask`` are (B, W): kept rows (prefix first, ascending positions, padding last).
     ``width`` is K + p for static padding, or -1 for batch_max (W = max_b K'_b + p).
     """
-    return _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels)[:4]
+    index, mask, kept, budget, _ = _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width,
+                                           strict, kernels)
+    # The operator's outputs are contiguous, as its fake implementation declares (batch_max slices).
+    return index.contiguous(), mask.contiguous(), kept, budget
 
 
 def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels):

@@ -30,14 +30,14 @@ def compile_model(model, label: str, mode: str):
     if label == "dense":
         return torch.compile(model, mode=None if mode == "default" else mode)
     _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
-    options = {"stages": stages, "ratio": ratio, "k": k,
+    options = {"stages": stages, "ratio": ratio, "k": k, "mode": mode,
                "padding": "static" if mode == "reduce-overhead" else "batch_max"}
     options = {key: v for key, v in options.items() if v is not None}
     # The callable is what backend="ats" resolves to once the package is pip-installed (the GPU
     # machine runs from a source tree without the entry point).
     from ats_fx.compile import ats_backend
 
-    return torch.compile(model, backend=ats_backend, mode=None if mode == "default" else mode, options=options)
+    return torch.compile(model, backend=ats_backend, options=options)
 
 
 def flops_of(base, label: str, x) -> float:
@@ -69,9 +69,15 @@ def run(args) -> dict:
                 first = inputs[args.batches[0]].clone()
                 torch._dynamo.mark_dynamic(first, 0)
                 t0 = time.time()
-                with torch.no_grad():
-                    model(first)
-                torch.cuda.synchronize()
+                try:
+                    with torch.no_grad():
+                        model(first)
+                    torch.cuda.synchronize()
+                except Exception as err:  # record and go on: one failure must not void the run
+                    log.exception("compile failed: %s %s %s", name, mode, label)
+                    results["rows"].append(dict(model=name, dtype=args.dtype, mode=mode, config=label,
+                                                error=f"{type(err).__name__}: {str(err)[:300]}"))
+                    continue
                 compile_s = time.time() - t0
                 flops = flops_of(base, label, inputs[args.batches[-1]])
                 for batch, x in inputs.items():
@@ -100,6 +106,10 @@ def table(results: dict) -> str:
              "| model | dtype | mode | batch | config | img/s | GFLOPs | speed-up | FLOPs ratio | speed-up / FLOPs ratio | compile s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['dtype']} | {r['mode']} | | {r['config']} | failed: {r['error'][:80]} |||||")
+            continue
+
         def f(key):
             return f"{r[key]:.3f}" if key in r else ""
         lines.append(f"| {r['model']} | {r['dtype']} | {r['mode']} | {r['batch']} | {r['config']} | {r['img_s']:.0f} | "
