@@ -160,7 +160,8 @@ def attention_rows(
     dropout_p: float, kernels: str,
 ) -> Tensor:
     """Eq. 6 for the kept rows: the Triton kernel with ``kernels="triton"`` when no gradient or
-    dropout is needed, else SDPA on gathered queries (faster on H100 by our benchmark)."""
+    dropout is needed, else SDPA on gathered queries (the two measured within noise on H100,
+    benchmarks/results/throughput.md; SDPA also has a backward)."""
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if kernels == "triton" and not grad and dropout_p == 0.0 and use_triton(q, kernels):
         return torch.ops.ats_fx.attention_rows(q, k, v, index, key_mask, scale)

@@ -5,8 +5,9 @@ gathered queries are never written to memory and the T×T matrix never exists; p
 key-padding mask of an earlier stage) get zero weight. Online softmax in float32.
 
 Reference: ``reference.attention_rows``. The library's default for this step is
-``scaled_dot_product_attention`` on gathered queries (see ``dispatch.ATTENTION``), which measured
-faster on H100 (benchmarks/results/); this kernel stays selectable and tested.
+``scaled_dot_product_attention`` on gathered queries (``library.attention_rows``): the two measured
+within run-to-run noise on H100 (benchmarks/results/throughput.md) and SDPA has a backward; this
+kernel is used with ``kernels="triton"`` at inference.
 """
 from __future__ import annotations
 
