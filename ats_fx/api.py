@@ -132,6 +132,7 @@ def transform(
     score: str = "attn_vnorm",
     padding: str = "batch_max",
     kernels: str = "auto",
+    selection: str = "ats",
     example_inputs: Any = None,
     check_inputs: bool = True,
 ) -> ATSGraphModule:
@@ -153,6 +154,9 @@ def transform(
             CPU and for float64), ``"triton"`` (Triton everywhere, also for the kept-row
             attention at inference; on the CPU only under ``TRITON_INTERPRET=1``) or
             ``"reference"`` (PyTorch only).
+        selection: ``"ats"`` (inverse-transform sampling, the method). The paper's baselines,
+            for ablations and eager only: ``"topk"`` keeps the K highest-scoring tokens,
+            ``"random"`` keeps K tokens drawn uniformly (torch's global RNG).
         example_inputs: inputs to capture with; by default a random batch of the size the
             model declares (timm ``pretrained_cfg``, HF ``config.image_size``...).
         check_inputs: refuse inputs with NaN/inf at run time.
@@ -162,7 +166,8 @@ def transform(
         ATSConfigError: bad options (stage out of range, ratio outside (0, 1], k < 1).
         ATSUnsupportedModel: the model cannot be converted; the message names layer and reason.
     """
-    options = make_options(stages, ratio=ratio, k=k, score=score, padding=padding, kernels=kernels)
+    options = make_options(stages, ratio=ratio, k=k, score=score, padding=padding, kernels=kernels,
+                           selection=selection)
     gm, analysis, example = analyse(model, example_inputs)
     _refuse_if_no_sites(model, analysis)
     n = len(analysis.token_sites)

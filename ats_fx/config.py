@@ -12,6 +12,8 @@ PerStage = Union[None, float, int, Sequence[Union[float, int]]]
 SCORES = ("attn_vnorm", "attn")
 PADDINGS = ("batch_max", "static")
 KERNELS = ("auto", "triton", "reference")
+# "ats" is the paper's method; "topk" and "random" are its baselines (ablations, eager only).
+SELECTIONS = ("ats", "topk", "random")
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class ATSOptions:
     score: str = "attn_vnorm"
     padding: str = "batch_max"
     kernels: str = "auto"
+    selection: str = "ats"
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -85,6 +88,7 @@ def make_options(
     score: str = "attn_vnorm",
     padding: str = "batch_max",
     kernels: str = "auto",
+    selection: str = "ats",
 ) -> ATSOptions:
     """Validate user options. With neither ``ratio`` nor ``k`` given, ratio defaults to 1.0."""
     layers = parse_stages(stages)
@@ -106,7 +110,9 @@ def make_options(
         raise ATSConfigError(f"padding={padding!r}: choose one of {PADDINGS}")
     if kernels not in KERNELS:
         raise ATSConfigError(f"kernels={kernels!r}: choose one of {KERNELS}")
+    if selection not in SELECTIONS:
+        raise ATSConfigError(f"selection={selection!r}: choose one of {SELECTIONS}")
     stage_opts = tuple(
         StageOptions(layer, None if r is None else float(r), kk) for layer, r, kk in zip(layers, ratios, ks)
     )
-    return ATSOptions(stage_opts, score, padding, kernels)
+    return ATSOptions(stage_opts, score, padding, kernels, selection)

@@ -58,18 +58,20 @@ class ATSStage(nn.Module):
         padding: str,
         dropout_p: float = 0.0,
         kernels: str = "auto",
+        selection: str = "ats",
     ):
         super().__init__()
         self.layer, self.module_name, self.num_prefix, self.scale = layer, module, num_prefix, scale
         self.ratio, self.k, self.score, self.padding, self.dropout_p = ratio, k, score, padding, dropout_p
-        self.kernels = kernels
+        self.kernels, self.selection = kernels, selection
         self.compiled = False  # set by the "ats" torch.compile backend
         self.last: Optional[StageTrace] = None
 
     def extra_repr(self) -> str:
         budget = f"ratio={self.ratio}" if self.k is None else f"k={self.k}"
         return (f"layer={self.layer}, {budget}, prefix={self.num_prefix}, score={self.score}, "
-                f"padding={self.padding}, kernels={self.kernels}")
+                f"padding={self.padding}, kernels={self.kernels}"
+                + ("" if self.selection == "ats" else f", selection={self.selection}"))
 
     def forward(self, q, k, v, key_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor]):
         tracing = library.tracing(q)
@@ -79,10 +81,13 @@ class ATSStage(nn.Module):
         width = -1  # batch_max: data-dependent
         if self.padding == "static":  # K + p for this layer's (static) token count
             width = reference.static_budget(q.shape[2], self.num_prefix, self.ratio, self.k) + self.num_prefix
-        index, mask, kept, budget, padded = library.sample(
-            q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
-            self.kernels,
-        )
+        if self.selection == "ats":
+            index, mask, kept, budget, padded = library.sample(
+                q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
+                self.kernels,
+            )
+        else:
+            index, mask, kept, budget, padded = self._baseline(q, k, v, key_mask, width, tracing)
         dropout_p = self.dropout_p if self.training else 0.0
         out = library.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
         # Original positions of the kept rows; at the first stage the rows' positions are the index.
@@ -98,6 +103,23 @@ class ATSStage(nn.Module):
             # keeps their attention on the flash kernels (a masked SDPA measured ~3x slower).
             mask = None
         return out, index, mask, new_positions
+
+
+    def _baseline(self, q, k, v, key_mask, width: int, tracing: bool):
+        """The paper's baselines (top-K by score, random K), on the PyTorch reference path."""
+        if tracing:
+            from .errors import ATSConfigError
+
+            raise ATSConfigError(f"selection={self.selection!r} is an eager-only ablation baseline: "
+                                 "compile or export the model with selection='ats'")
+        B, _, T, _ = q.shape
+        scores = reference.class_token_scores(q, k, v, key_mask, self.num_prefix, self.scale, self.score)
+        budget = reference.token_budget(key_mask, B, T, self.num_prefix, self.ratio, self.k, q.device)
+        if self.selection == "random":
+            scores = torch.rand_like(scores)  # top_k_select ranks the prefix and padding last
+        index, mask, kept = reference.top_k_select(scores, key_mask, budget, self.num_prefix,
+                                                   None if width < 0 else width)
+        return index, mask, kept, budget, bool((~mask).any())
 
 
 def _index_view(index: torch.Tensor, x: torch.Tensor, batch_dim: int, token_dim: int) -> torch.Tensor:

@@ -140,6 +140,33 @@ def inverse_transform_sample(
     picks = torch.where(valid, picks, 0)  # unused quantile slots point at the class token
     keep = torch.zeros(B, T, dtype=torch.bool, device=device)
     keep.scatter_(1, picks, True)
+    return compact(keep, real, num_prefix, out_tokens)
+
+
+def top_k_select(
+    scores: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+    budget: torch.Tensor,
+    num_prefix: int,
+    out_tokens: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The paper's top-K baseline: keep each image's ``budget`` highest-scoring real tokens
+    (ties broken by position). Same outputs and layout as :func:`inverse_transform_sample`."""
+    B, T = scores.shape
+    real = key_mask if key_mask is not None else torch.ones(B, T, dtype=torch.bool, device=scores.device)
+    ranked = scores.masked_fill(~real, float("-inf"))
+    ranked[:, :num_prefix] = float("-inf")
+    order = torch.argsort(ranked, dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=scores.device).expand(B, T))
+    return compact(rank < budget[:, None], real, num_prefix, out_tokens)
+
+
+def compact(
+    keep: torch.Tensor, real: torch.Tensor, num_prefix: int, out_tokens: Optional[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kept tokens (B, T) bool -> (index, mask, K'): prefix first, then kept tokens in their
+    original order, padding last; ``out_tokens`` rows, or max K'+p (a host read) when None."""
+    keep = keep.clone()
     keep[:, :num_prefix] = True
     keep &= real
     kept = keep.sum(dim=1) - num_prefix

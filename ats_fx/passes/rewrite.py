@@ -248,7 +248,7 @@ class TokenWalk:
         module = ops.ATSStage(
             layer=stage.layer, module=site.module, num_prefix=q.prefix, scale=site.resolved_scale(head_dim),
             ratio=stage.ratio, k=stage.k, score=self.options.score, padding=self.options.padding,
-            dropout_p=site.dropout_p, kernels=self.options.kernels,
+            dropout_p=site.dropout_p, kernels=self.options.kernels, selection=self.options.selection,
         )
         self.gm.add_submodule(name, module)
         with self.graph.inserting_before(site.out):

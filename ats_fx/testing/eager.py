@@ -45,7 +45,11 @@ def attention_with_ats(q, k, v, scale, prefix, stage):
         s[:, :prefix] = 0
         s = s.sum(0)
         s = s / s.sum()
-        rows = sample_tokens(s, budget_for(n, prefix, stage.get("ratio"), stage.get("k")), prefix)
+        budget = budget_for(n, prefix, stage.get("ratio"), stage.get("k"))
+        if stage.get("selection", "ats") == "topk":  # the paper's top-K baseline
+            rows = list(range(prefix)) + sorted((prefix + s[prefix:].topk(budget).indices).tolist())
+        else:
+            rows = sample_tokens(s, budget, prefix)
     attn = torch.softmax((q[:, rows] @ k.transpose(1, 2)) * scale, dim=-1)
     return attn @ v, rows
 
