@@ -87,7 +87,7 @@ class ATSStage(nn.Module):
                 self.kernels,
             )
         else:
-            index, mask, kept, budget, padded = self._baseline(q, k, v, key_mask, width, tracing)
+            index, mask, kept, budget, padded = self._baseline(q, k, v, key_mask, width)
         dropout_p = self.dropout_p if self.training else 0.0
         out = library.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
         # Original positions of the kept rows; at the first stage the rows' positions are the index.
@@ -105,9 +105,9 @@ class ATSStage(nn.Module):
         return out, index, mask, new_positions
 
 
-    def _baseline(self, q, k, v, key_mask, width: int, tracing: bool):
+    def _baseline(self, q, k, v, key_mask, width: int):
         """The paper's baselines (top-K by score, random K), on the PyTorch reference path."""
-        if tracing:
+        if torch.compiler.is_compiling() or type(q) is not torch.Tensor:  # FlopCounterMode is fine
             from .errors import ATSConfigError
 
             raise ATSConfigError(f"selection={self.selection!r} is an eager-only ablation baseline: "

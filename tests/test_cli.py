@@ -1,4 +1,4 @@
-"""The CLI a newcomer meets first: inspect and demo."""
+"""The CLI a newcomer meets first: inspect, demo (visualize: tests/test_visualize.py)."""
 from __future__ import annotations
 
 from ats_fx import cli
@@ -17,8 +17,17 @@ def test_inspect_refuses_a_cnn(capsys):
     assert "no attention" in capsys.readouterr().out
 
 
-def test_demo_runs_and_matches_reference(capsys):
-    assert cli.main(["demo", "--batch", "2", "--stages", "9-11"]) == 0
+def test_demo_runs_on_the_shipped_digits_model(capsys):
+    assert cli.main(["demo", "--batch", "2"]) == 0
     out = capsys.readouterr().out
-    assert "GFLOPs per image, dense" in out and "4.599" in out
+    assert "digits ViT (shipped weights)" in out and "360 images" in out
+    assert "top-1 on the digits test set, dense / ATS" in out and "99.72%" in out
+    assert "MFLOPs per image, dense (MACs)" in out and "16.090" in out
     assert "max |Δ| vs eager reference" in out
+
+
+def test_demo_on_a_timm_model_with_random_weights(capsys):
+    assert cli.main(["demo", "--model", "deit_small_patch16_224", "--batch", "2", "--stages", "9-11",
+                     "--ratio", "0.87"]) == 0
+    out = capsys.readouterr().out
+    assert "GFLOPs per image, dense" in out and "4.599" in out and "random weights" in out
