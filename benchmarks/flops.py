@@ -17,8 +17,10 @@ class PatternFlops:
         self.model, self.cache, self.values = model, {}, []
 
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """Record the images of ``x``; call right after ``model(x)`` (reads ``kept_tokens``)."""
+    def update(self, x: torch.Tensor, limit: int = -1) -> None:
+        """Record the first ``limit`` images of ``x`` (all with -1); call right after
+        ``model(x)`` on the same batch (reads ``kept_tokens``)."""
+        x = x if limit < 0 else x[:limit]
         try:
             trace = ats_fx.kept_tokens(self.model)
         except ats_fx.ATSConfigError:  # a dense model: every image costs the same
@@ -26,7 +28,7 @@ class PatternFlops:
                 self.cache["dense"] = float(ats_fx.count_flops(self.model, x[:1])[0])
             self.values += [self.cache["dense"]] * x.shape[0]
             return
-        pattern = torch.stack([t.tokens_out.cpu() for t in trace], 1).tolist()
+        pattern = torch.stack([t.tokens_out.cpu() for t in trace], 1).tolist()[: x.shape[0]]
         missing = [i for i, p in enumerate(pattern) if tuple(p) not in self.cache]
         counts = {}
         for i in missing:

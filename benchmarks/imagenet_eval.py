@@ -117,7 +117,7 @@ def evaluate(model, loader, device, flops_images: int, progress: Progress, label
             trace = ats_fx.kept_tokens(model)
             kprime_sum = [a + float(t.kept.sum()) for a, t in zip(kprime_sum or [0.0] * len(trace), trace)]
         if len(counter.values) < flops_images:
-            counter.update(x[: flops_images - len(counter.values)])
+            counter.update(x, flops_images - len(counter.values))
         seen += len(y)
         progress.advance(task, len(y))
     return {"top1": 100 * top1 / seen, "top5": 100 * top5 / seen, "images": seen,

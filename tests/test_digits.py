@@ -59,6 +59,9 @@ def test_train_script_writes_a_loadable_checkpoint(tmp_path):
     assert set(state) == set(digits_vit(pretrained=False).state_dict())
     r = json.loads(report.read_text())
     assert r["epochs"] == 1 and 0.0 <= r["test_accuracy"] <= 1.0 and r["train_images"] == 1437
+    again, _ = digits_train.train(epochs=1, seed=0)  # the same seed gives the same weights
+    for name, value in again.state_dict().items():
+        assert torch.equal(value, state[name]), name
 
 
 def test_finetune_runs_under_torchrun_ddp_with_two_processes(tmp_path):
