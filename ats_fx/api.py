@@ -52,7 +52,7 @@ def _check_inputs(module: ATSGraphModule, args: tuple) -> None:
             ops.check_finite(x)
 
 
-def _assign(module: nn.Module, name: str, value: torch.Tensor, is_param: bool) -> None:
+def _assign(module: nn.Module, name: str, value: torch.Tensor, is_param: bool, persistent: bool = True) -> None:
     *path, leaf = name.split(".")
     for part in path:
         if not hasattr(module, part):
@@ -62,7 +62,7 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor, is_param: bool) -
         if is_param:
             module.register_parameter(leaf, value)
         else:
-            module.register_buffer(leaf, value)
+            module.register_buffer(leaf, value, persistent=persistent)
 
 
 def _neutral_masks(gm: fx.GraphModule, example: tuple, sites) -> Any:
@@ -83,9 +83,23 @@ def _neutral_masks(gm: fx.GraphModule, example: tuple, sites) -> Any:
     with torch.no_grad():
         Recorder(gm).run(*pytree.tree_leaves(example))
 
+    def from_weights(node: fx.Node) -> bool:
+        seen, todo = set(), [node]
+        while todo:
+            n = todo.pop()
+            if n.op == "get_attr":
+                return True
+            for a in n.all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    todo.append(a)
+        return False
+
     def neutral(node: fx.Node) -> bool:
+        # A bias read from weights (a relative position bias table) is zero at init only:
+        # it is a position bias, never neutral.
         v = values.get(node)
-        if not isinstance(v, torch.Tensor):
+        if not isinstance(v, torch.Tensor) or from_weights(node):
             return False
         return bool(v.all()) if v.dtype == torch.bool else bool((v == 0).all())
 
@@ -187,8 +201,9 @@ def transform(
     result = ATSGraphModule(gm, gm.graph, class_name=f"ATS{type(model).__name__}")
     for name, p in gm.named_parameters():
         _assign(result, name, p, True)
+    saved = set(model.state_dict())  # non-persistent buffers (timm's RoPE bands) stay out of it
     for name, b in gm.named_buffers():
-        _assign(result, name, b, False)
+        _assign(result, name, b, False, persistent=name in saved)
     result.ats_options = options
     result.ats_captured_training = model.training
     result.ats_check_inputs = check_inputs

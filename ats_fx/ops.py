@@ -73,7 +73,8 @@ class ATSStage(nn.Module):
                 f"padding={self.padding}, kernels={self.kernels}"
                 + ("" if self.selection == "ats" else f", selection={self.selection}"))
 
-    def forward(self, q, k, v, key_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor]):
+    def forward(self, q, k, v, key_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+                bias: Optional[torch.Tensor] = None):
         tracing = library.tracing(q)
         # Eager raises on NaN scores; compiled static padding must not sync (CUDA graphs), so it
         # falls back to uniform scores there (ATS-NOTES §1). batch_max reads the width anyway.
@@ -81,15 +82,22 @@ class ATSStage(nn.Module):
         width = -1  # batch_max: data-dependent
         if self.padding == "static":  # K + p for this layer's (static) token count
             width = reference.static_budget(q.shape[2], self.num_prefix, self.ratio, self.k) + self.num_prefix
-        if self.selection == "ats":
+        if bias is not None:  # a position bias on this stage's tokens: (..., T, T) -> (B, L, T, T)
+            if bias.dim() != 4:
+                bias = bias.reshape(-1, *bias.shape[-2:])[None]
+            bias = bias.expand(q.shape[0], -1, -1, -1)
+        if self.selection == "ats" and bias is None:
             index, mask, kept, budget, padded = library.sample(
                 q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
                 self.kernels,
             )
         else:
-            index, mask, kept, budget, padded = self._baseline(q, k, v, key_mask, width)
+            index, mask, kept, budget, padded = self._reference_select(q, k, v, key_mask, width, bias)
         dropout_p = self.dropout_p if self.training else 0.0
-        out = library.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
+        if bias is None:
+            out = library.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
+        else:
+            out = reference.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, bias)
         # Original positions of the kept rows; at the first stage the rows' positions are the index.
         source = index if positions is None else positions.gather(1, index)
         new_positions = source if padded is False else torch.where(mask, source, -1)
@@ -105,21 +113,31 @@ class ATSStage(nn.Module):
         return out, index, mask, new_positions
 
 
-    def _baseline(self, q, k, v, key_mask, width: int):
-        """The paper's baselines (top-K by score, random K), on the PyTorch reference path."""
-        if torch.compiler.is_compiling() or type(q) is not torch.Tensor:  # FlopCounterMode is fine
+    def _reference_select(self, q, k, v, key_mask, width: int, bias):
+        """Selection on the PyTorch reference path: the paper's baselines (top-K by score,
+        random K), and ATS with a position bias (the Triton kernels take no bias)."""
+        traced = torch.compiler.is_compiling() or type(q) is not torch.Tensor  # FlopCounterMode is fine
+        if traced and (self.selection != "ats" or width < 0):
             from .errors import ATSConfigError
 
-            raise ATSConfigError(f"selection={self.selection!r} is an eager-only ablation baseline: "
-                                 "compile or export the model with selection='ats'")
+            if self.selection != "ats":
+                raise ATSConfigError(f"selection={self.selection!r} is an eager-only ablation baseline: "
+                                     "compile or export the model with selection='ats'")
+            raise ATSConfigError("an ATS stage whose attention has a position bias (BEiT-style relative "
+                                 "position bias) compiles only with padding='static'")
         B, _, T, _ = q.shape
-        scores = reference.class_token_scores(q, k, v, key_mask, self.num_prefix, self.scale, self.score)
+        strict = not traced
+        scores = reference.class_token_scores(q, k, v, key_mask, self.num_prefix, self.scale, self.score,
+                                              strict, bias=bias)
         budget = reference.token_budget(key_mask, B, T, self.num_prefix, self.ratio, self.k, q.device)
-        if self.selection == "random":
-            scores = torch.rand_like(scores)  # top_k_select ranks the prefix and padding last
-        index, mask, kept = reference.top_k_select(scores, key_mask, budget, self.num_prefix,
-                                                   None if width < 0 else width)
-        return index, mask, kept, budget, bool((~mask).any())
+        out_tokens = None if width < 0 else width
+        if self.selection == "ats":
+            index, mask, kept = reference.inverse_transform_sample(scores, key_mask, budget, self.num_prefix, out_tokens)
+        else:
+            if self.selection == "random":
+                scores = torch.rand_like(scores)  # top_k_select ranks the prefix and padding last
+            index, mask, kept = reference.top_k_select(scores, key_mask, budget, self.num_prefix, out_tokens)
+        return index, mask, kept, budget, None if traced else bool((~mask).any())
 
 
 def _index_view(index: torch.Tensor, x: torch.Tensor, batch_dim: int, token_dim: int) -> torch.Tensor:
@@ -178,15 +196,44 @@ def masked_amin(x, mask, batch_dim: int, token_dim: int, start: int, dims, keepd
     return torch.where(m, x, torch.full((), float("inf"), dtype=x.dtype, device=x.device)).amin(dim=dims, keepdim=keepdim)
 
 
-def masked_attention(q, k, v, key_mask, batch_dim: int, scale: float, dropout_p: float = 0.0):
-    """Attention of a layer after an ATS stage: padded keys get zero weight (ATS-NOTES §4)."""
-    if key_mask is None:  # no padding in this batch
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-    attn_mask = key_mask
-    shape = [1] * q.dim()
-    shape[batch_dim], shape[-1] = attn_mask.shape[0], attn_mask.shape[1]
-    attn_mask = attn_mask.reshape(shape)
+def masked_attention(q, k, v, key_mask, batch_dim: int, scale: float, dropout_p: float = 0.0, bias=None):
+    """Attention of a layer after an ATS stage: padded keys get zero weight (ATS-NOTES §4).
+    ``bias`` is an additive position bias already gathered to the kept tokens (``position_bias``)."""
+    attn_mask = None if bias is None else bias.to(q.dtype)
+    if key_mask is not None:
+        shape = [1] * q.dim()
+        shape[batch_dim], shape[-1] = key_mask.shape[0], key_mask.shape[1]
+        keys = key_mask.reshape(shape)
+        attn_mask = keys if attn_mask is None else attn_mask.masked_fill(~keys, float("-inf"))
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
+def position_bias(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """An attention bias over the captured tokens, ``(..., T, T)`` with no batch dependence
+    (relative position bias), brought to each image's kept tokens: ``(B, L, T', T')`` with
+    ``out[b, l, i, j] = bias[l, positions[b, i], positions[b, j]]``. Padding rows read position 0
+    and stay masked by the key mask."""
+    T = bias.shape[-1]
+    flat = bias.reshape(-1, T, T)  # (L, T, T): heads, or 1
+    idx = positions.clamp_min(0)
+    B, n = idx.shape
+    rows = flat[:, idx]  # (L, B, n, T)
+    out = rows.gather(-1, idx[None, :, None, :].expand(flat.shape[0], B, n, n))
+    return out.transpose(0, 1)
+
+
+def position_gather(const: torch.Tensor, positions: torch.Tensor, start: int, batch_dim: int, token_dim: int,
+                    out_ndim: int) -> torch.Tensor:
+    """A per-position constant (RoPE sin/cos, a position embedding added after a stage) brought
+    to each image's kept tokens. ``const`` broadcasts against an ``out_ndim`` tensor whose
+    ``token_dim`` holds the tokens from position ``start`` on; the result has the batch at
+    ``batch_dim`` and the kept tokens at ``token_dim``."""
+    c = const.reshape((1,) * (out_ndim - const.dim()) + tuple(const.shape)).squeeze(batch_dim)
+    dim = token_dim - (batch_dim < token_dim)
+    idx = (positions[:, start:] - start).clamp_min(0)  # padding reads row 0; it stays masked
+    B, n = idx.shape
+    g = c.index_select(dim, idx.reshape(-1)).unflatten(dim, (B, n))
+    return g.movedim(dim, batch_dim)
 
 
 def check_finite(x: torch.Tensor) -> torch.Tensor:

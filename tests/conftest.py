@@ -84,6 +84,13 @@ MODELS = {
     "timm_deit3_layerscale": (lambda: timm_model("deit3_small_patch16_224", img_size=64), ref.timm_forward, (3, 64, 64)),
     "timm_vit_avgpool": (lambda: timm_model("vit_small_patch16_224", img_size=64, global_pool="avg"), ref.timm_forward, (3, 64, 64)),
     "timm_vit_registers": (lambda: timm_model("vit_base_patch16_reg4_gap_256", img_size=64, class_token=True), ref.timm_forward, (3, 64, 64)),
+    "timm_flexivit": (lambda: timm_model("flexivit_small", img_size=64, patch_size=16), ref.timm_forward, (3, 64, 64)),
+    # position-dependent attention: relative position bias (BEiT) and rotary embeddings (EVA-02)
+    "timm_beit": (lambda: timm_model("beit_base_patch16_224", img_size=64), ref.beit_forward, (3, 64, 64)),
+    "timm_beit_unfused": (lambda: timm_unfused("beit_base_patch16_224", img_size=64), ref.beit_forward, (3, 64, 64)),
+    "timm_beitv2": (lambda: timm_model("beitv2_base_patch16_224", img_size=64), ref.beit_forward, (3, 64, 64)),
+    "timm_eva02": (lambda: timm_model("eva02_tiny_patch14_224", img_size=56), ref.eva_forward, (3, 56, 56)),
+    "timm_eva02_unfused": (lambda: timm_unfused("eva02_tiny_patch14_224", img_size=56), ref.eva_forward, (3, 56, 56)),
     "hf_vit_eager": (lambda: hf_vit("eager"), ref.hf_vit_forward, (3, 64, 64)),
     "hf_vit_sdpa": (lambda: hf_vit("sdpa"), ref.hf_vit_forward, (3, 64, 64)),
     "hf_deit_teacher": (hf_deit_teacher, ref.hf_deit_teacher_forward, (3, 64, 64)),

@@ -39,8 +39,11 @@ def class_token_scores(
     scale: float,
     score: str = "attn_vnorm",
     strict: bool = True,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Significance score S (B, T) of every token, eq. 3 per head, summed over heads, normalised.
+
+    ``bias`` (B|1, H|1, T, T) is an additive position bias of the attention logits (BEiT).
 
     Prefix and padded tokens score 0. With ``strict`` a score row that is not finite or sums to
     0 raises; otherwise it falls back to uniform scores over the real tokens.
@@ -48,6 +51,8 @@ def class_token_scores(
     dt = score_dtype(q.dtype)
     B, H, T, _ = k.shape
     logits = (q[:, :, :1].to(dt) @ k.to(dt).transpose(-2, -1)).squeeze(2) * scale  # (B, H, T)
+    if bias is not None:
+        logits = logits + bias[:, :, 0, :].to(dt)
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
     attn = logits.softmax(dim=-1)
@@ -187,11 +192,19 @@ def attention_rows(
     key_mask: Optional[torch.Tensor],
     scale: float,
     dropout_p: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Eq. 6: O = A[kept] V, computing attention for the kept query rows only."""
+    """Eq. 6: O = A[kept] V, computing attention for the kept query rows only. ``bias``
+    (B, L, T, T) is an additive position bias; its kept rows are gathered too."""
     B, H, _, dh = q.shape
     rows = q.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], dh))
-    return masked_attention(rows, k, v, key_mask, scale, dropout_p)
+    if bias is None:
+        return masked_attention(rows, k, v, key_mask, scale, dropout_p)
+    L, T = bias.shape[1], bias.shape[-1]
+    attn_mask = bias.gather(2, index[:, None, :, None].expand(B, L, index.shape[1], T)).to(q.dtype)
+    if key_mask is not None:
+        attn_mask = attn_mask.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return F.scaled_dot_product_attention(rows, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
 def masked_attention(

@@ -95,6 +95,7 @@ class TokenWalk:
         self.labels: dict[fx.Node, Label] = {}
         self.sets: list[Optional[TokenSet]] = [None]
         self.gathers: dict = {}
+        self.prefix_slices: dict[fx.Node, TokenAxis] = {}
         self.replaced: list[AttentionSite] = []
         self.analysis = Analysis(sites=sites, token_sites=[], not_token={})
         self.node: Optional[fx.Node] = None
@@ -227,14 +228,38 @@ class TokenWalk:
     def _check_site(self, site: AttentionSite, nd: int) -> None:
         if site.is_causal:
             raise Unsupported("is causal attention; ATS applies to bidirectional vision attention only")
-        if site.mask is not None and not self.neutral(site.mask):
+        if site.mask is not None and not self.neutral(site.mask) and self._position_bias(site) is None:
             raise Unsupported(
-                "adds a mask or position-dependent bias (e.g. relative position bias) to the attention "
-                "logits; ats_fx cannot yet keep such a term aligned with the sampled tokens"
+                "adds a mask or bias to the attention logits that depends on the input or does not "
+                "have one row and column per token; ats_fx cannot keep it aligned with the sampled tokens"
             )
         if nd != 4 or batch_dim(site.q) != 0:
             raise Unsupported(f"computes attention on tensors of shape {concrete_shape(site.q)}; ats_fx "
                               "needs (batch, heads, tokens, head_dim)")
+
+    def _position_bias(self, site: AttentionSite) -> Optional[fx.Node]:
+        """The site's additive bias when it is a position bias: a float tensor ``(..., T, T)``
+        over the captured tokens that does not depend on the input (relative position bias).
+        Its rows and columns are gathered with the kept tokens' original positions."""
+        bias = site.mask
+        if bias is None or self.neutral(bias) or self.flow.depends_on_input(bias):
+            return None
+        val = bias.meta.get("val")
+        shape = concrete_shape(bias)
+        tokens = concrete_shape(site.q)[-2]
+        if val is None or not val.is_floating_point() or shape is None or len(shape) < 2:
+            return None
+        if shape[-2:] != (tokens, tokens) or any(d != 1 for d in shape[:-3]):
+            return None
+        return bias
+
+    def _bias_for(self, site: AttentionSite, version: int) -> Optional[fx.Node]:
+        """The position bias brought to token set ``version`` (None without a position bias)."""
+        bias = self._position_bias(site)
+        if bias is None or version == 0:
+            return bias
+        with self.graph.inserting_before(site.out):
+            return self.graph.call_function(ops.position_bias, (bias, self.sets[version].positions))
 
     def _key(self, site: AttentionSite) -> fx.Node:
         if site.k is not None:
@@ -253,7 +278,8 @@ class TokenWalk:
         self.gm.add_submodule(name, module)
         with self.graph.inserting_before(site.out):
             key = self._key(site)
-            args = (site.q, key, site.v, prev.mask if prev else None, prev.positions if prev else None)
+            bias = self._bias_for(site, q.version)
+            args = (site.q, key, site.v, prev.mask if prev else None, prev.positions if prev else None, bias)
             call = self.graph.call_module(name, args)
             out, index, mask, positions = (self.graph.call_function(operator.getitem, (call, i)) for i in range(4))
         out.meta = dict(site.out.meta)  # rules reason on captured shapes; only T changes
@@ -270,7 +296,8 @@ class TokenWalk:
             key = self._key(site)
             out = self.graph.call_function(
                 ops.masked_attention,
-                (site.q, key, site.v, self.sets[q.version].mask, 0, site.resolved_scale(head_dim), site.dropout_p),
+                (site.q, key, site.v, self.sets[q.version].mask, 0, site.resolved_scale(head_dim), site.dropout_p,
+                 self._bias_for(site, q.version)),
             )
         out.meta = dict(site.out.meta)
         site.out.replace_all_uses_with(out)
@@ -318,15 +345,37 @@ class TokenWalk:
                 shape = concrete_shape(a)
                 pos = dim - (out_nd - len(shape))
                 if not isinstance(lab, TokenAxis) and pos >= 0 and shape[pos] != 1:
-                    raise Unsupported(
-                        f"adds or multiplies a tensor ({a.name}) that has one entry per token position but "
-                        "does not come from the tokens (a position embedding or bias applied after the "
-                        "ATS stage); ats_fx cannot keep it aligned with the sampled tokens"
-                    )
+                    node.replace_input_with(a, self._gather_constant(node, a, top, dim, out_nd))
             for a, lab in labeled:
                 if lab.version < top.version:
                     node.replace_input_with(a, self.to_version(a, lab, top.version, node))
         return replace(top, dim=dim)
+
+    def _gather_constant(self, node: fx.Node, a: fx.Node, top: TokenAxis, dim: int, out_nd: int) -> fx.Node:
+        """A per-position constant meeting sampled tokens (RoPE sin/cos, a position embedding
+        added late): gather it with the kept tokens' original positions."""
+        shape = concrete_shape(a)
+        pos = dim - (out_nd - len(shape))
+        tokens = concrete_shape(node)[dim]
+        bdim = batch_dim(node)
+        problem = None
+        if self.flow.depends_on_input(a):
+            problem = "comes from the input by a path ats_fx lost track of"
+        elif shape[pos] != tokens or not (top.outer == 1 and top.inner == 1):
+            problem = "does not line up one entry per token"
+        elif bdim is None or (bdim - (out_nd - len(shape)) >= 0 and shape[bdim - (out_nd - len(shape))] != 1):
+            problem = "has no batch axis of size 1 to gather into"
+        if problem:
+            raise Unsupported(
+                f"adds or multiplies a tensor ({a.name}) with one entry per token position that {problem}; "
+                "ats_fx cannot keep it aligned with the sampled tokens"
+            )
+        key = (a, top.version, top.start, bdim, dim, out_nd)
+        if key not in self.gathers:
+            with self.graph.inserting_before(node):
+                self.gathers[key] = self.graph.call_function(
+                    ops.position_gather, (a, self.sets[top.version].positions, top.start, bdim, dim, out_nd))
+        return self.gathers[key]
 
     def rule_view(self, node: fx.Node) -> Label:
         lab = self.label(node.args[0])
@@ -435,6 +484,8 @@ class TokenWalk:
                 node.args = tuple(args[: max(len(node.args), 4)])
             return replace(lab, start=first)
         if lab.start + end <= lab.prefix:
+            if first == 0 and end == lab.prefix:
+                self.prefix_slices[node] = replace(lab, start=0)  # may be concatenated back (RoPE)
             return None  # prefix tokens only: never dropped, fixed size
         self.fail(node, f"slices tokens [{start}:{end}], a range ATS changes")
         return None
@@ -460,6 +511,9 @@ class TokenWalk:
         dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
         labs = [self.label(t) for t in tensors]
         token_labs = [x for x in labs if isinstance(x, TokenAxis)]
+        rejoined = self._rejoin_prefix(tensors, labs, dim)
+        if rejoined is not None:
+            return rejoined
         if any(x.dim == dim for x in token_labs):
             self.fail(node, "concatenates tokens along the token axis after ATS (e.g. a class-attention block's class token)")
             return None
@@ -467,6 +521,28 @@ class TokenWalk:
             self.fail(node, "concatenates tensors whose token axes differ")
             return None
         return token_labs[0]
+
+    def _rejoin_prefix(self, tensors, labs, dim: int) -> Label:
+        """``cat([x[..., :p, :], f(x[..., p:, :])], token_dim)``: prefix tokens set aside and put
+        back (EVA's RoPE skips the class token). The result is the whole token set again."""
+        if len(tensors) != 2 or tensors[0] not in self.prefix_slices or not isinstance(labs[1], TokenAxis):
+            return None
+        head, tail = self.prefix_slices[tensors[0]], labs[1]
+        if not (tail.dim == dim and tail.start == tail.prefix == head.prefix and tail.version == head.version
+                and tail.outer == tail.inner == 1):
+            return None
+        return replace(tail, start=0)
+
+    def rule_stack(self, node: fx.Node) -> Label:
+        tensors = node.args[0]
+        nd = len(concrete_shape(node))
+        dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
+        labs = [self.label(t) for t in tensors]
+        if not all(isinstance(x, TokenAxis) for x in labs) or len({(x.dim, x.version, x.start) for x in labs}) != 1:
+            self.fail(node, "stacks tensors whose token axes differ")
+            return None
+        lab = labs[0]
+        return replace(lab, dim=lab.dim + (dim <= lab.dim))
 
     def rule_reduce(self, node: fx.Node) -> Label:
         lab = self.label(node.args[0])
@@ -546,6 +622,7 @@ RULES = {
     aten.split_with_sizes.default: TokenWalk.rule_split,
     aten.chunk.default: TokenWalk.rule_split,
     aten.cat.default: TokenWalk.rule_cat,
+    aten.stack.default: TokenWalk.rule_stack,
     **{t: TokenWalk.rule_reduce for t in REDUCTIONS},
     **{t: TokenWalk.rule_along_last for t in NORMS | SOFTMAXES | {aten.linear.default}},
     aten.matmul.default: TokenWalk.rule_matmul,

@@ -33,14 +33,17 @@ def budget_for(n_in: int, prefix: int, ratio=None, k=None) -> int:
     return min(want, n_in - prefix)
 
 
-def attention_with_ats(q, k, v, scale, prefix, stage):
+def attention_with_ats(q, k, v, scale, prefix, stage, bias=None):
     """q, k, v: (H, N, dh) for one image. stage: None or dict(ratio=..)/dict(k=..).
-    Returns (output rows (H, N', dh), kept row indices)."""
+    bias: None or an additive (H, N, N) position bias. Returns (output rows (H, N', dh), kept
+    row indices)."""
     n = q.shape[1]
     rows = list(range(n))
+    bias = torch.zeros(1, n, n, dtype=q.dtype) if bias is None else bias
     if stage is not None:
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        a0 = torch.softmax((q[:, :1].to(dt) @ k.to(dt).transpose(1, 2))[:, 0] * scale, dim=-1)  # (H, N)
+        logits0 = (q[:, :1].to(dt) @ k.to(dt).transpose(1, 2))[:, 0] * scale + bias[:, 0].to(dt)
+        a0 = torch.softmax(logits0, dim=-1)  # (H, N)
         s = a0 * v.to(dt).norm(dim=-1) if stage.get("score", "attn_vnorm") == "attn_vnorm" else a0
         s[:, :prefix] = 0
         s = s.sum(0)
@@ -50,7 +53,7 @@ def attention_with_ats(q, k, v, scale, prefix, stage):
             rows = list(range(prefix)) + sorted((prefix + s[prefix:].topk(budget).indices).tolist())
         else:
             rows = sample_tokens(s, budget, prefix)
-    attn = torch.softmax((q[:, rows] @ k.transpose(1, 2)) * scale, dim=-1)
+    attn = torch.softmax((q[:, rows] @ k.transpose(1, 2)) * scale + bias[:, rows], dim=-1)
     return attn @ v, rows
 
 
@@ -66,12 +69,19 @@ def merge_heads(t):
 
 def run_blocks(x, blocks, prefix, stages, kept_log=None):
     """x: (N, C) tokens of one image. blocks: per block a dict of callables:
-    norm1, qkv (-> q, k, v each (N, C)), heads, proj, post_attn (layer scale), mlp_branch."""
+    norm1, qkv (-> q, k, v each (N, C)), heads, proj, post_attn (layer scale), mlp_branch; and
+    optionally qk (q, k, positions -> q, k: RoPE) and bias (positions -> (H, N, N)), which see
+    the original positions of the tokens still present."""
+    positions = list(range(x.shape[0]))
     for i, b in enumerate(blocks):
         h = b["norm1"](x)
         q, k, v = (split_heads(t, b["heads"]) for t in b["qkv"](h))
+        if "qk" in b:
+            q, k = b["qk"](q, k, positions)
+        bias = b["bias"](positions) if "bias" in b else None
         scale = q.shape[-1] ** -0.5
-        o, rows = attention_with_ats(q, k, v, scale, prefix, stages.get(i))
+        o, rows = attention_with_ats(q, k, v, scale, prefix, stages.get(i), bias)
+        positions = [positions[r] for r in rows]
         x = x[rows] + b["post_attn"](b["proj"](merge_heads(o)))
         x = x + b["mlp_branch"](x)
         if kept_log is not None and i in stages:
@@ -146,3 +156,77 @@ def torchvision_forward(model, image, stages):
     x = run_blocks(x, blocks, 1, stages)
     x = model.encoder.ln(x)
     return model.heads(x[0])
+
+
+def _qkv_with_bias(attn):
+    def qkv(h):
+        bias = None if attn.q_bias is None else torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        out = torch.nn.functional.linear(h, attn.qkv.weight, bias if bias is not None else attn.qkv.bias)
+        return out.chunk(3, dim=-1)
+    return qkv
+
+
+def _scaled(gamma):
+    return (lambda t: t) if gamma is None else (lambda t, g=gamma: g * t)
+
+
+def beit_forward(model, image, stages):
+    """timm BEiT / BEiT v2: relative position bias per layer, gathered at the kept positions."""
+    x = model.patch_embed(image[None])
+    x = torch.cat((model.cls_token, x), dim=1)
+    if model.pos_embed is not None:
+        x = x + model.pos_embed
+    shared = model.rel_pos_bias() if model.rel_pos_bias is not None else None
+    blocks = []
+    for blk in model.blocks:
+        attn = blk.attn
+
+        def bias(positions, attn=attn):
+            full = 0
+            if attn.relative_position_bias_table is not None:
+                full = attn._get_rel_pos_bias()[0]
+            if shared is not None:
+                full = full + shared.reshape(-1, *shared.shape[-2:])
+            return full[:, positions][:, :, positions]
+
+        blocks.append(dict(
+            norm1=blk.norm1, qkv=_qkv_with_bias(attn), heads=attn.num_heads, proj=attn.proj,
+            post_attn=_scaled(blk.gamma_1), bias=bias,
+            mlp_branch=lambda x, blk=blk: _scaled(blk.gamma_2)(blk.mlp(blk.norm2(x))),
+        ))
+    x = run_blocks(x[0], blocks, 1, stages)
+    x = model.norm(x)[None]
+    return model.forward_head(x)[0]
+
+
+def eva_forward(model, image, stages):
+    """timm EVA / EVA-02: rotary embeddings on the patch tokens, at their original positions."""
+    from timm.layers import apply_rot_embed_cat
+
+    x = model.patch_embed(image[None])
+    x, rope = model._pos_embed(x)
+    x = model.norm_pre(x)
+    prefix = model.num_prefix_tokens
+    blocks = []
+    for blk in model.blocks:
+        attn = blk.attn
+
+        def qk(q, k, positions, attn=attn):
+            q, k = attn.q_norm(q), attn.k_norm(k)
+            if rope is None:
+                return q, k
+            patches = [p - prefix for p in positions[prefix:]]
+            r = rope[patches]
+            half = getattr(attn, "rotate_half", False)
+            q = torch.cat([q[:, :prefix], apply_rot_embed_cat(q[:, prefix:], r, half=half)], 1).type_as(q)
+            k = torch.cat([k[:, :prefix], apply_rot_embed_cat(k[:, prefix:], r, half=half)], 1).type_as(k)
+            return q, k
+
+        blocks.append(dict(
+            norm1=blk.norm1, qkv=_qkv_with_bias(attn), qk=qk, heads=attn.num_heads,
+            proj=lambda t, attn=attn: attn.proj(attn.norm(t)), post_attn=_scaled(blk.gamma_1),
+            mlp_branch=lambda x, blk=blk: _scaled(blk.gamma_2)(blk.mlp(blk.norm2(x))),
+        ))
+    x = run_blocks(x[0], blocks, prefix, stages)
+    x = model.norm(x)[None]
+    return model.forward_head(x)[0]

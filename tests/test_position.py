@@ -1,0 +1,77 @@
+"""Position-dependent attention after ATS: relative position bias (BEiT) and RoPE (EVA-02) are
+gathered with the kept tokens' original positions."""
+import pytest
+import timm
+import torch
+
+import ats_fx
+from ats_fx import ops
+from ats_fx.testing import eager
+
+
+def test_position_bias_gathers_rows_and_columns():
+    bias = torch.arange(2 * 5 * 5, dtype=torch.float64).reshape(1, 2, 5, 5)
+    positions = torch.tensor([[0, 2, 4], [0, 3, -1]])
+    out = ops.position_bias(bias, positions)
+    assert out.shape == (2, 2, 3, 3)
+    for b in range(2):
+        idx = positions[b].clamp_min(0)
+        torch.testing.assert_close(out[b], bias[0][:, idx][:, :, idx])
+
+
+@pytest.mark.parametrize("const_shape,batch_dim,token_dim,out_nd", [
+    ((6, 4), 0, 2, 4),  # RoPE table (N, dh) against (B, H, N, dh)
+    ((1, 6, 4), 0, 1, 3),  # a position embedding (1, N, C) against (B, N, C)
+    ((6, 1, 4), 1, 0, 3),  # sequence-first layout (N, B, C)
+])
+def test_position_gather_places_batch_and_tokens(const_shape, batch_dim, token_dim, out_nd):
+    const = torch.randn(const_shape)
+    positions = torch.tensor([[0, 1, 3, 6], [0, 2, 5, -1]])  # one prefix token, start=1
+    out = ops.position_gather(const, positions, 1, batch_dim, token_dim, out_nd)
+    table = const.reshape(6, 4) if const.dim() == 2 else const.squeeze(batch_dim if const.dim() == 3 else 0)
+    for b in range(2):
+        rows = (positions[b, 1:] - 1).clamp_min(0)
+        got = out.select(batch_dim, b)
+        got = got.movedim(token_dim - (batch_dim < token_dim), 0).reshape(3, -1)
+        torch.testing.assert_close(got, table.reshape(6, -1)[rows])
+
+
+def test_zero_initialised_relative_position_table_is_not_treated_as_neutral():
+    """At init timm's relative position bias table is zero: the bias evaluates to all zeros on the
+    example input. It comes from a weight, so a loaded checkpoint makes it non-zero: it must be
+    gathered, not dropped (this was a silent wrong answer)."""
+    torch.manual_seed(0)
+    model = timm.create_model("beit_base_patch16_224", img_size=64, depth=3, embed_dim=64, num_heads=2).double().eval()
+    ats = ats_fx.transform(model, "1-2", ratio=0.6, example_inputs=torch.randn(1, 3, 64, 64).double())
+    with torch.no_grad():  # as if pretrained weights were loaded afterwards
+        for name, p in list(model.named_parameters()):
+            if "relative_position_bias_table" in name or "qkv.weight" in name:
+                p.normal_(0, 1)
+        ats.load_state_dict(model.state_dict())
+        x = torch.randn(3, 3, 64, 64, dtype=torch.float64)
+        want = torch.stack([eager.beit_forward(model, img, {1: {"ratio": 0.6}, 2: {"ratio": 0.6}}) for img in x])
+        torch.testing.assert_close(ats(x), want)
+
+
+def test_input_dependent_bias_after_a_stage_is_refused():
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3, num_classes=3).eval()
+    from timm.models.vision_transformer import Attention
+
+    def forward(self, x, attn_mask=None, **kwargs):  # a data-dependent additive bias
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = x.norm(dim=-1)[:, None, None, :].expand(B, self.num_heads, N, N)
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+    for blk in model.blocks:
+        blk.attn.forward = forward.__get__(blk.attn, Attention)
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="depends on the input"):
+        ats_fx.transform(model, 0, k=8)
+
+
+def test_rope_model_keeps_non_persistent_buffers_out_of_the_state_dict():
+    model = timm.create_model("eva02_tiny_patch14_224", img_size=56, depth=2).eval()
+    ats = ats_fx.transform(model, 0, ratio=0.5)
+    assert sorted(ats.state_dict()) == sorted(model.state_dict())
