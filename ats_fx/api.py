@@ -204,6 +204,10 @@ def transform(
     saved = set(model.state_dict())  # non-persistent buffers (timm's RoPE bands) stay out of it
     for name, b in gm.named_buffers():
         _assign(result, name, b, False, persistent=name in saved)
+    for name, _ in list(result.named_buffers()):  # constants export lifted out of forward (HF BEiT)
+        if name not in saved:
+            owner, _, leaf = name.rpartition(".")
+            result.get_submodule(owner)._non_persistent_buffers_set.add(leaf)
     result.ats_options = options
     result.ats_captured_training = model.training
     result.ats_check_inputs = check_inputs

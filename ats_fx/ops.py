@@ -208,12 +208,14 @@ def masked_attention(q, k, v, key_mask, batch_dim: int, scale: float, dropout_p:
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
-def position_bias(bias: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def position_bias(bias: torch.Tensor, positions: torch.Tensor, batched: bool = False) -> torch.Tensor:
     """An attention bias over the captured tokens, ``(..., T, T)`` with no batch dependence
     (relative position bias), brought to each image's kept tokens: ``(B, L, T', T')`` with
     ``out[b, l, i, j] = bias[l, positions[b, i], positions[b, j]]``. Padding rows read position 0
     and stay masked by the key mask."""
     T = bias.shape[-1]
+    if batched:  # (B, ..., T, T) with the same values for every image: take the first
+        bias = bias[0]
     flat = bias.reshape(-1, T, T)  # (L, T, T): heads, or 1
     idx = positions.clamp_min(0)
     B, n = idx.shape

@@ -67,6 +67,55 @@ def hf_deit_teacher():
     return sharpen(DeiTForImageClassificationWithTeacher(cfg)).eval()
 
 
+def hf_beit(shared: bool = False):
+    from transformers import BeitConfig, BeitForImageClassification
+
+    cfg = BeitConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                     image_size=64, patch_size=8, num_labels=10, use_relative_position_bias=not shared,
+                     use_shared_relative_position_bias=shared, layer_scale_init_value=0.5)
+    return sharpen(BeitForImageClassification(cfg)).eval()
+
+
+def hf_dinov2(registers: int = 0):
+    import transformers as T
+
+    if registers:
+        cfg = T.Dinov2WithRegistersConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=64,
+                                          patch_size=8, num_labels=10, num_register_tokens=registers)
+        return sharpen(T.Dinov2WithRegistersForImageClassification(cfg)).eval()
+    cfg = T.Dinov2Config(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=8,
+                         num_labels=10)
+    return sharpen(T.Dinov2ForImageClassification(cfg)).eval()
+
+
+class Pooled(torch.nn.Module):
+    """A model that returns its token sequence, wrapped to return the pooled output."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config  # tells ats_fx the input size
+
+    def forward(self, x):
+        return self.model(x).pooler_output
+
+
+def hf_clip():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                           image_size=64, patch_size=8)
+    return sharpen(CLIPVisionModel(cfg)).eval()
+
+
+def hf_vivit():
+    from transformers import VivitConfig, VivitForVideoClassification
+
+    cfg = VivitConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                      image_size=32, num_frames=4, tubelet_size=[2, 8, 8], num_labels=10)
+    return sharpen(VivitForVideoClassification(cfg)).eval()
+
+
 def torchvision_vit():
     import torchvision
 
@@ -95,6 +144,12 @@ MODELS = {
     "hf_vit_sdpa": (lambda: hf_vit("sdpa"), ref.hf_vit_forward, (3, 64, 64)),
     "hf_deit_teacher": (hf_deit_teacher, ref.hf_deit_teacher_forward, (3, 64, 64)),
     "torchvision_vit": (torchvision_vit, ref.torchvision_forward, (3, 64, 64)),
+    "hf_beit": (hf_beit, ref.hf_beit_forward, (3, 64, 64)),
+    "hf_beit_shared_bias": (lambda: hf_beit(shared=True), ref.hf_beit_forward, (3, 64, 64)),
+    "hf_dinov2": (hf_dinov2, ref.hf_dinov2_forward, (3, 64, 64)),
+    "hf_dinov2_registers": (lambda: hf_dinov2(registers=4), ref.hf_dinov2_forward, (3, 64, 64)),
+    "hf_clip_pooled": (lambda: Pooled(hf_clip()), lambda m, x, s: ref.hf_clip_pooled_forward(m.model, x, s), (3, 64, 64)),
+    "hf_vivit": (hf_vivit, ref.hf_vivit_forward, (4, 3, 32, 32)),
 }
 
 

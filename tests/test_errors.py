@@ -95,10 +95,10 @@ def test_kept_tokens_before_forward(vit):
         ats_fx.kept_tokens(vit)
 
 
-def test_position_bias_after_stage_is_refused():
-    """A position-dependent term added after the ATS stage cannot follow the sampled tokens."""
-    import torch.nn as nn
-
+def test_position_embedding_added_after_a_stage_is_gathered():
+    """A position-dependent term added after the ATS stage follows the sampled tokens: it is
+    gathered with their original positions (issue 5). Reference: the stage's kept rows equal the
+    dense rows (attention over all keys), then each image continues alone on its kept tokens."""
     from test_match import Attention, TinyViT
 
     class LatePositions(TinyViT):
@@ -109,7 +109,24 @@ def test_position_bias_after_stage_is_refused():
                 x = blk(x)
             return self.head(self.norm(x)[:, 0])
 
-    model = LatePositions(lambda i: Attention(32, 4, "sdpa")).eval()
-    with pytest.raises(ats_fx.ATSUnsupportedModel, match="position"):
-        ats_fx.transform(model, 0, k=4)
-    assert isinstance(model, nn.Module)
+    torch.manual_seed(0)
+    model = LatePositions(lambda i: Attention(32, 4, "sdpa")).double().eval()
+    with torch.no_grad():
+        model.pos_embed.normal_()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():  # peaky attention: images keep different K'
+        for blk in model.blocks:
+            blk.attn.qkv.weight.mul_(5)
+    ats = ats_fx.transform(model, 0, k=8, example_inputs=x[:1])
+    with torch.no_grad():
+        got = ats(x)
+        positions = ats_fx.kept_tokens(ats)[0].positions
+        after0 = model.blocks[0](model.tokens(x))
+        want = []
+        for b in range(x.shape[0]):
+            rows = positions[b][positions[b] >= 0]
+            y = after0[b, rows][None] + model.pos_embed[:, rows]
+            for blk in model.blocks[1:]:
+                y = blk(y)
+            want.append(model.head(model.norm(y)[:, 0])[0])
+    torch.testing.assert_close(got, torch.stack(want))

@@ -30,7 +30,8 @@ def _image_size(value: Any) -> Optional[tuple[int, int]]:
 
 
 def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
-    """The (C, H, W) a vision model expects, read from timm, HF or torchvision attributes."""
+    """The (C, H, W) a vision model expects ((T, C, H, W) for video), read from timm, HF or
+    torchvision attributes."""
     # The built model's own patch embedding first: pretrained_cfg keeps the default size
     # even when the model was created with another img_size.
     patch = getattr(model, "patch_embed", None)
@@ -40,6 +41,9 @@ def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
     hf = getattr(model, "config", None)
     if hf is not None and _image_size(getattr(hf, "image_size", None)):
         h, w = _image_size(hf.image_size)
+        frames = getattr(hf, "num_frames", None)  # video models (ViViT, TimeSformer): (T, C, H, W)
+        if isinstance(frames, int):
+            return (frames, getattr(hf, "num_channels", 3), h, w)
         return (getattr(hf, "num_channels", 3), h, w)
     for name in ("image_size", "img_size"):
         size = _image_size(getattr(model, name, None))

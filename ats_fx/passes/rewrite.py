@@ -249,7 +249,9 @@ class TokenWalk:
         tokens = concrete_shape(site.q)[-2]
         if val is None or not val.is_floating_point() or shape is None or len(shape) < 2:
             return None
-        if shape[-2:] != (tokens, tokens) or any(d != 1 for d in shape[:-3]):
+        # Leading dims: 1, or the batch (HF expands the bias to it; not input-dependent, so every
+        # image's copy is the same).
+        if shape[-2:] != (tokens, tokens) or any(d not in (1, BATCH_PROBE) for d in shape[:-3]):
             return None
         return bias
 
@@ -259,7 +261,8 @@ class TokenWalk:
         if bias is None or version == 0:
             return bias
         with self.graph.inserting_before(site.out):
-            return self.graph.call_function(ops.position_bias, (bias, self.sets[version].positions))
+            batched = BATCH_PROBE in concrete_shape(bias)[:-2]
+            return self.graph.call_function(ops.position_bias, (bias, self.sets[version].positions, batched))
 
     def _key(self, site: AttentionSite) -> fx.Node:
         if site.k is not None:
@@ -525,13 +528,22 @@ class TokenWalk:
     def _rejoin_prefix(self, tensors, labs, dim: int) -> Label:
         """``cat([x[..., :p, :], f(x[..., p:, :])], token_dim)``: prefix tokens set aside and put
         back (EVA's RoPE skips the class token). The result is the whole token set again."""
-        if len(tensors) != 2 or tensors[0] not in self.prefix_slices or not isinstance(labs[1], TokenAxis):
+        if len(tensors) < 2 or tensors[0] not in self.prefix_slices or not isinstance(labs[-1], TokenAxis):
             return None
-        head, tail = self.prefix_slices[tensors[0]], labs[1]
+        head, tail = self.prefix_slices[tensors[0]], labs[-1]
         if not (tail.dim == dim and tail.start == tail.prefix == head.prefix and tail.version == head.version
                 and tail.outer == tail.inner == 1):
             return None
-        return replace(tail, start=0)
+        inserted = tensors[1:-1]
+        if not inserted:
+            return replace(tail, start=0)
+        # ``cat([x[:, :1], registers, x[:, 1:]])`` (HF DINOv2 with registers): learned tokens
+        # inserted after the class token, before any stage, join the prefix.
+        if tail.version > 0 or any(self.label(t) is not None or self.flow.depends_on_input(t) for t in inserted):
+            return None
+        extra = sum(concrete_shape(t)[dim] for t in inserted)
+        self.analysis.prefix = tail.prefix + extra
+        return TokenAxis(dim=dim, version=0, prefix=tail.prefix + extra)
 
     def rule_stack(self, node: fx.Node) -> Label:
         tensors = node.args[0]

@@ -37,5 +37,8 @@ def validate(gm: fx.GraphModule, example: tuple, expected: list) -> None:
         if tuple(got.shape) != want:
             raise ATSUnsupportedModel(
                 f"the rewritten graph returns shape {tuple(got.shape)} where the model returned {want}: "
-                "a token axis leaks into the output"
+                "a token axis leaks into the output (the model returns its token sequence, e.g. HF "
+                "last_hidden_state, which ATS shortens). Transform a module that returns the pooled "
+                "output or logits instead, e.g. a wrapper whose forward returns "
+                "model(x).pooler_output"
             )

@@ -230,3 +230,72 @@ def eva_forward(model, image, stages):
     x = run_blocks(x[0], blocks, prefix, stages)
     x = model.norm(x)[None]
     return model.forward_head(x)[0]
+
+
+def _hf_block(layer, attn, norm1, norm2, post_attn, post_mlp, heads, bias=None):
+    block = dict(
+        norm1=norm1, qkv=lambda h, a=attn: (a.q_proj(h), a.k_proj(h), a.v_proj(h)), heads=heads,
+        proj=attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj, post_attn=post_attn,
+        mlp_branch=lambda x: post_mlp(layer.mlp(norm2(x))),
+    )
+    if bias is not None:
+        block["bias"] = bias
+    return block
+
+
+def hf_beit_forward(model, image, stages):
+    """HF BeitForImageClassification: per-layer (and shared) relative position bias."""
+    beit, heads = model.beit, model.config.num_attention_heads
+    x = beit.embeddings(image[None])[0]
+    window = tuple(s // model.config.patch_size for s in image.shape[-2:])
+    shared = None
+    if beit.shared_position_bias is not None:
+        shared = beit.shared_position_bias(window, dim_size=x.shape[0]).reshape(-1, x.shape[0], x.shape[0])
+    blocks = []
+    for layer in beit.layers:
+        def bias(positions, layer=layer, n=x.shape[0]):
+            full = torch.zeros(1, n, n, dtype=x.dtype)
+            if layer.relative_position_bias is not None:
+                full = full + layer.relative_position_bias(window, dim_size=n).reshape(-1, n, n)
+            if shared is not None:
+                full = full + shared
+            return full[:, positions][:, :, positions]
+
+        blocks.append(_hf_block(layer, layer.attention, layer.layernorm_before, layer.layernorm_after,
+                                lambda t, layer=layer: layer.lambda_1 * t, lambda t, layer=layer: layer.lambda_2 * t,
+                                heads, bias))
+    x = run_blocks(x, blocks, 1, stages)
+    x = beit.layernorm(x)
+    pooled = beit.pooler(x[None])[0]
+    return model.classifier(pooled)
+
+
+def hf_dinov2_forward(model, image, stages):
+    """HF Dinov2(WithRegisters)ForImageClassification: class token + registers are the prefix;
+    the head reads the class token and the mean of the patch tokens."""
+    body = getattr(model, "dinov2", None) or model.dinov2_with_registers
+    prefix = 1 + getattr(model.config, "num_register_tokens", 0)
+    x = body.embeddings(image[None])[0]
+    blocks = [_hf_block(layer, layer.attention, layer.norm1, layer.norm2, layer.layer_scale1, layer.layer_scale2,
+                        model.config.num_attention_heads) for layer in body.encoder.layer]
+    x = body.layernorm(run_blocks(x, blocks, prefix, stages))
+    return model.classifier(torch.cat([x[0], x[prefix:].mean(0)]))
+
+
+def hf_clip_pooled_forward(model, image, stages):
+    """HF CLIPVisionModel's pooler_output (post-layernorm class token)."""
+    x = model.embeddings(image[None])
+    x = model.pre_layrnorm(x)[0]
+    blocks = [_hf_block(layer, layer.self_attn, layer.layer_norm1, layer.layer_norm2, lambda t: t, lambda t: t,
+                        model.config.num_attention_heads) for layer in model.encoder.layers]
+    x = run_blocks(x, blocks, 1, stages)
+    return model.post_layernorm(x[0])
+
+
+def hf_vivit_forward(model, video, stages):
+    """HF VivitForVideoClassification: joint space-time tokens (tubelets) behind a class token."""
+    x = model.vivit.embeddings(video[None])[0]
+    blocks = [_hf_block(layer, layer.attention, layer.layernorm_before, layer.layernorm_after, lambda t: t,
+                        lambda t: t, model.config.num_attention_heads) for layer in model.vivit.layers]
+    x = model.vivit.layernorm(run_blocks(x, blocks, 1, stages))
+    return model.classifier(x[0])
