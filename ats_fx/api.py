@@ -134,7 +134,14 @@ def _refuse_if_no_sites(model: nn.Module, analysis: Analysis) -> None:
         raise ATSUnsupportedModel(f"{name}: {problem}. Use a model with a class token.")
     if not analysis.token_sites:
         reasons = "; ".join(sorted({f"{s.module}: {why}" for s, why in analysis.not_token.items()}))
-        raise ATSUnsupportedModel(f"{name}: no attention over tokens found ({reasons})")
+        late = ""
+        if analysis.seed is not None:
+            from .passes.graph import module_path
+
+            late = (f". The class token joins the tokens only at {module_path(analysis.seed) or analysis.seed.name}: "
+                    "attention layers before it have no class token to score with (CaiT-style class "
+                    "attention), and the layers after it attend from the class token alone")
+        raise ATSUnsupportedModel(f"{name}: no attention over tokens found ({reasons}){late}")
 
 
 def transform(

@@ -140,8 +140,10 @@ def _matmul_site(softmax: fx.Node) -> Optional[AttentionSite]:
             interior.add(node)
             node = score
         elif node.target in SCALAR_MUL | SCALAR_DIV:
-            node, factor = _peel_scale(node, interior)
-            scale *= factor
+            peeled, factor = _peel_scale(node, interior)
+            if peeled is node:  # a multiply by a tensor (XCiT's learned temperature): not a scale
+                break
+            node, scale = peeled, scale * factor
         else:
             break
     if not isinstance(node, fx.Node) or node.target not in MATMUL:

@@ -169,9 +169,18 @@ class TokenWalk:
         if out_shape is None or len(tensors) < 2:
             return None
         dim = norm_dim(dim, len(out_shape))
+        data = [self.flow.depends_on_input(t) for t in tensors]
+        if batch_dim(node) is None and not data[0] and any(d % BATCH_PROBE == 0 and d > BATCH_PROBE for d in out_shape):
+            self.analysis.seed_problem = (
+                f"{describe(node)} puts a class token in front of each frame's patches, with the batch "
+                "merged with the frames (divided space-time attention, as in TimeSformer): each frame's "
+                "attention would sample its own tokens, but the temporal attention between frames needs the "
+                "same patch positions in every frame. ats_fx does not sample positions shared by all frames; "
+                "use a joint space-time model such as ViViT"
+            )
+            return None
         if out_shape[dim] == BATCH_PROBE or batch_dim(node) is None:
             return None
-        data = [self.flow.depends_on_input(t) for t in tensors]
         if not any(data) or all(data):
             return None
         if not data[-1] or data[0]:
