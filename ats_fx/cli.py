@@ -23,11 +23,15 @@ DEMO_STAGES, DEMO_RATIO = "2-5", 0.8  # 98.6% vs 99.7% dense at 1.7x fewer FLOPs
 
 
 def load_model(spec: str) -> nn.Module:
-    """A timm model name (random weights, or hub weights with ``--pretrained``), or
-    ``package.module:factory`` for any importable callable that returns a module."""
+    """A timm model name (random weights), ``package.module:factory`` for any importable
+    callable that returns a module, or ``transformers:ClassName`` for an HF model class (built
+    from its default config, random weights)."""
     if ":" in spec:
         module, _, attr = spec.partition(":")
         obj = getattr(importlib.import_module(module), attr)
+        config_class = getattr(obj, "config_class", None)
+        if isinstance(obj, type) and config_class is not None:  # an HF PreTrainedModel class
+            return obj(config_class()).eval()
         return (obj() if callable(obj) and not isinstance(obj, nn.Module) else obj).eval()
     import timm
 
@@ -216,7 +220,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="list attention sites and whether each converts")
-    p.add_argument("model", help="timm model name, or package.module:factory")
+    p.add_argument("model", help="timm model name, package.module:factory, or transformers:ClassName")
     p.set_defaults(func=cmd_inspect)
     d = sub.add_parser("demo", help="run ATS on the shipped digits ViT (real weights, real test images)")
     d.add_argument("--model", default=DEMO_MODEL, help="'digits' (shipped), or a timm name (random weights)")

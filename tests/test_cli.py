@@ -31,3 +31,8 @@ def test_demo_on_a_timm_model_with_random_weights(capsys):
                      "--ratio", "0.87"]) == 0
     out = capsys.readouterr().out
     assert "GFLOPs per image, dense" in out and "4.599" in out and "random weights" in out
+
+
+def test_load_model_builds_an_hf_class_from_its_default_config():
+    model = cli.load_model("transformers:ViTForImageClassification")
+    assert type(model).__name__ == "ViTForImageClassification" and not model.training

@@ -130,3 +130,29 @@ def test_position_embedding_added_after_a_stage_is_gathered():
                 y = blk(y)
             want.append(model.head(model.norm(y)[:, 0])[0])
     torch.testing.assert_close(got, torch.stack(want))
+
+
+def test_timesformer_divided_attention_is_refused_with_the_design_reason():
+    from transformers import TimesformerConfig, TimesformerForVideoClassification
+
+    cfg = TimesformerConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                            image_size=32, patch_size=8, num_frames=2, num_labels=3)
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="divided space-time attention.*same patch positions"):
+        ats_fx.transform(TimesformerForVideoClassification(cfg).eval(), 0)
+
+
+def test_cait_class_attention_is_refused_with_the_reason():
+    import timm
+
+    model = timm.create_model("cait_xxs24_224", depth=2, img_size=64).eval()
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="class token joins the tokens only at blocks_token_only.0"):
+        ats_fx.transform(model, 0)
+
+
+def test_model_returning_its_token_sequence_names_the_fix():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=8)
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="pooler_output"):
+        ats_fx.transform(CLIPVisionModel(cfg).eval(), 0)

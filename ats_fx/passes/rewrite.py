@@ -622,9 +622,11 @@ class TokenWalk:
         for arg in node.all_input_nodes:
             lab = self.label(arg)
             if isinstance(lab, TokenAxis) and lab.version > 0:
-                log.warning(
-                    "output %s still has a token axis after ATS; it is padded (see ats_fx.kept_tokens for the mask)",
-                    arg.name,
+                raise Unsupported(
+                    f"returns {arg.name}, which still has a token axis after ATS: the model returns its "
+                    "token sequence (e.g. HF last_hidden_state), which ATS shortens, so the output shape "
+                    "would change. Transform a module that returns the pooled output or logits instead, "
+                    "e.g. a wrapper whose forward returns model(x).pooler_output"
                 )
         return None
 
