@@ -254,7 +254,7 @@ def hf_beit_forward(model, image, stages):
     blocks = []
     for layer in beit.layers:
         def bias(positions, layer=layer, n=x.shape[0]):
-            full = torch.zeros(1, n, n, dtype=x.dtype)
+            full = torch.zeros(1, n, n, dtype=x.dtype, device=x.device)
             if layer.relative_position_bias is not None:
                 full = full + layer.relative_position_bias(window, dim_size=n).reshape(-1, n, n)
             if shared is not None:
