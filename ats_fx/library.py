@@ -51,7 +51,7 @@ def use_triton(x: Tensor, kernels: str) -> bool:
     return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available()
 
 
-def _raise_bad(bad: Tensor) -> None:
+def raise_bad(bad: Tensor) -> None:
     rows = bad.nonzero().flatten().tolist()
     raise ATSInputError(
         f"ATS scores of image(s) {rows} are not finite or sum to zero: the input or an activation "
@@ -115,7 +115,7 @@ def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width,
         # One host read: the batch width, the NaN check, and whether any image is padded.
         widest, any_bad, neg_narrowest = stats.tolist()
         if strict and any_bad:
-            _raise_bad(bad.bool())
+            raise_bad(bad.bool())
         if width < 0:
             index, mask = index[:, :widest], mask[:, :widest]
             padded = widest != -neg_narrowest

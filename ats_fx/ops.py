@@ -126,18 +126,25 @@ class ATSStage(nn.Module):
             raise ATSConfigError("an ATS stage whose attention has a position bias (BEiT-style relative "
                                  "position bias) compiles only with padding='static'")
         B, _, T, _ = q.shape
-        strict = not traced
-        scores = reference.class_token_scores(q, k, v, key_mask, self.num_prefix, self.scale, self.score,
-                                              strict, bias=bias)
-        budget = reference.token_budget(key_mask, B, T, self.num_prefix, self.ratio, self.k, q.device)
-        out_tokens = None if width < 0 else width
-        if self.selection == "ats":
-            index, mask, kept = reference.inverse_transform_sample(scores, key_mask, budget, self.num_prefix, out_tokens)
-        else:
-            if self.selection == "random":
-                scores = torch.rand_like(scores)  # top_k_select ranks the prefix and padding last
-            index, mask, kept = reference.top_k_select(scores, key_mask, budget, self.num_prefix, out_tokens)
-        return index, mask, kept, budget, None if traced else bool((~mask).any())
+        p = self.num_prefix
+        scores, bad = reference.class_token_scores(q, k, v, key_mask, p, self.scale, self.score, False,
+                                                   bias=bias, with_bad=True)
+        budget = reference.token_budget(key_mask, B, T, p, self.ratio, self.k, q.device)
+        if self.selection == "random":
+            scores = torch.rand_like(scores)  # top_k_select ranks the prefix and padding last
+        select = reference.inverse_transform_sample if self.selection == "ats" else reference.top_k_select
+        keep, real = select(scores, key_mask, budget, p, -1)
+        if traced:  # static width (checked above); no host read
+            index, mask, kept = reference.compact(keep, real, p, width)
+            return index, mask, kept, budget, None
+        # One host read per stage: the widest and narrowest K' and the NaN flag.
+        counts = ((keep | (torch.arange(T, device=q.device) < p)) & real).sum(dim=1) - p
+        widest, narrowest, any_bad = torch.stack([counts.max(), counts.min(), bad.any().long()]).tolist()
+        if any_bad:
+            library.raise_bad(bad)
+        out_tokens = widest + p if width < 0 else width
+        index, mask, kept = reference.compact(keep, real, p, out_tokens)
+        return index, mask, kept, budget, narrowest + p != out_tokens
 
 
 def _index_view(index: torch.Tensor, x: torch.Tensor, batch_dim: int, token_dim: int) -> torch.Tensor:

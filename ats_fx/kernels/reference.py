@@ -40,8 +40,11 @@ def class_token_scores(
     score: str = "attn_vnorm",
     strict: bool = True,
     bias: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+    with_bad: bool = False,
+):
     """Significance score S (B, T) of every token, eq. 3 per head, summed over heads, normalised.
+    With ``with_bad`` (and not ``strict``) returns ``(S, bad)``, ``bad`` (B,) True where the
+    uniform fallback was used, so the caller can fold the check into one host read.
 
     ``bias`` (B|1, H|1, T, T) is an additive position bias of the attention logits (BEiT).
 
@@ -71,7 +74,8 @@ def class_token_scores(
             )
         return s / denom
     uniform = scored / scored.sum(dim=1, keepdim=True).clamp_min(1)
-    return torch.where(bad, uniform, s / torch.where(bad, torch.ones_like(denom), denom))
+    out = torch.where(bad, uniform, s / torch.where(bad, torch.ones_like(denom), denom))
+    return (out, bad.squeeze(1)) if with_bad else out
 
 
 def _scored_tokens(B: int, T: int, num_prefix: int, key_mask, device) -> torch.Tensor:
@@ -145,6 +149,8 @@ def inverse_transform_sample(
     picks = torch.where(valid, picks, 0)  # unused quantile slots point at the class token
     keep = torch.zeros(B, T, dtype=torch.bool, device=device)
     keep.scatter_(1, picks, True)
+    if out_tokens == -1:  # the caller compacts (one host read for width, NaN flag and padding)
+        return keep, real
     return compact(keep, real, num_prefix, out_tokens)
 
 
@@ -163,6 +169,8 @@ def top_k_select(
     ranked[:, :num_prefix] = float("-inf")
     order = torch.argsort(ranked, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=scores.device).expand(B, T))
+    if out_tokens == -1:  # the caller compacts
+        return rank < budget[:, None], real
     return compact(rank < budget[:, None], real, num_prefix, out_tokens)
 
 

@@ -39,7 +39,7 @@ def attention_with_ats(q, k, v, scale, prefix, stage, bias=None):
     row indices)."""
     n = q.shape[1]
     rows = list(range(n))
-    bias = torch.zeros(1, n, n, dtype=q.dtype) if bias is None else bias
+    bias = torch.zeros(1, n, n, dtype=q.dtype, device=q.device) if bias is None else bias
     if stage is not None:
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
         logits0 = (q[:, :1].to(dt) @ k.to(dt).transpose(1, 2))[:, 0] * scale + bias[:, 0].to(dt)
