@@ -35,8 +35,12 @@ def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
     # The built model's own patch embedding first: pretrained_cfg keeps the default size
     # even when the model was created with another img_size.
     patch = getattr(model, "patch_embed", None)
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if patch is not None and _image_size(getattr(patch, "img_size", None)):
-        chans = getattr(getattr(patch, "proj", None), "in_channels", 3)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            chans = cfg["input_size"][0]  # hybrid ViTs: proj sees backbone features, not the image
+        else:
+            chans = getattr(getattr(patch, "proj", None), "in_channels", 3)
         return (chans, *_image_size(patch.img_size))
     hf = getattr(model, "config", None)
     if hf is not None and _image_size(getattr(hf, "image_size", None)):
@@ -49,7 +53,6 @@ def infer_input_shape(model: nn.Module) -> tuple[int, ...]:
         size = _image_size(getattr(model, name, None))
         if size:
             return (3, *size)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return tuple(cfg["input_size"])
     raise ATSUnsupportedModel(

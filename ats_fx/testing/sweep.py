@@ -15,7 +15,9 @@ PATTERNS = ("vit_*", "deit*", "beit*", "eva*", "cait*", "xcit*", "swin*", "pit*"
 # Tried in order: the first that builds gives the tiny model. Families name their sizes differently.
 TINY_KWARGS = (
     dict(depth=2, embed_dim=64, num_heads=2, img_size=64, num_classes=5),
+    dict(depth=2, embed_dim=64, num_heads=2, img_size=56, num_classes=5),  # patch 14
     dict(depth=2, img_size=64, num_classes=5),
+    dict(depth=2, img_size=56, num_classes=5),
     dict(depths=(1, 1), embed_dim=32, num_heads=(2, 2), img_size=64, window_size=4, num_classes=5),
     dict(depth=(1, 1, 1), img_size=64, num_classes=5),
     dict(img_size=64, num_classes=5),
@@ -35,9 +37,16 @@ def tiny_model(name: str) -> Optional[nn.Module]:
                 model = timm.create_model(name, pretrained=False, **kwargs)
         except Exception:
             continue
-        if sum(p.numel() for p in model.parameters()) <= MAX_PARAMS:
-            return model.eval()
-        return None
+        if sum(p.numel() for p in model.parameters()) > MAX_PARAMS:
+            return None
+        try:  # some sizes build but do not run (an image size the patch does not divide)
+            from ats_fx.passes.capture import infer_input_shape
+
+            with torch.no_grad():
+                model.eval()(torch.randn(1, *infer_input_shape(model)))
+        except Exception:
+            continue
+        return model
     return None
 
 
