@@ -86,6 +86,10 @@ class ATSStage(nn.Module):
             if bias.dim() != 4:
                 bias = bias.reshape(-1, *bias.shape[-2:])[None]
             bias = bias.expand(q.shape[0], -1, -1, -1)
+        if bias is not None and tracing and width < 0:
+            # Compiled or exported, the reference path (the position-bias stage) cannot read K' on
+            # the host: it keeps K+p rows, as padding="static" does (same logits, fixed shapes).
+            width = reference.static_budget(q.shape[2], self.num_prefix, self.ratio, self.k) + self.num_prefix
         if self.selection == "ats" and bias is None:
             index, mask, kept, budget, padded = library.sample(
                 q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
@@ -117,14 +121,11 @@ class ATSStage(nn.Module):
         """Selection on the PyTorch reference path: the paper's baselines (top-K by score,
         random K), and ATS with a position bias (the Triton kernels take no bias)."""
         traced = torch.compiler.is_compiling() or type(q) is not torch.Tensor  # FlopCounterMode is fine
-        if traced and (self.selection != "ats" or width < 0):
+        if traced and self.selection != "ats":
             from .errors import ATSConfigError
 
-            if self.selection != "ats":
-                raise ATSConfigError(f"selection={self.selection!r} is an eager-only ablation baseline: "
-                                     "compile or export the model with selection='ats'")
-            raise ATSConfigError("an ATS stage whose attention has a position bias (BEiT-style relative "
-                                 "position bias) compiles only with padding='static'")
+            raise ATSConfigError(f"selection={self.selection!r} is an eager-only ablation baseline: "
+                                 "compile or export the model with selection='ats'")
         B, _, T, _ = q.shape
         p = self.num_prefix
         scores, bad = reference.class_token_scores(q, k, v, key_mask, p, self.scale, self.score, False,

@@ -136,3 +136,29 @@ def test_export_round_trip(name, padding):
     for batch in (3, 5):
         x = torch.randn(batch, *chw)
         torch.testing.assert_close(logits(program.module()(x)), logits(ats(x)))
+
+
+@pytest.mark.parametrize("name,size", [("beit_base_patch16_224", 64), ("eva02_tiny_patch14_224", 56)])
+@pytest.mark.parametrize("padding", ["batch_max", "static"])
+def test_compiled_position_dependent_models_match_eager(name, size, padding):
+    """Relative position bias (BEiT) and RoPE (EVA-02) under torch.compile; a bias stage keeps
+    K+p rows when compiled (it cannot read K' on the host), with the same logits."""
+    import timm
+
+    from ats_fx.compile import ats_backend
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=size, depth=3, embed_dim=64, num_heads=2, num_classes=5).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "relative_position_bias_table" in n or "qkv.weight" in n:
+                p.normal_(0, 1)
+    x = torch.randn(4, 3, size, size)
+    eager = ats_fx.transform(model, "1-2", ratio=0.6, padding=padding)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=ats_backend,
+                             options={"stages": "1-2", "ratio": 0.6, "padding": padding, "backend": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x))
+    kept = torch.stack([t.kept for t in ats_fx.kept_tokens(eager)])
+    assert (kept.max(dim=1).values > kept.min(dim=1).values).any()  # padding exercised
