@@ -80,25 +80,27 @@ def sample_tokens_impl(
     width: int,
     strict: bool,
     kernels: str,
+    bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Score and sample one ATS stage: ``(index, mask, kept, budget)``.
 
     ``index``/``mask`` are (B, W): kept rows (prefix first, ascending positions, padding last).
-    ``width`` is K + p for static padding, or -1 for batch_max (W = max_b K'_b + p).
+    ``width`` is K + p for static padding, or -1 for batch_max (W = max_b K'_b + p). ``bias``
+    (B, L, T, T) is a position bias of the logits (BEiT): its class row enters the scores.
     """
     index, mask, kept, budget, _ = _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width,
-                                           strict, kernels)
+                                           strict, kernels, bias)
     # The operator's outputs are contiguous, as its fake implementation declares (batch_max slices).
     return index.contiguous(), mask.contiguous(), kept, budget
 
 
-def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels):
+def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels, bias=None):
     """``sample_tokens_impl`` plus ``padded``: False when the host already knows that no image has
     padding rows (batch_max on the Triton path), None when it does not know."""
     B, _, T, _ = q.shape
     if not use_triton(q, kernels):
         budget = _budget(key_mask, B, T, num_prefix, ratio, k_tokens, q.device)
-        s = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, strict)
+        s = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, strict, bias=bias)
         index, mask, kept = reference.inverse_transform_sample(
             s, key_mask, budget, num_prefix, None if width < 0 else width
         )
@@ -106,7 +108,12 @@ def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width,
     from .kernels.sample import sample_with_budget
     from .kernels.scores import class_token_scores
 
-    s, bad = class_token_scores(q, k, v, key_mask, num_prefix, scale, score)
+    if bias is None:
+        s, bad = class_token_scores(q, k, v, key_mask, num_prefix, scale, score)
+    else:  # the scores kernel takes no bias: PyTorch scores, then the sampling kernel
+        s, bad = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, False, bias=bias,
+                                              with_bad=True)
+        s, bad = s.float(), bad.to(torch.int8)
     index, mask, kept, budget, stats = sample_with_budget(
         s, key_mask, num_prefix, ratio, k_tokens, None if width < 0 else width, bad
     )
@@ -127,7 +134,8 @@ sample_tokens = torch.library.custom_op("ats_fx::sample_tokens", mutates_args=()
 
 
 @sample_tokens.register_fake
-def _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels):
+def _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels,
+                        bias=None):
     B, T = q.shape[0], q.shape[2]
     if width < 0:
         ctx = torch.library.get_ctx()
@@ -180,6 +188,8 @@ def sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *args) -
     """``ats_fx::sample_tokens`` on detached inputs (the indices are constants for autograd), and
     ``padded`` (see ``_sample``; always None when tracing)."""
     q, k, v = q.detach(), k.detach(), v.detach()
+    if len(args) > 8 and args[8] is not None:  # the position bias
+        args = (*args[:8], args[8].detach())
     if tracing(q):
         return (*torch.ops.ats_fx.sample_tokens(q, k, v, key_mask, *args), None)
     return _sample(q, k, v, key_mask, *args)

@@ -86,14 +86,10 @@ class ATSStage(nn.Module):
             if bias.dim() != 4:
                 bias = bias.reshape(-1, *bias.shape[-2:])[None]
             bias = bias.expand(q.shape[0], -1, -1, -1)
-        if bias is not None and tracing and width < 0:
-            # Compiled or exported, the reference path (the position-bias stage) cannot read K' on
-            # the host: it keeps K+p rows, as padding="static" does (same logits, fixed shapes).
-            width = reference.static_budget(q.shape[2], self.num_prefix, self.ratio, self.k) + self.num_prefix
-        if self.selection == "ats" and bias is None:
+        if self.selection == "ats":
             index, mask, kept, budget, padded = library.sample(
                 q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
-                self.kernels,
+                self.kernels, bias,
             )
         else:
             index, mask, kept, budget, padded = self._reference_select(q, k, v, key_mask, width, bias)
@@ -118,10 +114,8 @@ class ATSStage(nn.Module):
 
 
     def _reference_select(self, q, k, v, key_mask, width: int, bias):
-        """Selection on the PyTorch reference path: the paper's baselines (top-K by score,
-        random K), and ATS with a position bias (the Triton kernels take no bias)."""
-        traced = torch.compiler.is_compiling() or type(q) is not torch.Tensor  # FlopCounterMode is fine
-        if traced and self.selection != "ats":
+        """The paper's baselines (top-K by score, random K) on the PyTorch reference path."""
+        if torch.compiler.is_compiling() or type(q) is not torch.Tensor:  # FlopCounterMode is fine
             from .errors import ATSConfigError
 
             raise ATSConfigError(f"selection={self.selection!r} is an eager-only ablation baseline: "
@@ -133,11 +127,7 @@ class ATSStage(nn.Module):
         budget = reference.token_budget(key_mask, B, T, p, self.ratio, self.k, q.device)
         if self.selection == "random":
             scores = torch.rand_like(scores)  # top_k_select ranks the prefix and padding last
-        select = reference.inverse_transform_sample if self.selection == "ats" else reference.top_k_select
-        keep, real = select(scores, key_mask, budget, p, -1)
-        if traced:  # static width (checked above); no host read
-            index, mask, kept = reference.compact(keep, real, p, width)
-            return index, mask, kept, budget, None
+        keep, real = reference.top_k_select(scores, key_mask, budget, p, -1)
         # One host read per stage: the widest and narrowest K' and the NaN flag.
         counts = ((keep | (torch.arange(T, device=q.device) < p)) & real).sum(dim=1) - p
         widest, narrowest, any_bad = torch.stack([counts.max(), counts.min(), bad.any().long()]).tolist()

@@ -168,7 +168,7 @@ def test_kernels_switch():
     assert not library.use_triton(q.double().to(DEVICE), "auto")  # float64 keeps float64 scores
 
 
-@pytest.mark.parametrize("name", ["timm_deit_distilled", "hf_vit_sdpa", "torchvision_vit"])
+@pytest.mark.parametrize("name", ["timm_deit_distilled", "hf_vit_sdpa", "torchvision_vit", "timm_beit", "hf_beit"])
 @pytest.mark.parametrize("padding", ["batch_max", "static"])
 def test_model_with_kernels_equals_reference_path(name, padding):
     """End to end: the whole rewritten model on the Triton path equals the reference path."""
