@@ -149,8 +149,6 @@ def inverse_transform_sample(
     picks = torch.where(valid, picks, 0)  # unused quantile slots point at the class token
     keep = torch.zeros(B, T, dtype=torch.bool, device=device)
     keep.scatter_(1, picks, True)
-    if out_tokens == -1:  # the caller compacts (one host read for width, NaN flag and padding)
-        return keep, real
     return compact(keep, real, num_prefix, out_tokens)
 
 
@@ -169,7 +167,7 @@ def top_k_select(
     ranked[:, :num_prefix] = float("-inf")
     order = torch.argsort(ranked, dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(T, device=scores.device).expand(B, T))
-    if out_tokens == -1:  # the caller compacts
+    if out_tokens == -1:  # the caller compacts (one host read for width, NaN flag and padding)
         return rank < budget[:, None], real
     return compact(rank < budget[:, None], real, num_prefix, out_tokens)
 
