@@ -154,6 +154,9 @@ def _inner_compiler(name: str, mode: Optional[str], inductor_options: Optional[d
     return lookup_backend(name)
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def parse_options(options: Optional[dict]) -> tuple[dict, str, Optional[dict], Optional[str]]:
     """Split and validate ``options``: transform keywords, inner backend, Inductor options, mode."""
     options = dict(options or {})
@@ -169,6 +172,14 @@ def parse_options(options: Optional[dict]) -> tuple[dict, str, Optional[dict], O
     mode = options.pop("mode", None)
     if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
         raise ATSConfigError(f"mode={mode!r}: use one of torch.compile's modes, e.g. 'reduce-overhead'")
+    if mode in CUDA_GRAPH_MODES:
+        # CUDA graphs need fixed shapes: batch_max's width is data-dependent (and read on the host).
+        if options.get("padding", "static") != "static":
+            raise ATSConfigError(
+                f"mode={mode!r} records CUDA graphs, which need fixed shapes; padding='batch_max' has a "
+                "data-dependent width. Use padding='static' (the default in this mode: same logits)"
+            )
+        options["padding"] = "static"
     # Validate now, before Dynamo traces anything, so option errors read as option errors.
     make_options(options["stages"], options.get("ratio"), options.get("k"), options.get("score", "attn_vnorm"),
                  options.get("padding", "batch_max"), options.get("kernels", "auto"))

@@ -6,7 +6,8 @@
 Each (model, configuration, mode) compiles once with a dynamic batch (``mark_dynamic``), then is
 timed at every batch size (``triton.testing.do_bench``, median). Modes: ``default`` (Inductor;
 ATS with ``padding="batch_max"``, whose width is an unbacked SymInt), ``reduce-overhead`` (CUDA
-graphs; ATS with ``padding="static"``: fixed shapes, no host sync) and ``max-autotune``.
+graphs; ATS with ``padding="static"``: fixed shapes, no host sync) and ``max-autotune`` (also CUDA
+graphs, so also static padding).
 Compile time is the wall time of the first call. GFLOPs (MACs) per image come from the eager
 ``ats_fx.transform`` of the same configuration (FlopCounterMode).
 """
@@ -30,8 +31,7 @@ def compile_model(model, label: str, mode: str):
     if label == "dense":
         return torch.compile(model, mode=None if mode == "default" else mode)
     _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
-    options = {"stages": stages, "ratio": ratio, "k": k, "mode": mode,
-               "padding": "static" if mode == "reduce-overhead" else "batch_max"}
+    options = {"stages": stages, "ratio": ratio, "k": k, "mode": mode}  # padding: static under CUDA graphs
     options = {key: v for key, v in options.items() if v is not None}
     # The callable is what backend="ats" resolves to once the package is pip-installed (the GPU
     # machine runs from a source tree without the entry point).

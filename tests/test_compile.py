@@ -81,6 +81,7 @@ def test_ats_is_an_installed_dynamo_backend():
         ({"stages": "1", "ration": 0.5}, "unknown option"),
         ({"ratio": 0.5}, "needs options"),
         ({"stages": "9"}, "out of range"),
+        ({"stages": "1", "mode": "max-autotune", "padding": "batch_max"}, "CUDA graphs.*padding='static'"),
     ],
 )
 def test_option_errors_are_clear(options, match):
@@ -162,3 +163,13 @@ def test_compiled_position_dependent_models_match_eager(name, size, padding):
         torch.testing.assert_close(compiled(x), eager(x))
     kept = torch.stack([t.kept for t in ats_fx.kept_tokens(eager)])
     assert (kept.max(dim=1).values > kept.min(dim=1).values).any()  # padding exercised
+
+
+def test_cuda_graph_modes_default_to_static_padding():
+    from ats_fx.compile import parse_options
+
+    for mode in ("reduce-overhead", "max-autotune"):
+        kw, _, _, got_mode = parse_options({"stages": "1", "mode": mode})
+        assert kw["padding"] == "static" and got_mode == mode
+    kw, _, _, _ = parse_options({"stages": "1", "mode": "max-autotune-no-cudagraphs"})
+    assert "padding" not in kw
