@@ -8,26 +8,19 @@ import traceback
 
 import timm
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import ats_fx
 from benchmarks.gpu_families import sharpen
+from benchmarks.profile_ats import top_kernels
 
 
 def main() -> None:
     model = sharpen(timm.create_model("beit_base_patch16_224")).cuda().half()
     ats = ats_fx.transform(model, "3-11", ratio=0.87)
     x = torch.randn(64, 3, 224, 224, device="cuda", dtype=torch.float16)
-    with torch.no_grad():
-        for m in (model, ats):
-            for _ in range(3):
-                m(x)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                m(x)
-                torch.cuda.synchronize()
-            print(type(m).__name__)
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    for m in (model, ats):
+        print(type(m).__name__)
+        print(top_kernels(m, x, 18, sort="cuda_time_total"))
     try:  # the EVA-02 failure of gpu_families, with its traceback
         eva = sharpen(timm.create_model("eva02_small_patch14_224")).cuda()
         ats = ats_fx.transform(eva, "3-11", ratio=0.87)

@@ -23,7 +23,7 @@ import torch.fx as fx
 from .. import ops
 from ..config import ATSOptions, StageOptions
 from ..errors import ATSUnsupportedModel
-from .graph import BATCH_PROBE, DataFlow, batch_dim, concrete_shape, describe, module_path
+from .graph import BATCH_PROBE, DataFlow, batch_dim, concrete_shape, describe
 from .match import AttentionSite, PASS_THROUGH
 from .tokens import Label, TokenAxis, map_reshape, norm_dim
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
-import torch.fx as fx
 
 aten = torch.ops.aten
 

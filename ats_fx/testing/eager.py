@@ -115,15 +115,9 @@ def timm_forward(model, image, stages):
 
 
 def hf_blocks(encoder_layers, heads):
-    out = []
-    for layer in encoder_layers:
-        a = layer.attention
-        out.append(dict(
-            norm1=layer.layernorm_before, qkv=lambda h, a=a: (a.q_proj(h), a.k_proj(h), a.v_proj(h)), heads=heads,
-            proj=a.o_proj, post_attn=lambda t: t,
-            mlp_branch=lambda x, layer=layer: layer.mlp(layer.layernorm_after(x)),
-        ))
-    return out
+    """HF ViT-style layers (layernorm_before/after, q/k/v/o projections, no layer scale)."""
+    return [_hf_block(layer, layer.attention, layer.layernorm_before, layer.layernorm_after, lambda t: t,
+                      lambda t: t, heads) for layer in encoder_layers]
 
 
 def hf_vit_forward(model, image, stages):
@@ -295,7 +289,5 @@ def hf_clip_pooled_forward(model, image, stages):
 def hf_vivit_forward(model, video, stages):
     """HF VivitForVideoClassification: joint space-time tokens (tubelets) behind a class token."""
     x = model.vivit.embeddings(video[None])[0]
-    blocks = [_hf_block(layer, layer.attention, layer.layernorm_before, layer.layernorm_after, lambda t: t,
-                        lambda t: t, model.config.num_attention_heads) for layer in model.vivit.layers]
-    x = model.vivit.layernorm(run_blocks(x, blocks, 1, stages))
+    x = model.vivit.layernorm(run_blocks(x, hf_blocks(model.vivit.layers, model.config.num_attention_heads), 1, stages))
     return model.classifier(x[0])
