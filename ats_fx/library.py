@@ -160,20 +160,56 @@ def attention_rows_op(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_mask: 
 @attention_rows_op.register_fake
 def _attention_rows_fake(q, k, v, index, key_mask, scale):
     B, H, _, D = q.shape
-    return q.new_empty((B, H, index.shape[1], D))
+    return q.new_empty((B, index.shape[1], H, D)).transpose(1, 2)
 
 
 def attention_rows(
     q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_mask: Optional[Tensor], scale: float,
     dropout_p: float, kernels: str,
 ) -> Tensor:
-    """Eq. 6 for the kept rows: the Triton kernel with ``kernels="triton"`` when no gradient or
-    dropout is needed, else SDPA on gathered queries (the two measured within noise on H100,
-    benchmarks/results/throughput.md; SDPA also has a backward)."""
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    if kernels == "triton" and not grad and dropout_p == 0.0 and use_triton(q, kernels):
-        return torch.ops.ats_fx.attention_rows(q, k, v, index, key_mask, scale)
+    """Eq. 6 for the kept rows: the Triton kernel on CUDA when no gradient or dropout is needed
+    (2-4x faster than the masked SDPA on H100, benchmarks/results/masked_attention.md), else SDPA
+    on gathered queries, which has a backward."""
+    if dropout_p == 0.0 and use_triton(q, kernels) and not _needs_grad(q, k, v):
+        if tracing(q):
+            return torch.ops.ats_fx.attention_rows(q, k, v, index, key_mask, scale)
+        from .kernels.attention_rows import attention_rows as triton_attention_rows
+
+        return triton_attention_rows(q, k, v, index, key_mask, scale)
     return reference.attention_rows(q, k, v, index, key_mask, scale, dropout_p)
+
+
+@torch.library.custom_op("ats_fx::masked_attention", mutates_args=())
+def masked_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, scale: float) -> Tensor:
+    """Triton attention over a key-padding mask (B, H, Tq, dh); forward only."""
+    from .kernels.masked_attention import masked_attention
+
+    return masked_attention(q, k, v, key_mask, scale)
+
+
+@masked_attention_op.register_fake
+def _masked_attention_fake(q, k, v, key_mask, scale):
+    B, H, T, _ = q.shape
+    return q.new_empty((B, T, H, v.shape[-1])).transpose(1, 2)
+
+
+def masked_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float, dropout_p: float, kernels: str,
+) -> Tensor:
+    """Attention of a layer after an ATS stage. On CUDA at inference (no gradient, no dropout) the
+    Triton kernel, which stops at each image's last real key; SDPA with the mask elsewhere
+    (benchmarks/results/masked_attention.md has both figures)."""
+    if key_mask is not None and dropout_p == 0.0 and use_triton(q, kernels) and not _needs_grad(q, k, v):
+        if tracing(q):
+            return torch.ops.ats_fx.masked_attention(q, k, v, key_mask, scale)
+        from .kernels.masked_attention import masked_attention as triton_masked_attention
+
+        return triton_masked_attention(q, k, v, key_mask, scale)
+    return reference.masked_attention(q, k, v, key_mask, scale, dropout_p)
+
+
+def _needs_grad(*xs: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 
 def tracing(x: Tensor) -> bool:

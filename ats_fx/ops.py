@@ -76,9 +76,10 @@ class ATSStage(nn.Module):
     def forward(self, q, k, v, key_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor] = None):
         tracing = library.tracing(q)
-        # Eager raises on NaN scores; compiled static padding must not sync (CUDA graphs), so it
-        # falls back to uniform scores there (ATS-NOTES §1). batch_max reads the width anyway.
-        strict = not (self.compiled or tracing) or self.padding == "batch_max"
+        # batch_max reads the batch width back to the host anyway, and raises on NaN scores with it.
+        # static never synchronises (CUDA graphs; eager GPU time overlaps the host's): it falls back
+        # to uniform scores and the NaN reaches the logits (ATS-NOTES §1).
+        strict = self.padding == "batch_max"
         width = -1  # batch_max: data-dependent
         if self.padding == "static":  # K + p for this layer's (static) token count
             width = reference.static_budget(q.shape[2], self.num_prefix, self.ratio, self.k) + self.num_prefix
@@ -151,6 +152,12 @@ def _index_view(index: torch.Tensor, x: torch.Tensor, batch_dim: int, token_dim:
 
 def token_gather(x: torch.Tensor, index: torch.Tensor, batch_dim: int, token_dim: int) -> torch.Tensor:
     """Rows ``index`` (B, T') of x's token axis, per image: the residual gather of ATS-NOTES §4."""
+    if batch_dim == 0 and token_dim == 1 and x.is_contiguous():
+        # A row gather with one index per row: ``gather`` would read an expanded int64 index for
+        # every element, four times the bytes of the fp16 data it moves.
+        B, T = x.shape[:2]
+        rows = (index + torch.arange(B, device=index.device)[:, None] * T).reshape(-1)
+        return x.reshape(B * T, *x.shape[2:]).index_select(0, rows).reshape(B, index.shape[1], *x.shape[2:])
     return x.gather(token_dim, _index_view(index, x, batch_dim, token_dim))
 
 
@@ -194,9 +201,13 @@ def masked_amin(x, mask, batch_dim: int, token_dim: int, start: int, dims, keepd
     return torch.where(m, x, torch.full((), float("inf"), dtype=x.dtype, device=x.device)).amin(dim=dims, keepdim=keepdim)
 
 
-def masked_attention(q, k, v, key_mask, batch_dim: int, scale: float, dropout_p: float = 0.0, bias=None):
+def masked_attention(q, k, v, key_mask, batch_dim: int, scale: float, dropout_p: float = 0.0, bias=None,
+                     kernels: str = "auto"):
     """Attention of a layer after an ATS stage: padded keys get zero weight (ATS-NOTES §4).
-    ``bias`` is an additive position bias already gathered to the kept tokens (``position_bias``)."""
+    ``bias`` is an additive position bias already gathered to the kept tokens (``position_bias``).
+    Without a bias: the Triton kernel on CUDA at inference (``library.masked_attention``)."""
+    if bias is None and batch_dim == 0 and q.dim() == 4:
+        return library.masked_attention(q, k, v, key_mask, scale, dropout_p, kernels)
     attn_mask = None if bias is None else bias.to(q.dtype)
     if key_mask is not None:
         shape = [1] * q.dim()

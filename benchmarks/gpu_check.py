@@ -14,6 +14,7 @@ import torch
 import ats_fx
 from ats_fx.kernels import reference
 from ats_fx.kernels.attention_rows import attention_rows
+from ats_fx.kernels.masked_attention import masked_attention
 from ats_fx.kernels.sample import inverse_transform_sample
 from ats_fx.kernels.scores import class_token_scores
 
@@ -41,9 +42,15 @@ def kernel_checks() -> list[dict]:
                 same = bool(torch.equal(idx[:, :W], idx_r) and torch.equal(m[:, :W], m_r) and torch.equal(kept, kept_r))
                 out = attention_rows(q, k, v, idx_r, key_mask, D**-0.5)
                 out_r = reference.attention_rows(q.float(), k.float(), v.float(), idx_r, key_mask, D**-0.5)
-                rows.append(dict(shape=[B, H, T, D], dtype=str(dtype), masked=key_mask is not None,
-                                 scores_max_abs=float((s - s_ref).abs().max()), no_bad=not bool(bad.any()),
-                                 sample_equal=same, attention_rel=rel(out, out_r)))
+                row = dict(shape=[B, H, T, D], dtype=str(dtype), masked=key_mask is not None,
+                           scores_max_abs=float((s - s_ref).abs().max()), no_bad=not bool(bad.any()),
+                           sample_equal=same, attention_rel=rel(out, out_r))
+                if key_mask is not None:  # later layers' attention: compare the real rows
+                    o = masked_attention(q, k, v, key_mask, D**-0.5)
+                    o_r = reference.masked_attention(q.float(), k.float(), v.float(), key_mask, D**-0.5)
+                    real = key_mask[:, None, :, None].expand_as(o_r)
+                    row["masked_attention_rel"] = rel(o[real], o_r[real])
+                rows.append(row)
     return rows
 
 
@@ -59,17 +66,19 @@ def model_checks() -> list[dict]:
                 blk.attn.qkv.weight.mul_(8.0)
         for dtype in (torch.float32, torch.float16):
             x = torch.randn(16, 3, 224, 224, device="cuda", dtype=dtype)
-            outs, pos = {}, {}
-            for kernels in ("triton", "reference"):
-                ats = ats_fx.transform(base, "3-11", ratio=0.87, kernels=kernels).cuda().to(dtype)
-                with torch.no_grad():
-                    outs[kernels] = ats(x).float()
-                pos[kernels] = [t.positions for t in ats_fx.kept_tokens(ats)]
-                kept = [t.kept.tolist() for t in ats_fx.kept_tokens(ats)]
-            same = all(torch.equal(a, b) for a, b in zip(pos["triton"], pos["reference"]))
-            rows.append(dict(model=name, dtype=str(dtype), positions_equal=same,
-                             logits_rel=rel(outs["triton"], outs["reference"]),
-                             kept_last_stage=kept[-1], kept_varies=len(set(kept[-1])) > 1))
+            # 3-11: every later layer is a stage; 3,6,9: masked attention in the layers between.
+            for stages in ("3-11", "3,6,9"):
+                outs, pos = {}, {}
+                for kernels in ("triton", "reference"):
+                    ats = ats_fx.transform(base, stages, ratio=0.87, kernels=kernels).cuda().to(dtype)
+                    with torch.no_grad():
+                        outs[kernels] = ats(x).float()
+                    pos[kernels] = [t.positions for t in ats_fx.kept_tokens(ats)]
+                    kept = [t.kept.tolist() for t in ats_fx.kept_tokens(ats)]
+                same = all(torch.equal(a, b) for a, b in zip(pos["triton"], pos["reference"]))
+                rows.append(dict(model=name, stages=stages, dtype=str(dtype), positions_equal=same,
+                                 logits_rel=rel(outs["triton"], outs["reference"]),
+                                 kept_last_stage=kept[-1], kept_varies=len(set(kept[-1])) > 1))
     return rows
 
 

@@ -37,6 +37,7 @@ def main(argv=None) -> None:
     p.add_argument("--sort", default="self_cuda_time_total", help="or self_cpu_time_total")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    torch.backends.cudnn.benchmark = True  # as in throughput.py
     dense = timm.create_model(args.model).eval()
     ats = ats_fx.transform(dense, args.stages, ratio=args.ratio, padding=args.padding, check_inputs=False)
     dense, ats = dense.cuda().to(dtype), ats.cuda().to(dtype)

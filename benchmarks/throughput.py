@@ -5,9 +5,10 @@
 
 For each model (timm, random init: no weights offline), dtype and batch: the dense model, the
 dense model under ``torch.compile`` (default mode), and ATS at the paper's operating points
-(multi-stage 3-11 at rho 1.0/0.87/0.72, single-stage 3 at K 108/78/48), each with the kept-row
-attention done by SDPA on gathered queries (``kernels="auto"``) and by our Triton kernel
-(``kernels="triton"``). Times are medians of ``triton.testing.do_bench``; GFLOPs (MACs) per image
+(multi-stage 3-11 at rho 1.0/0.87/0.72, single-stage 3 at K 108/78/48), each with the kernel
+choices of ``--kernels``: ``auto`` (Triton scoring, sampling and masked attention of later layers;
+SDPA on gathered queries for the kept rows), ``triton`` (the kept rows by our Triton kernel too),
+``reference`` (everything in PyTorch: SDPA with the mask after a stage). Times are medians of ``triton.testing.do_bench``; GFLOPs (MACs) per image
 come from FlopCounterMode on the same images; ATS's own share is the CUDA time of its kernels
 (scoring, sampling, gathers) over all CUDA kernel time, from torch.profiler.
 """
@@ -79,12 +80,6 @@ def gflops(model, x, n: int) -> float:
     return float(ats_fx.count_flops(model, x[:n]).mean())
 
 
-def set_kernels(model, kernels: str) -> None:
-    for m in model.modules():
-        if isinstance(m, ats_fx.ops.ATSStage):
-            m.kernels = kernels
-
-
 def run(args) -> dict:
     import timm
 
@@ -99,7 +94,11 @@ def run(args) -> dict:
         variants = {}
         t0 = time.time()
         for label, stages, ratio, k in OPERATING_POINTS:
-            variants[label] = ats_fx.transform(base, stages, ratio=ratio, k=k, check_inputs=False)
+            for kernels in args.kernels:
+                for padding in args.paddings:
+                    name_ = label if padding == "batch_max" else f"{label} {padding}"
+                    variants[name_, kernels] = ats_fx.transform(base, stages, ratio=ratio, k=k, kernels=kernels,
+                                                                padding=padding, check_inputs=False)
         log.info("%s: transformed %d operating points in %.1fs", name, len(variants), time.time() - t0)
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
@@ -129,25 +128,25 @@ def run(args) -> dict:
                     results["rows"].append(dict(model=name, dtype=dtype_name, batch=batch, config="dense compiled",
                                                 kernels="-", ms=comp_ms, img_s=batch / comp_ms * 1e3,
                                                 gflops=dense_flops, compile_s=compile_s))
-                for label, model in ats_models.items():
-                    flops = gflops(model, x, min(batch, args.flop_images))
-                    for kernels in ("auto", "triton"):
-                        set_kernels(model, kernels)
-                        ms = bench_ms(lambda: model(x), args.rep)
-                        row = dict(model=name, dtype=dtype_name, batch=batch, config=label, kernels=kernels,
-                                   ms=ms, img_s=batch / ms * 1e3, gflops=flops,
-                                   speedup=dense_ms / ms, flops_ratio=dense_flops / flops)
-                        row["efficiency"] = row["speedup"] / row["flops_ratio"]
-                        if comp_ms is not None:
-                            row["speedup_vs_compiled_dense"] = comp_ms / ms
-                        if batch in args.profile_batches:
-                            row["ats_share"] = ats_share(model, x)
-                        with torch.no_grad():
-                            model(x)
-                        row["mean_tokens_last"] = float(ats_fx.kept_tokens(model)[-1].tokens_out.float().mean())
-                        results["rows"].append(row)
-                        log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
-                    set_kernels(model, "auto")
+                flops_of = {}
+                for (label, kernels), model in ats_models.items():
+                    if label not in flops_of:
+                        flops_of[label] = gflops(model, x, min(batch, args.flop_images))
+                    flops = flops_of[label]
+                    ms = bench_ms(lambda: model(x), args.rep)
+                    row = dict(model=name, dtype=dtype_name, batch=batch, config=label, kernels=kernels,
+                               ms=ms, img_s=batch / ms * 1e3, gflops=flops,
+                               speedup=dense_ms / ms, flops_ratio=dense_flops / flops)
+                    row["efficiency"] = row["speedup"] / row["flops_ratio"]
+                    if comp_ms is not None:
+                        row["speedup_vs_compiled_dense"] = comp_ms / ms
+                    if batch in args.profile_batches:
+                        row["ats_share"] = ats_share(model, x)
+                    with torch.no_grad():
+                        model(x)
+                    row["mean_tokens_last"] = float(ats_fx.kept_tokens(model)[-1].tokens_out.float().mean())
+                    results["rows"].append(row)
+                    log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
                 if args.out:
                     Path(args.out).write_text(json.dumps(results, indent=1))
             del compiled
@@ -165,7 +164,7 @@ def table(results: dict) -> str:
     for r in results["rows"]:
         def f(key, fmt="{:.3f}"):
             return fmt.format(r[key]) if key in r and r[key] is not None else ""
-        rows_by = {"auto": "SDPA", "triton": "Triton", "-": ""}[r["kernels"]]
+        rows_by = {"auto": "SDPA", "triton": "Triton", "-": ""}.get(r["kernels"], r["kernels"])
         lines.append(
             f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['config']} | {rows_by} | {r['img_s']:.0f} | "
             f"{r['gflops']:.2f} | {f('speedup')} | {f('flops_ratio')} | {f('efficiency')} | "
@@ -183,6 +182,10 @@ def main(argv=None) -> None:
                    help="skip the torch.compile'd dense baseline")
     p.add_argument("--profile-batches", nargs="*", type=int, default=[1, 256],
                    help="batches at which to profile ATS's own share of CUDA time")
+    p.add_argument("--kernels", nargs="+", default=["auto", "triton", "reference"],
+                   help="kernel choices to time (ats_fx.transform(kernels=...))")
+    p.add_argument("--paddings", nargs="+", default=["batch_max"],
+                   help="padding modes to time: batch_max syncs once per stage, static never")
     p.add_argument("--flop-images", type=int, default=8, help="images counted per point for GFLOPs")
     p.add_argument("--rep", type=int, default=300, help="do_bench repetition time, ms")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")

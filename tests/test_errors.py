@@ -81,6 +81,17 @@ def test_nan_activation_is_refused_at_the_stage(vit):
         ats(x)
 
 
+def test_nan_activation_with_static_padding_reaches_the_logits(vit):
+    """static padding never reads back to the host: no raise at the stage, but never a silent
+    finite answer either."""
+    ats = ats_fx.transform(vit, 1, check_inputs=False, padding="static")
+    x = torch.randn(2, 3, 32, 32)
+    x[1] = float("inf")
+    with torch.no_grad():
+        out = ats(x)
+    assert torch.isfinite(out[0]).all() and not torch.isfinite(out[1]).any()
+
+
 def test_wrong_shape_is_refused(vit):
     ats = ats_fx.transform(vit, 1)
     with pytest.raises(ats_fx.ATSInputError, match=r"captured for \(batch, 3, 32, 32\).*example_inputs="):

@@ -13,6 +13,7 @@ from ats_fx import library
 from ats_fx.errors import ATSInputError
 from ats_fx.kernels import reference
 from ats_fx.kernels.attention_rows import attention_rows
+from ats_fx.kernels.masked_attention import masked_attention
 from ats_fx.kernels.sample import inverse_transform_sample
 from ats_fx.kernels.scores import class_token_scores
 
@@ -136,6 +137,60 @@ def test_attention_rows_kernel(shape, dtype, masked):
     want = reference.attention_rows(q.double(), k.double(), v.double(), index, mask, D**-0.5)
     assert got.dtype == dtype and got.shape == (B, H, index.shape[1], D)
     torch.testing.assert_close(got.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_attention_rows_output_reshapes_to_tokens_without_a_copy():
+    q, k, v = qkv(2, 3, 50, 16, torch.float32)
+    index = torch.arange(20, device=DEVICE).expand(2, 20)
+    out = attention_rows(q, k, v, index, None, 0.25)
+    assert out.transpose(1, 2).is_contiguous()  # (B, T', H, dh) memory, as flash SDPA returns
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"T{s[2]}H{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_masked_attention_kernel(shape, dtype):
+    """Self-attention after a stage: real rows match SDPA with the mask; padded rows are finite
+    (never read by a real token); the output is (B, T, H, dh) memory."""
+    B, H, T, D, _ = shape
+    q, k, v = qkv(B, H, T, D, dtype, sharp=1.0)
+    mask = padding_mask(B, T)
+    got = masked_attention(q, k, v, mask, D**-0.5)
+    want = reference.masked_attention(q.double(), k.double(), v.double(), mask, D**-0.5)
+    assert got.dtype == dtype and got.shape == (B, H, T, D) and got.transpose(1, 2).is_contiguous()
+    real = mask[:, None, :, None].expand_as(want)
+    torch.testing.assert_close(got.double()[real], want[real], atol=TOL[dtype], rtol=TOL[dtype])
+    assert torch.isfinite(got).all()
+
+
+def test_masked_attention_kernel_any_mask_and_cross_attention():
+    """Masks that are not a suffix (holes, a lone last real key) and fewer queries than keys
+    (class attention: one query over the class token and the kept tokens)."""
+    B, H, T, D = 3, 2, 70, 32
+    q, k, v = qkv(B, H, T, D, torch.float32, sharp=1.0)
+    mask = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    mask[1, 10:40] = False
+    mask[2, 1:-1] = False  # only the first and the last key are real
+    for queries in (q, q[:, :, :1], q[:, :, :5]):
+        got = masked_attention(queries, k, v, mask, D**-0.5)
+        want = reference.masked_attention(queries.double(), k.double(), v.double(), mask, D**-0.5)
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_library_masked_attention_dispatch():
+    """Triton without gradients; the SDPA reference (which has a backward) with them, or with dropout."""
+    q, k, v = qkv(2, 2, 40, 16, torch.float32, sharp=1.0)
+    mask = padding_mask(2, 40)
+    want = reference.masked_attention(q, k, v, mask, 0.25)
+    with torch.no_grad():
+        got = library.masked_attention(q, k, v, mask, 0.25, 0.0, "triton")
+    assert got.transpose(1, 2).is_contiguous()
+    real = mask[:, None, :, None].expand_as(want)
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    qg = q.clone().requires_grad_()
+    out = library.masked_attention(qg, k, v, mask, 0.25, 0.0, "triton")
+    out.sum().backward()  # the reference path: differentiable
+    assert qg.grad is not None
+    torch.testing.assert_close(library.masked_attention(q, k, v, mask, 0.25, 0.0, "reference"), want)
 
 
 @pytest.mark.parametrize("width", [-1, 30])

@@ -136,4 +136,4 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
         HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=bad is not None,
         BLOCK_T=triton.next_power_of_2(T), num_warps=4 if T <= 256 else 8, enable_fp_fusion=False,
     )
-    return index, out_mask.bool(), kept, budget, stats
+    return index, out_mask.view(torch.bool), kept, budget, stats

@@ -309,7 +309,7 @@ class TokenWalk:
             out = self.graph.call_function(
                 ops.masked_attention,
                 (site.q, key, site.v, self.sets[q.version].mask, 0, site.resolved_scale(head_dim), site.dropout_p,
-                 self._bias_for(site, q.version)),
+                 self._bias_for(site, q.version), self.options.kernels),
             )
         out.meta = dict(site.out.meta)
         site.out.replace_all_uses_with(out)
