@@ -15,6 +15,7 @@ from . import ops
 from .config import PerStage, Stages, make_options
 from .errors import ATSConfigError, ATSInputError, ATSUnsupportedModel
 from .passes.capture import capture, example_inputs_for
+from .passes.fuse import fuse_gather_add
 from .passes.match import find_attention
 from .passes.rewrite import Analysis, TokenWalk, remove_replaced
 from .passes.validate import output_shapes, validate
@@ -205,6 +206,7 @@ def transform(
     walk = TokenWalk(gm, analysis.token_sites, plan, options, neutral)
     walk.run()
     remove_replaced(gm, walk.replaced)
+    fuse_gather_add(gm, options.kernels)
     result = ATSGraphModule(gm, gm.graph, class_name=f"ATS{type(model).__name__}")
     for name, p in gm.named_parameters():
         _assign(result, name, p, True)

@@ -161,6 +161,23 @@ def token_gather(x: torch.Tensor, index: torch.Tensor, batch_dim: int, token_dim
     return x.gather(token_dim, _index_view(index, x, batch_dim, token_dim))
 
 
+def gather_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, batch_dim: int, token_dim: int,
+               kernels: str = "auto") -> torch.Tensor:
+    """``token_gather(x, index) + y``: the residual add after a stage (``passes/fuse.py`` puts it
+    in). On CUDA at inference one Triton pass over memory; under ``torch.compile`` the two ops,
+    which Inductor fuses itself."""
+    if (
+        batch_dim == 0 and token_dim == 1 and x.dim() == 3 and x.dtype == y.dtype
+        and tuple(y.shape) == (x.shape[0], index.shape[1], x.shape[2])
+        and x.is_contiguous() and y.is_contiguous()
+        and not library.tracing(x) and library.use_triton(x, kernels) and not library._needs_grad(x, y)
+    ):
+        from .kernels.gather_add import gather_add as triton_gather_add
+
+        return triton_gather_add(x, index, y)
+    return token_gather(x, index, batch_dim, token_dim) + y
+
+
 def _mask_view(mask: torch.Tensor, x: torch.Tensor, batch_dim: int, token_dim: int, start: int) -> torch.Tensor:
     mask = mask[:, start:]
     shape = [1] * x.dim()

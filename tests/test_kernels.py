@@ -9,10 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ats_fx import library
+import ats_fx
+from ats_fx import library, ops
 from ats_fx.errors import ATSInputError
 from ats_fx.kernels import reference
 from ats_fx.kernels.attention_rows import attention_rows
+from ats_fx.kernels.gather_add import gather_add
 from ats_fx.kernels.masked_attention import masked_attention
 from ats_fx.kernels.sample import inverse_transform_sample
 from ats_fx.kernels.scores import class_token_scores
@@ -191,6 +193,37 @@ def test_library_masked_attention_dispatch():
     out.sum().backward()  # the reference path: differentiable
     assert qg.grad is not None
     torch.testing.assert_close(library.masked_attention(q, k, v, mask, 0.25, 0.0, "reference"), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,T,W,C", [(2, 197, 150, 64), (3, 50, 9, 24), (2, 65, 65, 1100)])
+def test_gather_add_kernel_is_bit_identical_to_gather_then_add(dtype, B, T, W, C):
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(B, T, C, generator=g).to(DEVICE, dtype)
+    y = torch.randn(B, W, C, generator=g).to(DEVICE, dtype)
+    index = torch.stack([torch.randperm(T, generator=g)[:W] for _ in range(B)]).to(DEVICE)
+    index = index[:, :W]  # and a sliced (non-contiguous) index, as batch_max leaves it
+    wide = torch.cat([index, index], dim=1)[:, :W]
+    for idx in (index, wide):
+        want = ops.token_gather(x, idx, 0, 1) + y
+        if DEVICE == "cpu" and dtype == torch.bfloat16:  # the interpreter truncates to bfloat16
+            torch.testing.assert_close(gather_add(x, idx, y), want, atol=0, rtol=2**-7)
+        else:
+            assert torch.equal(gather_add(x, idx, y), want)
+
+
+def test_residual_gathers_fuse_into_the_add():
+    """Each stage's residual gather and the add that uses it are one node; same logits."""
+    import timm
+
+    base = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8).eval()
+    ats = ats_fx.transform(base, "1,3", ratio=0.8, kernels="triton")
+    targets = [n.target for n in ats.graph.nodes]
+    assert targets.count(ops.gather_add) == 2 and ops.token_gather not in targets
+    ref = ats_fx.transform(base, "1,3", ratio=0.8, kernels="reference")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ats(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("width", [-1, 30])
