@@ -216,12 +216,12 @@ def test_residual_gathers_fuse_into_the_add():
     """Each stage's residual gather and the add that uses it are one node; same logits."""
     import timm
 
-    base = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8).eval()
-    ats = ats_fx.transform(base, "1,3", ratio=0.8, kernels="triton")
+    base = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8).eval().to(DEVICE)
+    ats = ats_fx.transform(base, "1,3", ratio=0.8, kernels="triton").to(DEVICE)
     targets = [n.target for n in ats.graph.nodes]
     assert targets.count(ops.gather_add) == 2 and ops.token_gather not in targets
-    ref = ats_fx.transform(base, "1,3", ratio=0.8, kernels="reference")
-    x = torch.randn(3, 3, 32, 32)
+    ref = ats_fx.transform(base, "1,3", ratio=0.8, kernels="reference").to(DEVICE)
+    x = torch.randn(3, 3, 32, 32, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(ats(x), ref(x), atol=1e-5, rtol=1e-5)
 
@@ -229,13 +229,24 @@ def test_residual_gathers_fuse_into_the_add():
 @pytest.mark.parametrize("width", [-1, 30])
 def test_sample_tokens_op_triton_equals_reference(width):
     B, H, T, D, p = 3, 3, 65, 16, 1
-    q, k, v = qkv(B, H, T, D, torch.float16)
+    # Peaky rows (sharp=3) on the interpreter, where every sum runs in the same order as torch's.
+    # On a GPU torch's cumsum and Triton's scan round differently: a quantile within an ulp of a
+    # CDF plateau (many tokens scoring ~0) can then move to the plateau's other end, so moderate rows.
+    q, k, v = qkv(B, H, T, D, torch.float16, sharp=3.0 if DEVICE == "cpu" else 1.0)
     mask = padding_mask(B, T)
     args = (q, k, v, mask, p, D**-0.25, 0.7, None, "attn_vnorm", width, True)
     got = torch.ops.ats_fx.sample_tokens(*args, "triton")
-    want = torch.ops.ats_fx.sample_tokens(*args, "reference")
-    for g, w in zip(got, want):
+    # The op samples exactly what the reference sampler picks from the scores kernel's scores
+    # (and, on the interpreter, what the whole reference path picks).
+    scores, _ = class_token_scores(q, k, v, mask, p, D**-0.25)
+    budget = reference.token_budget(mask, B, T, p, 0.7, None, DEVICE)
+    index, out_mask, kept = reference.inverse_transform_sample(scores, mask, budget, p, None if width < 0 else width)
+    for g, w in zip(got, (index, out_mask, kept, budget)):
         assert torch.equal(g, w)
+    if DEVICE == "cpu":
+        want = torch.ops.ats_fx.sample_tokens(*args, "reference")
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
     assert got[0].shape[1] == (30 if width > 0 else int(got[2].max()) + p)
 
 
