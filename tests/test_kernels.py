@@ -229,9 +229,9 @@ def test_residual_gathers_fuse_into_the_add():
 @pytest.mark.parametrize("width", [-1, 30])
 def test_sample_tokens_op_triton_equals_reference(width):
     B, H, T, D, p = 3, 3, 65, 16, 1
-    # Peaky rows (sharp=3) on the interpreter, where every sum runs in the same order as torch's.
-    # On a GPU torch's cumsum and Triton's scan round differently: a quantile within an ulp of a
-    # CDF plateau (many tokens scoring ~0) can then move to the plateau's other end, so moderate rows.
+    # Peaky rows (sharp=3) on the interpreter, where every sum runs in the same order as torch's;
+    # moderate rows on a GPU, where torch's cumsum and Triton's scan may round differently. (This
+    # test found, on the H100, rho reaching the kernel as float32: K 45 instead of 46 at 65 x 0.7.)
     q, k, v = qkv(B, H, T, D, torch.float16, sharp=3.0 if DEVICE == "cpu" else 1.0)
     mask = padding_mask(B, T)
     args = (q, k, v, mask, p, D**-0.25, 0.7, None, "attn_vnorm", width, True)
@@ -288,7 +288,7 @@ def test_model_with_kernels_equals_reference_path(name, padding):
     torch.testing.assert_close(outs["triton"], outs["reference"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("ratio", [0.87, 0.5, 0.3, 0.05, 1.0])
+@pytest.mark.parametrize("ratio", [0.87, 0.7, 0.5, 0.3, 0.05, 1.0])  # 65 x 0.7 = 45.5 exactly
 @pytest.mark.parametrize("T", [50, 65, 197])
 def test_in_kernel_budget_matches_reference(ratio, T):
     """K computed inside the sampling kernel equals reference.token_budget, including the
