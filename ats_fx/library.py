@@ -13,6 +13,7 @@ queries does that step and autograd goes through it.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Optional
@@ -37,9 +38,25 @@ def triton_available() -> bool:
     return True
 
 
+_reference_only = 0  # > 0 inside ``reference_kernels()``
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Run every ATS op on its PyTorch reference inside this block, whatever ``kernels`` says.
+    ``transform`` validates the rewritten graph this way on the example input, so a CPU model
+    transformed with ``kernels="triton"`` (to be moved to the GPU afterwards) validates too."""
+    global _reference_only
+    _reference_only += 1
+    try:
+        yield
+    finally:
+        _reference_only -= 1
+
+
 def use_triton(x: Tensor, kernels: str) -> bool:
     """``kernels="auto"``: Triton on CUDA for float32/16/bf16; the reference elsewhere."""
-    if kernels == "reference":
+    if kernels == "reference" or _reference_only:
         return False
     if kernels == "triton":
         if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):

@@ -265,6 +265,21 @@ def test_kernels_switch():
     assert not library.use_triton(q, "reference")
     assert not library.use_triton(q, "auto")  # CPU tensors take the reference unless forced
     assert not library.use_triton(q.double().to(DEVICE), "auto")  # float64 keeps float64 scores
+    with library.reference_kernels():
+        assert not library.use_triton(q, "triton")
+
+
+def test_cpu_model_transforms_with_triton_kernels_for_the_gpu(monkeypatch):
+    """transform() validates on the reference path: a CPU model can be transformed with
+    kernels="triton" and moved to the GPU afterwards; run on the CPU it names the fix."""
+    import timm
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    base = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8).eval()
+    ats = ats_fx.transform(base, "1", ratio=0.8, kernels="triton")
+    if not torch.cuda.is_available():
+        with pytest.raises(ATSInputError, match="kernels='auto'"):
+            ats(torch.randn(2, 3, 32, 32))
 
 
 @pytest.mark.parametrize("name", ["timm_deit_distilled", "hf_vit_sdpa", "torchvision_vit", "timm_beit", "hf_beit"])
