@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import ats_fx
-from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment
+from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment, run_and_report
 
 log = logging.getLogger("benchmarks.compiled")
 
@@ -128,15 +128,7 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=540, help="stop starting new compiles after this")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
-    results = run(args)
-    text = table(results)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        Path(args.out).with_suffix(".md").write_text(text + "\n")
-    print(text)
+    run_and_report(args, run, table)
 
 
 if __name__ == "__main__":

@@ -20,14 +20,12 @@ mask on the real rows first.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .throughput import bench_ms, environment
+from .throughput import bench_ms, environment, run_and_report
 
 log = logging.getLogger(__name__)
 
@@ -165,15 +163,7 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
-    results = run(args)
-    text = table(results)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        Path(args.out).with_suffix(".md").write_text(text + "\n")
-    print(text)
+    run_and_report(args, run, table)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,20 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_and_report(args, run_fn, table_fn) -> None:
+    """The GPU benchmarks' common ending: run, print the markdown table, and with ``--out`` write
+    the JSON and the table beside it (.md)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    results = run_fn(args)
+    text = table_fn(results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["deit_small_patch16_224", "vit_base_patch16_224"])
@@ -190,15 +204,7 @@ def main(argv=None) -> None:
     p.add_argument("--rep", type=int, default=300, help="do_bench repetition time, ms")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA GPU")
-    results = run(args)
-    text = table(results)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        Path(args.out).with_suffix(".md").write_text(text + "\n")
-    print(text)
+    run_and_report(args, run, table)
 
 
 if __name__ == "__main__":
