@@ -116,12 +116,23 @@ def analyse(model: nn.Module, example_inputs: Any = None) -> tuple[fx.GraphModul
     return gm, analysis, example
 
 
+def describe_unmatched(unmatched: list) -> str:
+    """``unmatched_softmaxes`` grouped by reason: "why (at first.module and N more)"."""
+    by_reason: dict = {}
+    for module, why in unmatched:
+        by_reason.setdefault(why, []).append(module or "top")
+    return "; ".join(f"{why} (at {mods[0]}" + (f" and {len(mods) - 1} more)" if len(mods) > 1 else ")")
+                     for why, mods in by_reason.items())
+
+
 def _refuse_if_no_sites(model: nn.Module, analysis: Analysis) -> None:
     name = type(model).__name__
     if not analysis.sites:
+        unmatched = describe_unmatched(analysis.unmatched)
         raise ATSUnsupportedModel(
             f"{name}: no attention softmax(Q·Kᵀ·scale)·V found (explicit matmul, "
             "scaled_dot_product_attention or nn.MultiheadAttention); ATS needs a transformer"
+            + (f". Softmax attention that no spelling matched: {unmatched}" if unmatched else "")
         )
     # A model that declares "no class token" (timm: cls_token None) but puts learned tokens first
     # (registers) would otherwise score with a register's attention row.
@@ -142,7 +153,9 @@ def _refuse_if_no_sites(model: nn.Module, analysis: Analysis) -> None:
             late = (f". The class token joins the tokens only at {module_path(analysis.seed) or analysis.seed.name}: "
                     "attention layers before it have no class token to score with (CaiT-style class "
                     "attention), and the layers after it attend from the class token alone")
-        raise ATSUnsupportedModel(f"{name}: no attention over tokens found ({reasons}){late}")
+        unmatched = describe_unmatched(analysis.unmatched)
+        unmatched = f"; softmax attention no spelling matched: {unmatched}" if unmatched else ""
+        raise ATSUnsupportedModel(f"{name}: no attention over tokens found ({reasons}{unmatched}){late}")
 
 
 def transform(

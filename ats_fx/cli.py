@@ -14,7 +14,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from . import count_flops, kept_tokens, transform
-from .api import analyse
+from .api import analyse, describe_unmatched
 from .errors import ATSError
 
 console = Console()
@@ -80,6 +80,8 @@ def cmd_inspect(args) -> int:
     console.print(table)
     console.print(f"input: {tuple(example[0].shape[1:])}; prefix tokens: {analysis.prefix}; "
                   f"pooling: {', '.join(sorted({k for k, _ in analysis.pooling})) or 'unknown'}")
+    if analysis.unmatched:
+        console.print(f"[yellow]softmax attention no spelling matched:[/yellow] {describe_unmatched(analysis.unmatched)}")
     if not analysis.sites:
         console.print("[red]not convertible:[/red] no attention softmax(Q·Kᵀ)·V found in any spelling")
     elif analysis.seed is None:

@@ -156,8 +156,9 @@ def test_cait_class_attention_is_refused_with_the_reason():
     import timm
 
     model = timm.create_model("cait_xxs24_224", depth=2, img_size=64).eval()
-    with pytest.raises(ats_fx.ATSUnsupportedModel, match="class token joins the tokens only at blocks_token_only.0"):
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="class token joins the tokens only at blocks_token_only.0") as err:
         ats_fx.transform(model, 0)
+    assert "talking-heads attention" in str(err.value)  # why its self-attention blocks did not match
 
 
 def test_model_returning_its_token_sequence_names_the_fix():
@@ -167,3 +168,44 @@ def test_model_returning_its_token_sequence_names_the_fix():
                            image_size=32, patch_size=8)
     with pytest.raises(ats_fx.ATSUnsupportedModel, match="pooler_output"):
         ats_fx.transform(CLIPVisionModel(cfg).eval(), 0)
+
+
+class _TinyTokens(torch.nn.Module):
+    """A class token, 8 patch tokens, one attention written by ``attend``, class-token pooling."""
+
+    def __init__(self, attend):
+        super().__init__()
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.embed = torch.nn.Linear(4, 16)
+        self.qkv = torch.nn.Linear(16, 48)
+        self.attend = attend
+
+    def forward(self, x):  # x: (B, 8, 4)
+        t = torch.cat([self.cls.expand(x.shape[0], -1, -1), self.embed(x)], dim=1)
+        B, T, _ = t.shape
+        q, k, v = self.qkv(t).reshape(B, T, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        out = self.attend(self, q, k, v).transpose(1, 2).reshape(B, T, 16)
+        return (t + out)[:, 0]
+
+
+def _cosine_attention(self, q, k, v):  # SwinV2: normalised q, k times a learned logit scale
+    logits = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(k, dim=-1).transpose(-2, -1)
+    return (logits * self.logit_scale.exp()).softmax(dim=-1) @ v
+
+
+def _talking_heads(self, q, k, v):  # CaiT: heads mixed by linears around the softmax
+    attn = (q * 8 ** -0.5) @ k.transpose(-2, -1)
+    attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
+    return self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) @ v
+
+
+@pytest.mark.parametrize("attend,pattern", [
+    (_cosine_attention, "multiplied by a learned tensor.*SwinV2"),
+    (_talking_heads, "mixed across heads by a linear layer.*talking-heads"),
+])
+def test_unmatched_attention_spellings_are_named(attend, pattern):
+    model = _TinyTokens(attend)
+    model.logit_scale = torch.nn.Parameter(torch.zeros(2, 1, 1))
+    model.proj_l, model.proj_w = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match=pattern):
+        ats_fx.transform(model.eval(), 0, example_inputs=torch.randn(2, 8, 4))

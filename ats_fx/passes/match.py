@@ -205,5 +205,44 @@ def find_attention(graph: fx.Graph) -> list[AttentionSite]:
     return sites
 
 
+def _path_to_matmul(node, depth: int) -> Optional[list]:
+    """Nodes from ``node`` back to a MATMUL (inclusive), along first-found tensor arguments."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or depth < 0:
+        return None
+    if node.target in MATMUL:
+        return [node]
+    for arg in node.args:
+        rest = _path_to_matmul(arg, depth - 1)
+        if rest is not None:
+            return [node, *rest]
+    return None
+
+
+def unmatched_softmaxes(graph: fx.Graph, sites: list[AttentionSite]) -> list[tuple[str, str]]:
+    """``(module, why)`` for each softmax over a q·kᵀ product that no spelling matched, so a
+    refusal can say what the attention does that ats_fx does not follow."""
+    matched = {n for s in sites for n in s.interior | {s.out}}
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in SOFTMAX or node in matched:
+            continue
+        path = _path_to_matmul(node.args[0], 6)
+        if path is None:
+            continue
+        between = path[:-1]
+        if any(n.target is aten.mul.Tensor and all(isinstance(a, fx.Node) for a in n.args[:2]) for n in between):
+            why = ("its logits are multiplied by a learned tensor (a logit scale or temperature, as in "
+                   "SwinV2's cosine attention): only constant scales are matched")
+        elif any(n.target in (aten.linear.default, aten.addmm.default, aten.mm.default) for n in between):
+            why = ("its logits are mixed across heads by a linear layer before the softmax (talking-heads "
+                   "attention, as in CaiT)")
+        else:
+            ops = ", ".join(sorted({str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
+                                    for n in between}))
+            why = f"its logits pass through {ops} between q·kᵀ and the softmax"
+        found.append((module_path(node), why))
+    return found
+
+
 def getitem_users(node: fx.Node) -> list[fx.Node]:
     return [u for u in node.users if u.target is operator.getitem]

@@ -24,7 +24,7 @@ from .. import ops
 from ..config import ATSOptions, StageOptions
 from ..errors import ATSUnsupportedModel
 from .graph import BATCH_PROBE, DataFlow, batch_dim, concrete_shape, describe
-from .match import AttentionSite, PASS_THROUGH
+from .match import PASS_THROUGH, AttentionSite, unmatched_softmaxes
 from .tokens import Label, TokenAxis, map_reshape, norm_dim
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class Analysis:
     seed_problem: Optional[str] = None
     pooling: list = field(default_factory=list)  # how tokens leave: "token", "avg", ...
     lost: dict = field(default_factory=dict)  # node -> why its token axis could not be followed
+    unmatched: list = field(default_factory=list)  # (module, why) of softmax attention no spelling matched
 
 
 class TokenWalk:
@@ -97,7 +98,8 @@ class TokenWalk:
         self.gathers: dict = {}
         self.prefix_slices: dict[fx.Node, TokenAxis] = {}
         self.replaced: list[AttentionSite] = []
-        self.analysis = Analysis(sites=sites, token_sites=[], not_token={})
+        self.analysis = Analysis(sites=sites, token_sites=[], not_token={},
+                                 unmatched=unmatched_softmaxes(gm.graph, sites))
         self.node: Optional[fx.Node] = None
 
     # ---------------------------------------------------------------- driving
