@@ -185,7 +185,7 @@ def attention_rows(
     dropout_p: float, kernels: str,
 ) -> Tensor:
     """Eq. 6 for the kept rows: the Triton kernel on CUDA when no gradient or dropout is needed
-    (2-4x faster than the masked SDPA on H100, benchmarks/results/masked_attention.md), else SDPA
+    (1.2-4x faster than the masked SDPA on H100, benchmarks/results/masked_attention.md), else SDPA
     on gathered queries, which has a backward."""
     if dropout_p == 0.0 and use_triton(q, kernels) and not _needs_grad(q, k, v):
         if tracing(q):

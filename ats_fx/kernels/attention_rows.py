@@ -9,7 +9,7 @@ The same kernel, without an index, is the attention of the layers after a stage
 The key loop stops after each image's last real key (padding is kept last), so padded keys cost
 nothing. Reference: ``reference.attention_rows`` (SDPA on gathered queries with the mask), which
 the library uses when a gradient or dropout is needed: this kernel has no backward. On H100 it
-beats the masked SDPA on gathered queries 2-4x (benchmarks/results/masked_attention.md).
+beats the masked SDPA on gathered queries 1.2-4x (benchmarks/results/masked_attention.md).
 """
 from __future__ import annotations
 
