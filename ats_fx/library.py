@@ -7,9 +7,10 @@ for ``padding="static"`` and a data-dependent width (an unbacked SymInt) for ``"
 Its outputs are indices and masks: constants for autograd (ATS-NOTES §6), so it takes detached
 inputs and needs no backward.
 
-``ats_fx::attention_rows`` is the Triton kernel for the kept query rows; it is used only when
-nothing needs its gradient (inference), otherwise ``scaled_dot_product_attention`` on gathered
-queries does that step and autograd goes through it.
+``ats_fx::attention_rows`` is the Triton attention kernel, for the kept query rows of a stage and
+(without an index) for the layers after it, over the key-padding mask; it is used only when
+nothing needs its gradient (inference), otherwise ``scaled_dot_product_attention`` does that step
+and autograd goes through it.
 """
 from __future__ import annotations
 
@@ -167,65 +168,46 @@ def _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, s
 
 
 @torch.library.custom_op("ats_fx::attention_rows", mutates_args=())
-def attention_rows_op(q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_mask: Optional[Tensor], scale: float) -> Tensor:
-    """Triton attention of the kept query rows (B, H, T', dh); forward only."""
-    from .kernels.attention_rows import attention_rows
-
-    return attention_rows(q, k, v, index, key_mask, scale)
+def attention_rows_op(q: Tensor, k: Tensor, v: Tensor, index: Optional[Tensor], key_mask: Optional[Tensor],
+                      scale: float) -> Tensor:
+    """Triton attention (B, H, R, dh) of the query rows ``index`` (all rows without one) over the
+    real keys; forward only."""
+    return _launch(q, k, v, index, key_mask, scale)
 
 
 @attention_rows_op.register_fake
 def _attention_rows_fake(q, k, v, index, key_mask, scale):
-    B, H, _, D = q.shape
-    return q.new_empty((B, index.shape[1], H, D)).transpose(1, 2)
+    B, H, T, D = q.shape
+    return q.new_empty((B, T if index is None else index.shape[1], H, v.shape[-1])).transpose(1, 2)
 
 
-def attention_rows(
-    q: Tensor, k: Tensor, v: Tensor, index: Tensor, key_mask: Optional[Tensor], scale: float,
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, index: Optional[Tensor], key_mask: Optional[Tensor], scale: float,
     dropout_p: float, kernels: str,
 ) -> Tensor:
-    """Eq. 6 for the kept rows: the Triton kernel on CUDA when no gradient or dropout is needed
-    (1.2-4x faster than the masked SDPA on H100, benchmarks/results/masked_attention.md), else SDPA
-    on gathered queries, which has a backward."""
-    if dropout_p == 0.0 and use_triton(q, kernels) and not _needs_grad(q, k, v):
+    """Attention of the query rows ``index`` (eq. 6, the stage's kept rows) or, with ``index=None``,
+    of a layer after a stage, over the key-padding mask. On CUDA when no gradient or dropout is
+    needed: the Triton kernel (1.2-4x faster than the masked SDPA on H100,
+    benchmarks/results/masked_attention.md). Elsewhere SDPA (on gathered queries), which has a
+    backward. Without an index and without a mask nothing is padded: plain SDPA (flash)."""
+    triton_ok = index is not None or key_mask is not None
+    if triton_ok and dropout_p == 0.0 and use_triton(q, kernels) and not needs_grad(q, k, v):
         if tracing(q):
             return torch.ops.ats_fx.attention_rows(q, k, v, index, key_mask, scale)
-        from .kernels.attention_rows import attention_rows as triton_attention_rows
-
-        return triton_attention_rows(q, k, v, index, key_mask, scale)
+        return _launch(q, k, v, index, key_mask, scale)
+    if index is None:
+        return reference.masked_attention(q, k, v, key_mask, scale, dropout_p)
     return reference.attention_rows(q, k, v, index, key_mask, scale, dropout_p)
 
 
-@torch.library.custom_op("ats_fx::masked_attention", mutates_args=())
-def masked_attention_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor, scale: float) -> Tensor:
-    """Triton attention over a key-padding mask (B, H, Tq, dh); forward only."""
-    from .kernels.masked_attention import masked_attention
+def _launch(q, k, v, index, key_mask, scale):
+    from .kernels.attention_rows import launch_attention
 
-    return masked_attention(q, k, v, key_mask, scale)
+    return launch_attention(q, k, v, index, key_mask, scale, q.shape[2] if index is None else index.shape[1])
 
 
-@masked_attention_op.register_fake
-def _masked_attention_fake(q, k, v, key_mask, scale):
-    B, H, T, _ = q.shape
-    return q.new_empty((B, T, H, v.shape[-1])).transpose(1, 2)
-
-
-def masked_attention(
-    q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float, dropout_p: float, kernels: str,
-) -> Tensor:
-    """Attention of a layer after an ATS stage. On CUDA at inference (no gradient, no dropout) the
-    Triton kernel, which stops at each image's last real key; SDPA with the mask elsewhere
-    (benchmarks/results/masked_attention.md has both figures)."""
-    if key_mask is not None and dropout_p == 0.0 and use_triton(q, kernels) and not _needs_grad(q, k, v):
-        if tracing(q):
-            return torch.ops.ats_fx.masked_attention(q, k, v, key_mask, scale)
-        from .kernels.masked_attention import masked_attention as triton_masked_attention
-
-        return triton_masked_attention(q, k, v, key_mask, scale)
-    return reference.masked_attention(q, k, v, key_mask, scale, dropout_p)
-
-
-def _needs_grad(*xs: Tensor) -> bool:
+def needs_grad(*xs: Tensor) -> bool:
+    """Autograd will want a gradient through one of ``xs`` (the Triton kernels have no backward)."""
     return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
 
 

@@ -96,7 +96,7 @@ class ATSStage(nn.Module):
             index, mask, kept, budget, padded = self._reference_select(q, k, v, key_mask, width, bias)
         dropout_p = self.dropout_p if self.training else 0.0
         if bias is None:
-            out = library.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
+            out = library.attention(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
         else:
             out = reference.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, bias)
         # Original positions of the kept rows; at the first stage the rows' positions are the index.
@@ -170,7 +170,7 @@ def gather_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, batch_dim:
         batch_dim == 0 and token_dim == 1 and x.dim() == 3 and x.dtype == y.dtype
         and tuple(y.shape) == (x.shape[0], index.shape[1], x.shape[2])
         and x.is_contiguous() and y.is_contiguous()
-        and not library.tracing(x) and library.use_triton(x, kernels) and not library._needs_grad(x, y)
+        and not library.tracing(x) and library.use_triton(x, kernels) and not library.needs_grad(x, y)
     ):
         from .kernels.gather_add import gather_add as triton_gather_add
 
@@ -222,9 +222,9 @@ def masked_attention(q, k, v, key_mask, batch_dim: int, scale: float, dropout_p:
                      kernels: str = "auto"):
     """Attention of a layer after an ATS stage: padded keys get zero weight (ATS-NOTES §4).
     ``bias`` is an additive position bias already gathered to the kept tokens (``position_bias``).
-    Without a bias: the Triton kernel on CUDA at inference (``library.masked_attention``)."""
+    Without a bias: the Triton kernel on CUDA at inference (``library.attention``)."""
     if bias is None and batch_dim == 0 and q.dim() == 4:
-        return library.masked_attention(q, k, v, key_mask, scale, dropout_p, kernels)
+        return library.attention(q, k, v, None, key_mask, scale, dropout_p, kernels)
     attn_mask = None if bias is None else bias.to(q.dtype)
     if key_mask is not None:
         shape = [1] * q.dim()

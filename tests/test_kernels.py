@@ -184,15 +184,15 @@ def test_library_masked_attention_dispatch():
     mask = padding_mask(2, 40)
     want = reference.masked_attention(q, k, v, mask, 0.25)
     with torch.no_grad():
-        got = library.masked_attention(q, k, v, mask, 0.25, 0.0, "triton")
+        got = library.attention(q, k, v, None, mask, 0.25, 0.0, "triton")
     assert got.transpose(1, 2).is_contiguous()
     real = mask[:, None, :, None].expand_as(want)
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
     qg = q.clone().requires_grad_()
-    out = library.masked_attention(qg, k, v, mask, 0.25, 0.0, "triton")
+    out = library.attention(qg, k, v, None, mask, 0.25, 0.0, "triton")
     out.sum().backward()  # the reference path: differentiable
     assert qg.grad is not None
-    torch.testing.assert_close(library.masked_attention(q, k, v, mask, 0.25, 0.0, "reference"), want)
+    torch.testing.assert_close(library.attention(q, k, v, None, mask, 0.25, 0.0, "reference"), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -341,3 +341,18 @@ def test_unpadded_batch_drops_the_key_mask_and_matches_reference():
         if kernels == "triton":
             assert all(t.mask_in is None for t in traces)
     torch.testing.assert_close(outs["triton"], outs["reference"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("padding", ["static", "batch_max"])
+def test_compiled_triton_path_equals_reference(padding):
+    """backend="ats" with the Triton kernels: the sampling op and the attention op (kept rows, and
+    the later layer's masked attention with no index) as opaque custom ops inside Inductor."""
+    import timm
+
+    base = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8).eval().to(DEVICE)
+    ref = ats_fx.transform(base, "1", ratio=0.8, kernels="reference", padding=padding)
+    compiled = torch.compile(base, backend="ats",
+                             options={"stages": "1", "ratio": 0.8, "kernels": "triton", "padding": padding})
+    x = torch.randn(3, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
