@@ -216,7 +216,7 @@ def transform(
     plan = {s.layer: s for s in options.stages}
     first = min(options.layers)
     neutral = _neutral_masks(gm, example, analysis.token_sites[first:])
-    walk = TokenWalk(gm, analysis.token_sites, plan, options, neutral)
+    walk = TokenWalk(gm, analysis.token_sites + analysis.class_attention, plan, options, neutral)
     walk.run()
     remove_replaced(gm, walk.replaced)
     fuse_gather_add(gm, options.kernels)

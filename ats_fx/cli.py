@@ -71,6 +71,10 @@ def cmd_inspect(args) -> int:
         except ATSError as err:
             error = str(err)
     for i, site in enumerate(analysis.sites):
+        if site in analysis.class_attention:
+            table.add_row(str(i), "-", site.module, site.spelling, "keys only",
+                          "[green]follows[/green] (class attention)")
+            continue
         if site in analysis.not_token:
             table.add_row(str(i), "-", site.module, site.spelling, "no", f"[yellow]{analysis.not_token[site]}[/yellow]")
             continue
@@ -80,6 +84,11 @@ def cmd_inspect(args) -> int:
     console.print(table)
     console.print(f"input: {tuple(example[0].shape[1:])}; prefix tokens: {analysis.prefix}; "
                   f"pooling: {', '.join(sorted({k for k, _ in analysis.pooling})) or 'unknown'}")
+    if analysis.late_class_token is not None and analysis.prefix == 0:
+        from .passes.graph import module_path
+
+        console.print(f"class token joins at {module_path(analysis.late_class_token)}: stages score tokens by the "
+                      "attention they receive (mean query row, docs/ats-semantics.md)")
     if analysis.unmatched:
         console.print(f"[yellow]softmax attention no spelling matched:[/yellow] {describe_unmatched(analysis.unmatched)}")
     if not analysis.sites:

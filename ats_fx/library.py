@@ -28,6 +28,10 @@ from .kernels import reference
 log = logging.getLogger(__name__)
 
 KERNELS = ("auto", "triton", "reference")
+# The fewest rows a batch_max stage returns: the prefix and one sampled token, and at least 2 so
+# the compiler knows the token axis never broadcasts (with no prefix, CaiT, a stage can keep one
+# token; it then gets a padding row).
+MIN_WIDTH = 2
 
 
 def triton_available() -> bool:
@@ -70,12 +74,7 @@ def use_triton(x: Tensor, kernels: str) -> bool:
 
 
 def raise_bad(bad: Tensor) -> None:
-    rows = bad.nonzero().flatten().tolist()
-    raise ATSInputError(
-        f"ATS scores of image(s) {rows} are not finite or sum to zero: the input or an activation "
-        "holds NaN/inf, or the values are all zero. Check the input (torch.isfinite(x).all()) and "
-        "the model weights."
-    )
+    raise reference.bad_scores_error(bad.nonzero().flatten().tolist())
 
 
 def _budget(key_mask: Optional[Tensor], B: int, T: int, num_prefix: int, ratio, k_tokens, device) -> Tensor:
@@ -115,36 +114,65 @@ def sample_tokens_impl(
 def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels, bias=None):
     """``sample_tokens_impl`` plus ``padded``: False when the host already knows that no image has
     padding rows (batch_max on the Triton path), None when it does not know."""
-    B, _, T, _ = q.shape
-    if not use_triton(q, kernels):
-        budget = _budget(key_mask, B, T, num_prefix, ratio, k_tokens, q.device)
-        s = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, strict, bias=bias)
-        index, mask, kept = reference.inverse_transform_sample(
-            s, key_mask, budget, num_prefix, None if width < 0 else width
-        )
-        return index, mask, kept, budget, None
-    from .kernels.sample import sample_with_budget
-    from .kernels.scores import class_token_scores
+    if use_triton(q, kernels) and bias is None:
+        from .kernels.scores import class_token_scores
 
-    if bias is None:
         s, bad = class_token_scores(q, k, v, key_mask, num_prefix, scale, score)
     else:  # the scores kernel takes no bias: PyTorch scores, then the sampling kernel
         s, bad = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, False, bias=bias,
                                               with_bad=True)
-        s, bad = s.float(), bad.to(torch.int8)
+    return _sample_scores(s, bad, key_mask, num_prefix, ratio, k_tokens, width, strict,
+                          kernels if use_triton(q, kernels) else "reference")
+
+
+def _sample_scores(s, bad, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels):
+    """Inverse-transform sampling of given scores S (B, T): ``(index, mask, kept, budget, padded)``."""
+    B, T = s.shape
+    if not use_triton(s, kernels):
+        if strict and bool(bad.any()):
+            raise_bad(bad)
+        budget = _budget(key_mask, B, T, num_prefix, ratio, k_tokens, s.device)
+        index, mask, kept = reference.inverse_transform_sample(
+            s, key_mask, budget, num_prefix, None if width < 0 else width
+        )
+        if index.shape[1] < min(MIN_WIDTH, T):  # one kept token, no prefix: add a padding row
+            index = torch.cat([index, index.new_zeros(B, 1)], dim=1)
+            mask = torch.cat([mask, mask.new_zeros(B, 1)], dim=1)
+        return index, mask, kept, budget, None
+    from .kernels.sample import sample_with_budget
+
     index, mask, kept, budget, stats = sample_with_budget(
-        s, key_mask, num_prefix, ratio, k_tokens, None if width < 0 else width, bad
+        s.float(), key_mask, num_prefix, ratio, k_tokens, None if width < 0 else width, bad.to(torch.int8)
     )
     padded = None
     if width < 0 or strict:
         # One host read: the batch width, the NaN check, and whether any image is padded.
         widest, any_bad, neg_narrowest = stats.tolist()
+        widest = max(widest, min(MIN_WIDTH, T))
         if strict and any_bad:
             raise_bad(bad.bool())
         if width < 0:
             index, mask = index[:, :widest], mask[:, :widest]
             padded = widest != -neg_narrowest
     return index, mask, kept, budget, padded
+
+
+def sample_scores_impl(
+    scores: Tensor,
+    bad: Tensor,
+    key_mask: Optional[Tensor],
+    num_prefix: int,
+    ratio: Optional[float],
+    k_tokens: Optional[int],
+    width: int,
+    strict: bool,
+    kernels: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sample one ATS stage from scores computed outside (``reference.weight_scores``: talking
+    heads, stages without a class token): ``(index, mask, kept, budget)`` as ``sample_tokens``."""
+    index, mask, kept, budget, _ = _sample_scores(scores, bad, key_mask, num_prefix, ratio, k_tokens, width,
+                                                  strict, kernels)
+    return index.contiguous(), mask.contiguous(), kept, budget
 
 
 # The registered operator: what Dynamo, AOTAutograd, Inductor and torch.export see.
@@ -157,14 +185,23 @@ def _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, s
     B, T = q.shape[0], q.shape[2]
     if width < 0:
         ctx = torch.library.get_ctx()
-        # At least the prefix and one sampled token (K >= 1), so width >= 2: tells the compiler the
-        # token axis never broadcasts.
-        width = ctx.new_dynamic_size(min=num_prefix + 1, max=T if isinstance(T, int) else None)
+        width = ctx.new_dynamic_size(min=max(num_prefix + 1, MIN_WIDTH), max=T if isinstance(T, int) else None)
         torch._check(width <= T)
     index = q.new_empty((B, width), dtype=torch.int64)
     return index, q.new_empty((B, width), dtype=torch.bool), q.new_empty((B,), dtype=torch.int64), q.new_empty(
         (B,), dtype=torch.int64
     )
+
+
+sample_scores = torch.library.custom_op("ats_fx::sample_scores", mutates_args=())(sample_scores_impl)
+
+
+@sample_scores.register_fake
+def _sample_scores_fake(scores, bad, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels):
+    B, T = scores.shape
+    probe = scores.new_empty((B, 1, T, 1))
+    return _sample_tokens_fake(probe, probe, probe, key_mask, num_prefix, 1.0, ratio, k_tokens, "attn", width,
+                               strict, kernels)
 
 
 @torch.library.custom_op("ats_fx::attention_rows", mutates_args=())
@@ -228,3 +265,11 @@ def sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *args) -
     if tracing(q):
         return (*torch.ops.ats_fx.sample_tokens(q, k, v, key_mask, *args), None)
     return _sample(q, k, v, key_mask, *args)
+
+
+def sample_from_scores(scores: Tensor, bad: Tensor, key_mask: Optional[Tensor], *args) -> tuple:
+    """``ats_fx::sample_scores`` on detached scores, and ``padded`` (see ``_sample``)."""
+    scores, bad = scores.detach(), bad.detach()
+    if tracing(scores):
+        return (*torch.ops.ats_fx.sample_scores(scores, bad, key_mask, *args), None)
+    return _sample_scores(scores, bad, key_mask, *args)

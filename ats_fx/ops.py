@@ -74,7 +74,7 @@ class ATSStage(nn.Module):
                 + ("" if self.selection == "ats" else f", selection={self.selection}"))
 
     def forward(self, q, k, v, key_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor] = None):
+                bias: Optional[torch.Tensor] = None, mix: Optional[tuple] = None):
         tracing = library.tracing(q)
         # batch_max reads the batch width back to the host anyway, and raises on NaN scores with it.
         # static never synchronises (CUDA graphs; eager GPU time overlaps the host's): it falls back
@@ -87,18 +87,23 @@ class ATSStage(nn.Module):
             if bias.dim() != 4:
                 bias = bias.reshape(-1, *bias.shape[-2:])[None]
             bias = bias.expand(q.shape[0], -1, -1, -1)
-        if self.selection == "ats":
-            index, mask, kept, budget, padded = library.sample(
-                q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
-                self.kernels, bias,
-            )
-        else:
-            index, mask, kept, budget, padded = self._reference_select(q, k, v, key_mask, width, bias)
         dropout_p = self.dropout_p if self.training else 0.0
-        if bias is None:
-            out = library.attention(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
+        if mix is not None or self.num_prefix == 0:
+            # Talking heads (CaiT) or no class token: the whole attention matrix, scored from its rows.
+            out, index, mask, kept, budget, padded = self._from_weights(q, k, v, key_mask, width, strict, bias, mix,
+                                                                        dropout_p)
         else:
-            out = reference.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, bias)
+            if self.selection == "ats":
+                index, mask, kept, budget, padded = library.sample(
+                    q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
+                    self.kernels, bias,
+                )
+            else:
+                index, mask, kept, budget, padded = self._reference_select(q, k, v, key_mask, width, bias)
+            if bias is None:
+                out = library.attention(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
+            else:
+                out = reference.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, bias)
         # Original positions of the kept rows; at the first stage the rows' positions are the index.
         source = index if positions is None else positions.gather(1, index)
         new_positions = source if padded is False else torch.where(mask, source, -1)
@@ -113,6 +118,23 @@ class ATSStage(nn.Module):
             mask = None
         return out, index, mask, new_positions
 
+
+    def _from_weights(self, q, k, v, key_mask, width: int, strict: bool, bias, mix, dropout_p: float):
+        """The stage on a materialised attention matrix A: scores from A's class row, or its mean
+        row without a class token (``reference.weight_scores``), then O = A[kept] V."""
+        if self.selection != "ats":
+            from .errors import ATSConfigError
+
+            raise ATSConfigError(f"selection={self.selection!r} needs a class token and plain attention; "
+                                 "this stage has talking heads or no class token: use selection='ats'")
+        attn = reference.attention_weights(q, k, key_mask, self.scale, bias, mix)
+        s, bad = reference.weight_scores(attn.detach(), v.detach(), key_mask, self.num_prefix, self.score, False)
+        index, mask, kept, budget, padded = library.sample_from_scores(
+            s, bad, key_mask, self.num_prefix, self.ratio, self.k, width, strict, self.kernels)
+        B, H, _, T = attn.shape
+        rows = attn.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], T))
+        out = torch.nn.functional.dropout(rows, dropout_p, True) @ v if dropout_p else rows @ v
+        return out, index, mask, kept, budget, padded
 
     def _reference_select(self, q, k, v, key_mask, width: int, bias):
         """The paper's baselines (top-K by score, random K) on the PyTorch reference path."""
@@ -232,6 +254,27 @@ def masked_attention(q, k, v, key_mask, batch_dim: int, scale: float, dropout_p:
         keys = key_mask.reshape(shape)
         attn_mask = keys if attn_mask is None else attn_mask.masked_fill(~keys, float("-inf"))
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
+def talking_heads_attention(q, k, v, key_mask, scale: float, mix: tuple, dropout_p: float = 0.0, bias=None):
+    """Talking-heads attention (CaiT) of a layer after an ATS stage: heads mixed by ``mix = (w_l,
+    b_l, w_w, b_w)`` around the softmax, padded keys at weight 0 (``reference.attention_weights``)."""
+    attn = reference.attention_weights(q, k, key_mask, scale, bias, mix)
+    if dropout_p:
+        attn = torch.nn.functional.dropout(attn, dropout_p, True)
+    return attn @ v
+
+
+def prepend_tokens(mask: Optional[torch.Tensor], positions: torch.Tensor, extra: int):
+    """Mask and positions of a token set with ``extra`` tokens put in front (``cat([cls, x])``
+    after a stage, CaiT): the new tokens are real and take positions 0..extra-1; the others
+    shift by ``extra`` (padding stays -1)."""
+    B = positions.shape[0]
+    front = torch.arange(extra, device=positions.device, dtype=positions.dtype).expand(B, extra)
+    shifted = torch.where(positions >= 0, positions + extra, positions)
+    if mask is not None:
+        mask = torch.cat([torch.ones(B, extra, dtype=torch.bool, device=mask.device), mask], dim=1)
+    return mask, torch.cat([front, shifted], dim=1)
 
 
 def position_bias(bias: torch.Tensor, positions: torch.Tensor, batched: bool = False) -> torch.Tensor:

@@ -140,6 +140,9 @@ MODELS = {
     "timm_beitv2": (lambda: timm_model("beitv2_base_patch16_224", img_size=64), ref.beit_forward, (3, 64, 64)),
     "timm_eva02": (lambda: timm_model("eva02_tiny_patch14_224", img_size=56), ref.eva_forward, (3, 56, 56)),
     "timm_eva02_unfused": (lambda: timm_unfused("eva02_tiny_patch14_224", img_size=56), ref.eva_forward, (3, 56, 56)),
+    # no class token until the class-attention blocks; talking heads (CaiT)
+    "timm_cait": (lambda: timm_model("cait_xxs24_224", img_size=64), ref.cait_forward, (3, 64, 64)),
+    "timm_cait_unfused": (lambda: timm_unfused("cait_xxs24_224", img_size=64), ref.cait_forward, (3, 64, 64)),
     "hf_vit_eager": (lambda: hf_vit("eager"), ref.hf_vit_forward, (3, 64, 64)),
     "hf_vit_sdpa": (lambda: hf_vit("sdpa"), ref.hf_vit_forward, (3, 64, 64)),
     "hf_deit_teacher": (hf_deit_teacher, ref.hf_deit_teacher_forward, (3, 64, 64)),

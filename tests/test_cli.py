@@ -36,3 +36,16 @@ def test_demo_on_a_timm_model_with_random_weights(capsys):
 def test_load_model_builds_an_hf_class_from_its_default_config():
     model = cli.load_model("transformers:ViTForImageClassification")
     assert type(model).__name__ == "ViTForImageClassification" and not model.training
+
+
+def tiny_cait():
+    import timm
+
+    return timm.create_model("cait_xxs24_224", depth=2, img_size=64).eval()
+
+
+def test_inspect_cait_shows_class_attention_and_the_late_class_token(capsys):
+    assert cli.main(["inspect", "test_cli:tiny_cait"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "talking" in out and "follows" in out and "prefix tokens: 0" in out
+    assert "class token joins at blocks_token_only.0" in out

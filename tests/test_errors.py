@@ -152,13 +152,19 @@ def test_timesformer_divided_attention_is_refused_with_the_design_reason():
         ats_fx.transform(TimesformerForVideoClassification(cfg).eval(), 0)
 
 
-def test_cait_class_attention_is_refused_with_the_reason():
+def test_cait_stages_count_its_self_attention_blocks_only():
+    """CaiT converts (tests/test_models.py); its class-attention blocks are not stages, and a stage
+    index past the self-attention blocks names the count."""
     import timm
 
+    from ats_fx.api import analyse
+
     model = timm.create_model("cait_xxs24_224", depth=2, img_size=64).eval()
-    with pytest.raises(ats_fx.ATSUnsupportedModel, match="class token joins the tokens only at blocks_token_only.0") as err:
-        ats_fx.transform(model, 0)
-    assert "talking-heads attention" in str(err.value)  # why its self-attention blocks did not match
+    _, analysis, _ = analyse(model)
+    assert len(analysis.token_sites) == 2 and len(analysis.class_attention) == 2 and analysis.prefix == 0
+    assert analysis.late_class_token is not None
+    with pytest.raises(ats_fx.ATSConfigError, match="has 2 attention layers"):
+        ats_fx.transform(model, 2)
 
 
 def test_model_returning_its_token_sequence_names_the_fix():
@@ -193,15 +199,15 @@ def _cosine_attention(self, q, k, v):  # SwinV2: normalised q, k times a learned
     return (logits * self.logit_scale.exp()).softmax(dim=-1) @ v
 
 
-def _talking_heads(self, q, k, v):  # CaiT: heads mixed by linears around the softmax
+def _talking_heads_transposed(self, q, k, v):  # heads mixed around the softmax, not in CaiT's layout
     attn = (q * 8 ** -0.5) @ k.transpose(-2, -1)
-    attn = self.proj_l(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
-    return self.proj_w(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) @ v
+    attn = self.proj_l(attn.transpose(1, -1)).transpose(1, -1).softmax(dim=-1)
+    return self.proj_w(attn.transpose(1, -1)).transpose(1, -1) @ v
 
 
 @pytest.mark.parametrize("attend,pattern", [
     (_cosine_attention, "multiplied by a learned tensor.*SwinV2"),
-    (_talking_heads, "mixed across heads by a linear layer.*talking-heads"),
+    (_talking_heads_transposed, "mixed across heads by a linear layer.*layout.*CaiT"),
 ])
 def test_unmatched_attention_spellings_are_named(attend, pattern):
     model = _TinyTokens(attend)

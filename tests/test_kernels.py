@@ -113,6 +113,35 @@ def test_sample_kernel(shape, masked, case):
     assert torch.equal(s_index, r_index) and torch.equal(s_mask, r_mask)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+def test_sample_kernel_without_prefix(masked):
+    """No prefix (CaiT's self-attention blocks): every token is scored and none is kept for free."""
+    B, T = 3, 50
+    mask = padding_mask(B, T) if masked else None
+    scores = torch.rand(B, T, device=DEVICE) ** 8 * (mask if masked else 1)
+    scores = scores / scores.sum(1, keepdim=True)
+    budget = reference.token_budget(mask, B, T, 0, 0.3, None, DEVICE)
+    want_index, want_mask, want_kept = reference.inverse_transform_sample(scores, mask, budget, 0)
+    index, out_mask, kept = inverse_transform_sample(scores, mask, budget, 0)
+    W = want_index.shape[1]
+    assert torch.equal(kept, want_kept)
+    assert torch.equal(index[:, :W], want_index) and torch.equal(out_mask[:, :W], want_mask)
+
+
+@pytest.mark.parametrize("kernels", ["triton", "reference"])
+def test_one_kept_token_without_prefix_gets_a_padding_row(kernels):
+    """batch_max never returns a single row (the compiled graph is told width >= 2): with no prefix
+    and every image keeping one token, a masked padding row is added."""
+    from ats_fx import library
+
+    scores = torch.zeros(2, 20, device=DEVICE)
+    scores[0, 4] = scores[1, 11] = 1.0
+    bad = torch.zeros(2, dtype=torch.bool, device=DEVICE)
+    index, mask, kept, _, _ = library.sample_from_scores(scores, bad, None, 0, 0.5, None, -1, True, kernels)
+    assert index.shape == (2, 2) and kept.tolist() == [1, 1]
+    assert index[:, 0].tolist() == [4, 11] and mask.tolist() == [[True, False], [True, False]]
+
+
 def test_sample_kernel_extremes():
     """One dominant token gives K' = 1; uniform scores give K' = K (ATS-NOTES §2)."""
     B, T = 2, 50
@@ -282,7 +311,8 @@ def test_cpu_model_transforms_with_triton_kernels_for_the_gpu(monkeypatch):
             ats(torch.randn(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize("name", ["timm_deit_distilled", "hf_vit_sdpa", "torchvision_vit", "timm_beit", "hf_beit"])
+@pytest.mark.parametrize("name", ["timm_deit_distilled", "hf_vit_sdpa", "torchvision_vit", "timm_beit", "hf_beit",
+                                  "timm_cait"])
 @pytest.mark.parametrize("padding", ["batch_max", "static"])
 def test_model_with_kernels_equals_reference_path(name, padding):
     """End to end: the whole rewritten model on the Triton path equals the reference path."""

@@ -155,6 +155,55 @@ def test_spelling_is_matched_and_rewritten(spelling):
     torch.testing.assert_close(ats(x).detach(), want.detach())
 
 
+class TalkingHeads(Attention):
+    """Talking-heads attention (CaiT's spelling), here in a model with a class token."""
+
+    def __init__(self, dim, heads):
+        super().__init__(dim, heads, "talking_heads")
+        self.proj_l, self.proj_w = nn.Linear(heads, heads), nn.Linear(heads, heads)
+
+    def weights(self, q, k):
+        a = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+        a = self.proj_l(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).softmax(dim=-1)
+        return self.proj_w(a.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.proj((self.weights(q, k) @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_talking_heads_with_a_class_token_score_the_mixed_class_row():
+    """Eq. 3 on the attention after the head mixing: S_j ∝ Σ_h |A_h[0, j]|·‖V_h,j‖ (a mixed weight
+    can be negative); the kept rows are A[kept] V. Reference: one image at a time, written here."""
+    from ats_fx.testing.eager import budget_for, sample_tokens
+
+    torch.manual_seed(0)
+    model = sharpen(TinyViT(lambda i: TalkingHeads(32, 4), image=32), std=0.5).double().eval()
+    _, analysis, _ = analyse(model)
+    assert [s.spelling for s in analysis.token_sites] == ["talking_heads"] * 3
+    ats = ats_fx.transform(model, [0, 2], ratio=0.5)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    want = []
+    for img in x:
+        t = model.tokens(img[None])[0]
+        for i, blk in enumerate(model.blocks):
+            q, k, v = (u.reshape(-1, 4, 8).transpose(0, 1)[None] for u in blk.attn.qkv_split(blk.norm1(t)))
+            a = blk.attn.weights(q, k)[0]
+            rows = list(range(t.shape[0]))
+            if i in (0, 2):
+                s = (a[:, 0].abs() * v[0].norm(dim=-1)).sum(0)
+                s[0] = 0
+                rows = sample_tokens(s / s.sum(), budget_for(len(rows), 1, 0.5), 1)
+            o = (a[:, rows] @ v[0]).transpose(0, 1).reshape(len(rows), 32)
+            t = t[rows] + blk.attn.proj(o)
+            t = t + blk.mlp(blk.norm2(t))
+        want.append(model.head(model.norm(t)[0]))
+    torch.testing.assert_close(ats(x).detach(), torch.stack(want).detach())
+    kept = torch.stack([tr.kept for tr in ats_fx.kept_tokens(ats)])
+    assert (kept.max(dim=1).values > kept.min(dim=1).values).any(), kept  # padding exercised
+
+
 def test_softmax_over_channels_is_not_token_attention():
     make = lambda i: ChannelAttention(32, 4) if i == 1 else Attention(32, 4, "mul_q")
     model = TinyViT(make).eval()

@@ -15,7 +15,7 @@ from ats_fx.testing.eager import sample_tokens
 def score_batches(draw):
     B = draw(st.integers(1, 4))
     T = draw(st.integers(3, 40))
-    p = draw(st.integers(1, min(3, T - 2)))
+    p = draw(st.integers(0, min(3, T - 2)))  # 0: no class token (CaiT's self-attention blocks)
     seed = draw(st.integers(0, 2**16))
     peak = draw(st.floats(0.0, 8.0))
     g = torch.Generator().manual_seed(seed)
@@ -116,3 +116,44 @@ def test_reference_op_is_differentiable():
     res = R.ats_attention(q, k, v, None, num_prefix=1, scale=0.5, k_tokens=4)
     res.out.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_unused_quantile_slots_keep_nothing_without_a_prefix():
+    """With no prefix token 0 is scored like any other: a budget below T must not keep it for free."""
+    scores = torch.zeros(1, 10, dtype=torch.float64)
+    scores[0, 6] = 1.0
+    index, mask, kept = R.inverse_transform_sample(scores, None, torch.tensor([4]), 0)
+    assert kept.item() == 1 and index[mask].tolist() == [6]
+
+
+def _padded_qkv(B=3, H=2, T=9, D=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(3))
+    real = torch.tensor([T, T - 3, 5])
+    return q, k, v, torch.arange(T)[None, :] < real[:, None], real
+
+
+def test_weight_scores_with_a_class_token_equal_class_token_scores():
+    q, k, v, mask, _ = _padded_qkv()
+    attn = R.attention_weights(q, k, mask, 0.5)
+    got, bad = R.weight_scores(attn, v, mask, 1)
+    torch.testing.assert_close(got, R.class_token_scores(q, k, v, mask, 1, 0.5))
+    assert not bad.any()
+
+
+def test_mean_query_scores_and_talking_heads_ignore_padding():
+    """Without a class token the score is the mean over real queries of |A_h[i, j]|·‖V_h,j‖ with A
+    after the head mixing; padded keys and queries change nothing (each image alone as reference)."""
+    q, k, v, mask, real = _padded_qkv()
+    g = torch.Generator().manual_seed(1)
+    mix = tuple(torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((2, 2), (2,), (2, 2), (2,)))
+    for m in (None, mix):
+        attn = R.attention_weights(q, k, mask, 0.5, mix=m)
+        got, _ = R.weight_scores(attn, v, mask, 0)
+        for b, n in enumerate(real.tolist()):
+            a = R.attention_weights(q[b:b + 1, :, :n], k[b:b + 1, :, :n], None, 0.5, mix=m)
+            torch.testing.assert_close(attn[b, :, :n, :n], a[0])
+            assert (attn[b, :, :, n:] == 0).all()  # padded keys get weight 0, also after the mixing
+            want = (a[0].abs().mean(dim=1) * v[b, :, :n].norm(dim=-1)).sum(0)
+            torch.testing.assert_close(got[b, :n], want / want.sum())
+            assert (got[b, n:] == 0).all()

@@ -61,21 +61,92 @@ def class_token_scores(
     attn = logits.softmax(dim=-1)
     s = attn * v.to(dt).norm(dim=-1) if score == "attn_vnorm" else attn
     scored = _scored_tokens(B, T, num_prefix, key_mask, q.device)
-    s = s.sum(dim=1) * scored  # (B, T), heads summed
+    out, bad = _normalise(s.sum(dim=1) * scored, scored, strict)  # heads summed
+    return (out, bad) if with_bad else out
+
+
+def attention_weights(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+    mix: Optional[tuple] = None,
+) -> torch.Tensor:
+    """The attention matrix A (B, H, Tq, T) over the real keys, for the spellings that need it
+    whole: talking heads (``mix = (w_l, b_l, w_w, b_w)``, linears across heads before and after
+    the softmax, CaiT) and stages without a class token. Padded keys get weight exactly 0, also
+    after the post-softmax head mixing (whose bias would otherwise give them weight)."""
+    logits = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    if mix is not None:
+        logits = _mix_heads(logits, mix[0], mix[1])
+    if key_mask is not None:
+        logits = logits.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    attn = logits.softmax(dim=-1)
+    if mix is not None:
+        attn = _mix_heads(attn, mix[2], mix[3])
+        if key_mask is not None:
+            attn = attn * key_mask[:, None, None, :].to(attn.dtype)
+    return attn
+
+
+def _mix_heads(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``Linear(H, H)`` across the head axis of (B, H, Tq, T), as talking-heads attention writes it."""
+    return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+
+
+def weight_scores(
+    attn: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: Optional[torch.Tensor],
+    num_prefix: int,
+    score: str = "attn_vnorm",
+    strict: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores S (B, T) from a whole attention matrix ``attn`` (B, H, T, T): ``(S, bad)``.
+
+    With prefix tokens, the class token's row (eq. 3). Without (CaiT's self-attention blocks,
+    whose class token joins later) the mean row over the real queries, "attention received":
+    S_j ∝ Σ_h mean_i |A_h[i, j]|·‖V_h,j‖ (docs/ats-semantics.md). ``bad`` (B,) marks rows that fell
+    back to uniform; with ``strict`` they raise instead.
+    """
+    dt = score_dtype(attn.dtype)
+    B, H, T, _ = attn.shape
+    # |A|: talking heads mix the heads after the softmax, so a weight can be negative; the
+    # contribution of token j to a head's output has magnitude |A_h[i, j]|·‖V_h,j‖ (= A for softmax).
+    a = attn.to(dt).abs()
+    if num_prefix > 0:
+        row = a[:, :, 0, :]
+    elif key_mask is None:
+        row = a.mean(dim=2)
+    else:
+        queries = key_mask.to(dt)[:, None, :, None]
+        row = (a * queries).sum(dim=2) / queries.sum(dim=2).clamp_min(1)
+    s = row * v.to(dt).norm(dim=-1) if score == "attn_vnorm" else row
+    scored = _scored_tokens(B, T, num_prefix, key_mask, attn.device)
+    return _normalise(s.sum(dim=1) * scored, scored, strict)
+
+
+def _normalise(s: torch.Tensor, scored: torch.Tensor, strict: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """S / ΣS per image; a row that is not finite or sums to 0 raises (``strict``) or falls back
+    to uniform scores over the scored tokens. Returns ``(S, bad)``."""
     denom = s.sum(dim=1, keepdim=True)
     bad = ~torch.isfinite(denom) | (denom <= 0)
-    if strict:
-        if bool(bad.any()):
-            rows = bad.squeeze(1).nonzero().flatten().tolist()
-            raise ATSInputError(
-                f"ATS scores of image(s) {rows} are not finite or sum to zero: the input or an "
-                "activation holds NaN/inf, or the values are all zero. Check the input "
-                "(torch.isfinite(x).all()) and the model weights."
-            )
-        return s / denom
+    if strict and bool(bad.any()):
+        raise bad_scores_error(bad.squeeze(1).nonzero().flatten().tolist())
     uniform = scored / scored.sum(dim=1, keepdim=True).clamp_min(1)
     out = torch.where(bad, uniform, s / torch.where(bad, torch.ones_like(denom), denom))
-    return (out, bad.squeeze(1)) if with_bad else out
+    return out, bad.squeeze(1)
+
+
+def bad_scores_error(rows: list) -> ATSInputError:
+    return ATSInputError(
+        f"ATS scores of image(s) {rows} are not finite or sum to zero: the input or an activation "
+        "holds NaN/inf, or the values are all zero. Check the input (torch.isfinite(x).all()) and "
+        "the model weights."
+    )
 
 
 def _scored_tokens(B: int, T: int, num_prefix: int, key_mask, device) -> torch.Tensor:
@@ -146,10 +217,12 @@ def inverse_transform_sample(
     last_real = torch.where(real, positions, 0).amax(dim=1, keepdim=True)
     picks = torch.minimum(picks, last_real)
     valid = i[None, :] <= budget[:, None]
-    picks = torch.where(valid, picks, 0)  # unused quantile slots point at the class token
-    keep = torch.zeros(B, T, dtype=torch.bool, device=device)
+    # Unused quantile slots point one past the end: with no prefix (CaiT) token 0 is scored like
+    # any other and must not be kept by an unused slot.
+    picks = torch.where(valid, picks, T)
+    keep = torch.zeros(B, T + 1, dtype=torch.bool, device=device)
     keep.scatter_(1, picks, True)
-    return compact(keep, real, num_prefix, out_tokens)
+    return compact(keep[:, :T], real, num_prefix, out_tokens)
 
 
 def top_k_select(

@@ -56,6 +56,9 @@ class DataFlow:
     def descendants(self, node: fx.Node) -> set:
         return nx.descendants(self.graph, node)
 
+    def ancestors(self, node: fx.Node) -> set:
+        return nx.ancestors(self.graph, node)
+
 
 def shape_of(node: fx.Node) -> Optional[tuple]:
     val = node.meta.get("val")

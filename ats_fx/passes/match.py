@@ -5,7 +5,9 @@ Spellings (each has a tiny model in tests/test_match.py written the way it appea
   ``nn.MultiheadAttention``, which torch.export lowers to it);
 - ``matmul``: ``softmax(q @ k.transpose(-2, -1) * scale) @ v`` with the scale as a multiply or a
   divide, on q, on kᵀ or on the product, an optional additive mask, dropout and dtype casts
-  between softmax and the second matmul (timm with fused_attn off, HF eager).
+  between softmax and the second matmul (timm with fused_attn off, HF eager);
+- ``talking_heads``: the ``matmul`` spelling with ``Linear(H, H)`` layers mixing the heads before
+  and after the softmax, each between ``permute(0, 2, 3, 1)`` and ``permute(0, 3, 1, 2)`` (CaiT).
 Matching is syntactic; whether the rows and columns are *tokens* (not channels, as in XCiT's
 cross-covariance attention) is checked later by token-axis propagation (passes/tokens.py).
 """
@@ -57,6 +59,9 @@ class AttentionSite:
     is_causal: bool = False
     interior: set = field(default_factory=set)  # nodes that die when the site is replaced
     index: int = -1  # position among token-attention sites, in execution order
+    # Talking heads (CaiT): (w_l, b_l, w_w, b_w) of the Linear(H, H) layers mixing the heads
+    # before and after the softmax; b_* may be None.
+    mix: Optional[tuple] = None
 
     @property
     def module(self) -> str:
@@ -121,6 +126,42 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
     )
 
 
+HEADS_LAST, HEADS_BACK = [0, 2, 3, 1], [0, 3, 1, 2]
+
+
+def _is_permute(node, dims) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten.permute.default
+            and list(node.args[1]) == dims)
+
+
+def _head_mix_before(node: fx.Node, interior: set):
+    """``proj(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)`` ending at ``node``: (x, weight, bias)."""
+    if not _is_permute(node, HEADS_BACK):
+        return None
+    lin = node.args[0]
+    if not (isinstance(lin, fx.Node) and lin.target is aten.linear.default and _is_permute(lin.args[0], HEADS_LAST)):
+        return None
+    if len(lin.users) != 1 or len(lin.args[0].users) != 1:
+        return None
+    interior |= {node, lin, lin.args[0]}
+    return lin.args[0].args[0], lin.args[1], lin.args[2] if len(lin.args) > 2 else None
+
+
+def _head_mix_after(node: fx.Node, interior: set):
+    """The same head mixing applied to ``node`` (its only use): (mixed output, weight, bias)."""
+    users = list(node.users)
+    if len(users) != 1 or not _is_permute(users[0], HEADS_LAST):
+        return None
+    lin = [u for u in users[0].users]
+    if len(lin) != 1 or lin[0].target is not aten.linear.default:
+        return None
+    back = list(lin[0].users)
+    if len(back) != 1 or not _is_permute(back[0], HEADS_BACK):
+        return None
+    interior |= {users[0], lin[0], back[0]}
+    return back[0], lin[0].args[1], lin[0].args[2] if len(lin[0].args) > 2 else None
+
+
 def _matmul_site(softmax: fx.Node) -> Optional[AttentionSite]:
     nd = softmax.meta["val"].dim()
     if softmax.args[1] % nd != nd - 1:
@@ -128,6 +169,9 @@ def _matmul_site(softmax: fx.Node) -> Optional[AttentionSite]:
     interior = {softmax}
     # Backwards from softmax: casts, additive mask, scale, then the score product.
     node, mask, scale = softmax.args[0], None, 1.0
+    mix_l = _head_mix_before(node, interior)  # talking heads: logits mixed across heads
+    if mix_l is not None:
+        node = mix_l[0]
     while isinstance(node, fx.Node) and node.op == "call_function":
         if node.target in PASS_THROUGH - {aten.dropout.default}:
             interior.add(node)
@@ -153,8 +197,16 @@ def _matmul_site(softmax: fx.Node) -> Optional[AttentionSite]:
     q, q_factor = _peel_scale(scores.args[0], interior)
     k_t, k_factor = _peel_scale(scores.args[1], interior)
     scale *= q_factor * k_factor
+    if mix_l is not None and mask is not None:
+        return None  # a bias around head mixing: no model does this; left unmatched (and named)
     # Forwards from softmax: dropout and casts, then the product with the values.
     node, dropout_p = softmax, 0.0
+    mix_w = None
+    if mix_l is not None:
+        mix_w = _head_mix_after(softmax, interior)
+        if mix_w is None:
+            return None
+        node = mix_w[0]
     while True:
         users = [u for u in node.users if u.target is not aten._assert_tensor_metadata.default]
         interior |= set(node.users) - set(users)
@@ -175,7 +227,7 @@ def _matmul_site(softmax: fx.Node) -> Optional[AttentionSite]:
     if k is not None:
         interior.add(k_t)
     return AttentionSite(
-        spelling="matmul",
+        spelling="matmul" if mix_l is None else "talking_heads",
         q=q,
         k=k,
         k_t=None if k is not None else k_t,
@@ -185,6 +237,7 @@ def _matmul_site(softmax: fx.Node) -> Optional[AttentionSite]:
         mask=mask,
         dropout_p=dropout_p,
         interior=interior,
+        mix=None if mix_l is None else (mix_l[1], mix_l[2], mix_w[1], mix_w[2]),
     )
 
 
@@ -234,8 +287,9 @@ def unmatched_softmaxes(graph: fx.Graph, sites: list[AttentionSite]) -> list[tup
             why = ("its logits are multiplied by a learned tensor (a logit scale or temperature, as in "
                    "SwinV2's cosine attention): only constant scales are matched")
         elif any(n.target in (aten.linear.default, aten.addmm.default, aten.mm.default) for n in between):
-            why = ("its logits are mixed across heads by a linear layer before the softmax (talking-heads "
-                   "attention, as in CaiT)")
+            why = ("its logits are mixed across heads by a linear layer before the softmax in a layout ats_fx "
+                   "does not match (talking heads are matched as Linear(H, H) between permute(0, 2, 3, 1) and "
+                   "permute(0, 3, 1, 2) on both sides of the softmax, as timm's CaiT writes them)")
         else:
             ops = ", ".join(sorted({str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
                                     for n in between}))

@@ -53,9 +53,10 @@ class Unsupported(Exception):
 
 @dataclass
 class TokenSet:
-    """A token set made by an ATS stage: rows of the previous set, padding mask, positions."""
+    """A token set made by an ATS stage: rows of the previous set, padding mask, positions.
+    ``index`` is None for a set made by prepending tokens (``cat([cls, x])``, CaiT)."""
 
-    index: fx.Node
+    index: Optional[fx.Node]
     mask: fx.Node
     positions: fx.Node
     layer: int
@@ -75,6 +76,8 @@ class Analysis:
     pooling: list = field(default_factory=list)  # how tokens leave: "token", "avg", ...
     lost: dict = field(default_factory=dict)  # node -> why its token axis could not be followed
     unmatched: list = field(default_factory=list)  # (module, why) of softmax attention no spelling matched
+    class_attention: list = field(default_factory=list)  # sites attending from prefix tokens only (CaiT)
+    late_class_token: Optional[fx.Node] = None  # the cat that prepends a class token after the stages
 
 
 class TokenWalk:
@@ -101,6 +104,7 @@ class TokenWalk:
         self.analysis = Analysis(sites=sites, token_sites=[], not_token={},
                                  unmatched=unmatched_softmaxes(gm.graph, sites))
         self.node: Optional[fx.Node] = None
+        self.free_seed = self._class_free_seed(sites)
 
     # ---------------------------------------------------------------- driving
     def run(self) -> Analysis:
@@ -141,6 +145,9 @@ class TokenWalk:
             return self.visit_output(node)
         if node.op != "call_function" or node in self.interior:
             return None
+        if node is self.free_seed:
+            self.analysis.seed, self.analysis.prefix = node, 0
+            return TokenAxis(dim=1, version=0, prefix=0)
         if node in self.sites:
             return self.visit_site(self.sites[node])
         target = node.target
@@ -198,6 +205,36 @@ class TokenWalk:
         self.analysis.seed, self.analysis.prefix = node, prefix
         return TokenAxis(dim=dim, version=0, prefix=prefix)
 
+    def _class_free_seed(self, sites: list[AttentionSite]) -> Optional[fx.Node]:
+        """CaiT: self-attention runs on the patch tokens alone, and a class token is prepended only
+        afterwards (``cat([cls, x], 1)``, then class attention). The token sequence then starts at
+        the patch tokens: the earliest tensor of x's shape on x's path from the input. None for
+        a model with an ordinary class token in front, or with none at all (Swin, SigLIP...)."""
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        if not sites:
+            return None
+        first_site = min(order[s.out] for s in sites)
+        for node in self.graph.nodes:
+            if node.target is not aten.cat.default or len(node.args[0]) != 2:
+                continue
+            shape = concrete_shape(node)
+            if shape is None or len(shape) != 3 or batch_dim(node) != 0:
+                continue
+            if norm_dim(node.args[1] if len(node.args) > 1 else 0, 3) != 1:
+                continue
+            head, tail = node.args[0]
+            if not self.flow.depends_on_input(tail) or concrete_shape(head)[1] >= concrete_shape(tail)[1]:
+                continue
+            if order[node] < first_site:
+                return None  # an ordinary class token in front of the patch tokens
+            tail_shape = concrete_shape(tail)
+            path = [n for n in self.flow.ancestors(tail) | {tail}
+                    if concrete_shape(n) == tail_shape and self.flow.depends_on_input(n)]
+            seed = min(path, key=order.get)
+            if order[seed] < first_site:
+                return seed
+        return None
+
     # ---------------------------------------------------------------- attention sites
     def visit_site(self, site: AttentionSite) -> Label:
         q, k, v = self.label(site.q), self.label(site.k if site.k is not None else site.k_t), self.label(site.v)
@@ -209,6 +246,10 @@ class TokenWalk:
             and q.plain and k.plain and v.plain
             and q.version == k.version == v.version
         )
+        if q is None and isinstance(k, TokenAxis) and isinstance(v, TokenAxis) and k.dim == k_dim \
+                and v.dim == nd - 2 and k.plain and v.plain and k.version == v.version and k.prefix > 0 \
+                and concrete_shape(site.q)[-2] <= k.prefix:
+            return self._class_attention(site, k, nd)
         if not ok:
             why = self._why_not_tokens(site, q, k, v, nd)
             self.analysis.not_token[site] = why
@@ -225,6 +266,15 @@ class TokenWalk:
         if stage is not None:
             return self._insert_stage(site, stage, q)
         return self._insert_masked_attention(site, q)
+
+    def _class_attention(self, site: AttentionSite, k: TokenAxis, nd: int) -> Label:
+        """Queries from the prefix tokens only (CaiT's class attention: ``q = W x[:, 0]``), keys and
+        values over the token set: masked attention with Tq = 1 after a stage; never a stage."""
+        self.analysis.class_attention.append(site)
+        if k.version == 0:
+            return None
+        self._check_site(site, nd)
+        return self._insert_masked_attention(site, k, out_label=None)
 
     def _why_not_tokens(self, site, q, k, v, nd) -> str:
         if self.analysis.seed is None:
@@ -281,7 +331,7 @@ class TokenWalk:
         return self.graph.call_function(aten.transpose.int, (site.k_t, -2, -1))
 
     def _insert_stage(self, site: AttentionSite, stage: StageOptions, q: TokenAxis) -> Label:
-        prev = self.sets[-1]
+        prev = self.sets[q.version]  # None before the first stage
         head_dim = concrete_shape(site.q)[-1]
         name = f"ats_stage_{stage.layer}"
         module = ops.ATSStage(
@@ -293,7 +343,8 @@ class TokenWalk:
         with self.graph.inserting_before(site.out):
             key = self._key(site)
             bias = self._bias_for(site, q.version)
-            args = (site.q, key, site.v, prev.mask if prev else None, prev.positions if prev else None, bias)
+            args = (site.q, key, site.v, prev.mask if prev else None, prev.positions if prev else None, bias,
+                    site.mix)
             call = self.graph.call_module(name, args)
             out, index, mask, positions = (self.graph.call_function(operator.getitem, (call, i)) for i in range(4))
         out.meta = dict(site.out.meta)  # rules reason on captured shapes; only T changes
@@ -304,19 +355,25 @@ class TokenWalk:
         self.labels[out] = label
         return None
 
-    def _insert_masked_attention(self, site: AttentionSite, q: TokenAxis) -> Label:
+    def _insert_masked_attention(self, site: AttentionSite, q: TokenAxis, out_label: Label = ...) -> Label:
+        """The site over the key-padding mask of token set ``q.version``; its output is labelled
+        like ``q`` (``out_label`` for class attention, whose output has no token axis)."""
         head_dim = concrete_shape(site.q)[-1]
+        mask, scale, bias = self.sets[q.version].mask, site.resolved_scale(head_dim), self._bias_for(site, q.version)
         with self.graph.inserting_before(site.out):
             key = self._key(site)
-            out = self.graph.call_function(
-                ops.masked_attention,
-                (site.q, key, site.v, self.sets[q.version].mask, 0, site.resolved_scale(head_dim), site.dropout_p,
-                 self._bias_for(site, q.version), self.options.kernels),
-            )
+            if site.mix is not None:
+                out = self.graph.call_function(
+                    ops.talking_heads_attention, (site.q, key, site.v, mask, scale, site.mix, site.dropout_p, bias))
+            else:
+                out = self.graph.call_function(
+                    ops.masked_attention,
+                    (site.q, key, site.v, mask, 0, scale, site.dropout_p, bias, self.options.kernels),
+                )
         out.meta = dict(site.out.meta)
         site.out.replace_all_uses_with(out)
         self.replaced.append(site)
-        self.labels[out] = replace(q, dim=q.dim)
+        self.labels[out] = replace(q, dim=q.dim) if out_label is ... else out_label
         return None
 
     # ---------------------------------------------------------------- gathers
@@ -330,6 +387,9 @@ class TokenWalk:
         bdim = batch_dim(arg)
         if bdim is None:
             raise Unsupported("needs a gather of the residual stream, but its batch axis is merged with another axis")
+        if any(self.sets[u].index is None for u in range(lab.version + 1, version + 1)):
+            raise Unsupported("combines tokens from before and after a class token was prepended to a sampled "
+                              "token set; ats_fx cannot line them up")
         node = arg
         with self.graph.inserting_before(at):
             for u in range(lab.version + 1, version + 1):
@@ -528,6 +588,9 @@ class TokenWalk:
         rejoined = self._rejoin_prefix(tensors, labs, dim)
         if rejoined is not None:
             return rejoined
+        prepended = self._prepend_tokens(node, tensors, labs, dim)
+        if prepended is not None:
+            return prepended
         if any(x.dim == dim for x in token_labs):
             self.fail(node, "concatenates tokens along the token axis after ATS (e.g. a class-attention block's class token)")
             return None
@@ -535,6 +598,33 @@ class TokenWalk:
             self.fail(node, "concatenates tensors whose token axes differ")
             return None
         return token_labs[0]
+
+    def _prepend_tokens(self, node: fx.Node, tensors, labs, dim: int) -> Label:
+        """``cat([cls, x], token_dim)`` with ``cls`` not token-indexed (CaiT prepends its class
+        token after the self-attention blocks): the new tokens join the prefix. After a stage the
+        result is a token set of its own whose mask and positions have the prefix in front."""
+        if len(tensors) != 2 or labs[0] is not None or not isinstance(labs[1], TokenAxis):
+            return None
+        tail = labs[1]
+        head_shape = concrete_shape(tensors[0])
+        if tail.dim != dim or not tail.plain or head_shape is None or batch_dim(tensors[0]) != batch_dim(node):
+            return None
+        extra = head_shape[dim]
+        if extra >= concrete_shape(tensors[1])[dim]:
+            return None
+        if tail.version == 0:
+            if self.analysis.late_class_token is None:
+                self.analysis.late_class_token = node
+            return replace(tail, prefix=tail.prefix + extra)
+        key = ("prepend", tail.version, extra)
+        if key not in self.gathers:
+            base = self.sets[tail.version]
+            with self.graph.inserting_before(node):
+                both = self.graph.call_function(ops.prepend_tokens, (base.mask, base.positions, extra))
+                mask, positions = (self.graph.call_function(operator.getitem, (both, i)) for i in range(2))
+            self.sets.append(TokenSet(None, mask, positions, base.layer, base.module))
+            self.gathers[key] = len(self.sets) - 1
+        return replace(tail, version=self.gathers[key], prefix=tail.prefix + extra)
 
     def _rejoin_prefix(self, tensors, labs, dim: int) -> Label:
         """``cat([x[..., :p, :], f(x[..., p:, :])], token_dim)``: prefix tokens set aside and put

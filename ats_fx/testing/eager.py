@@ -114,6 +114,36 @@ def timm_forward(model, image, stages):
     return model.forward_head(x)[0]
 
 
+def cait_forward(model, image, stages):
+    """timm ``Cait``: self-attention blocks with talking heads on the patch tokens alone (no class
+    token yet: a stage scores token j by Σ_h mean_i |A_h[i, j]|·‖V_h,j‖ over the queries, with A
+    after the head mixing), then class-attention blocks in which the class token attends to the
+    kept tokens, then norm over [class token, kept tokens] and the head."""
+    x = (model.patch_embed(image[None]) + model.pos_embed)[0]
+    for i, blk in enumerate(model.blocks):
+        attn = blk.attn
+        q, k, v = (split_heads(t, attn.num_heads) for t in attn.qkv(blk.norm1(x)).chunk(3, dim=-1))
+        logits = (q @ k.transpose(1, 2)) * attn.scale  # (H, N, N)
+        logits = attn.proj_l(logits.permute(1, 2, 0)).permute(2, 0, 1)
+        a = attn.proj_w(torch.softmax(logits, dim=-1).permute(1, 2, 0)).permute(2, 0, 1)
+        rows = list(range(x.shape[0]))
+        stage = stages.get(i)
+        if stage is not None:
+            s = (a.abs().mean(dim=1) * v.norm(dim=-1)).sum(0)
+            rows = sample_tokens(s / s.sum(), budget_for(len(rows), 0, stage.get("ratio"), stage.get("k")), 0)
+        x = x[rows] + blk.gamma_1 * attn.proj(merge_heads(a[:, rows] @ v))
+        x = x + blk.gamma_2 * blk.mlp(blk.norm2(x))
+    cls = model.cls_token[0]
+    for blk in model.blocks_token_only:
+        attn = blk.attn
+        h = blk.norm1(torch.cat([cls, x]))
+        q, k, v = (split_heads(t, attn.num_heads) for t in (attn.q(h[:1]), attn.k(h), attn.v(h)))
+        o = torch.softmax((q @ k.transpose(1, 2)) * attn.scale, dim=-1) @ v
+        cls = cls + blk.gamma_1 * attn.proj(merge_heads(o))
+        cls = cls + blk.gamma_2 * blk.mlp(blk.norm2(cls))
+    return model.forward_head(model.norm(torch.cat([cls, x]))[None])[0]
+
+
 def hf_blocks(encoder_layers, heads):
     """HF ViT-style layers (layernorm_before/after, q/k/v/o projections, no layer scale)."""
     return [_hf_block(layer, layer.attention, layer.layernorm_before, layer.layernorm_after, lambda t: t,
