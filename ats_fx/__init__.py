@@ -8,6 +8,9 @@
 from .api import ATSGraphModule, count_flops, kept_tokens, transform
 from .errors import ATSConfigError, ATSError, ATSInputError, ATSUnsupportedModel
 from .ops import StageTrace
+from .compile import register as _register_backend
+
+_register_backend()  # backend="ats" for torch.compile, also without the pip entry point
 
 __all__ = [
     "transform", "kept_tokens", "count_flops", "ATSGraphModule", "StageTrace",

@@ -1,6 +1,8 @@
 """The public API: transform a model, read back what ATS kept, count FLOPs."""
 from __future__ import annotations
 
+import contextlib
+
 import logging
 from typing import Any
 
@@ -266,6 +268,21 @@ def _flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    """Parameters without requires_grad for the count, restored after. FlopCounterMode's module
+    tracker hooks autograd on module inputs that require grad, and a view of a parameter taken
+    under no_grad (CaiT's ``cls_token.expand``) requires grad with no grad_fn, which breaks it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def count_flops(model: nn.Module, inputs: torch.Tensor, *, per_image: bool = True, macs: bool = True) -> torch.Tensor:
     """GFLOPs of ``model`` on ``inputs``, measured by torch's FlopCounterMode.
 
@@ -276,7 +293,7 @@ def count_flops(model: nn.Module, inputs: torch.Tensor, *, per_image: bool = Tru
     """
     batches = [inputs[i : i + 1] for i in range(inputs.shape[0])] if per_image else [inputs]
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), _frozen(model):
         for x in batches:
             counter = _flop_counter()
             with counter:

@@ -8,7 +8,8 @@ Inductor as the ``ats_fx::sample_tokens`` custom op: opaque, with a static outpu
 ``padding="static"`` and an unbacked SymInt for ``"batch_max"``.
 
 Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so
-``backend="ats"`` works after ``pip install`` without importing ats_fx.
+``backend="ats"`` works after ``pip install`` without importing ats_fx, and by ``import ats_fx``
+(``register``), so it also works from a source tree that was never installed.
 """
 from __future__ import annotations
 
@@ -223,3 +224,13 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
         return compiled(*[args[i] for i in data_idx])
 
     return run
+
+
+def register() -> None:
+    """Register ``ats_backend`` as Dynamo's ``"ats"`` (``import ats_fx`` calls this)."""
+    from torch._dynamo.backends.registry import register_backend
+
+    try:
+        register_backend(compiler_fn=ats_backend, name="ats")
+    except AssertionError:  # already registered: the entry point was loaded first
+        pass

@@ -51,6 +51,11 @@ def run(args) -> dict:
     import timm
 
     torch.backends.cudnn.benchmark = True
+    if args.autotune_rep is not None:  # max-autotune: less time benchmarking each GEMM choice
+        import torch._inductor.config as inductor_config
+
+        inductor_config.inductor_default_autotune_rep = args.autotune_rep
+        inductor_config.inductor_default_autotune_warmup = max(1, args.autotune_rep // 4)
     results = {"env": environment(), "rows": []}
     start = time.time()
     dtype = getattr(torch, args.dtype)
@@ -67,7 +72,8 @@ def run(args) -> dict:
                 torch._dynamo.reset()
                 model = compile_model(base, label, mode)
                 first = inputs[args.batches[0]].clone()
-                torch._dynamo.mark_dynamic(first, 0)
+                if not args.static_batch:
+                    torch._dynamo.mark_dynamic(first, 0)
                 t0 = time.time()
                 try:
                     with torch.no_grad():
@@ -126,6 +132,11 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--rep", type=int, default=200)
     p.add_argument("--budget-s", type=float, default=540, help="stop starting new compiles after this")
+    p.add_argument("--autotune-rep", type=int, default=None,
+                   help="Inductor's autotune benchmark time per choice, ms (its default 100; warm-up a quarter)")
+    p.add_argument("--static-batch", action="store_true",
+                   help="compile for the first batch size only (no dynamic batch): max-autotune then tunes "
+                        "each GEMM for that one shape")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
     run_and_report(args, run, table)

@@ -75,3 +75,16 @@ def test_training_gradients_flow():
     loss.backward()
     grads = [p.grad for p in ats.parameters()]
     assert all(g is not None for g in grads) and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_flops_of_cait_count_and_fall():
+    """FlopCounterMode on CaiT (a parameter view passed between blocks) counts dense and ATS."""
+    import timm
+
+    import ats_fx
+
+    model = timm.create_model("cait_xxs24_224", depth=2, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    dense = ats_fx.count_flops(model, x)
+    ats = ats_fx.count_flops(ats_fx.transform(model, "0-1", ratio=0.5), x)
+    assert (ats < 0.8 * dense).all() and all(p.requires_grad for p in model.parameters())

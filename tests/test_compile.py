@@ -174,3 +174,9 @@ def test_cuda_graph_modes_default_to_static_padding():
         assert kw["padding"] == "static" and got_mode == mode
     kw, _, _, _ = parse_options({"stages": "1", "mode": "max-autotune-no-cudagraphs"})
     assert "padding" not in kw
+
+
+def test_import_registers_the_backend_without_the_entry_point():
+    """From a source tree that was never pip-installed (no entry point), ``import ats_fx`` makes
+    backend="ats" resolve (the GPU machine runs the tests this way)."""
+    assert torch._dynamo.lookup_backend("ats") is ats_backend

@@ -204,6 +204,46 @@ def test_talking_heads_with_a_class_token_score_the_mixed_class_row():
     assert (kept.max(dim=1).values > kept.min(dim=1).values).any(), kept  # padding exercised
 
 
+class AttentionPoolViT(TinyViT):
+    """A learned query attends over the final tokens (an attention-pooling head, as timm's
+    ``attn_pool``): its queries have no token axis, so after a stage it must mask padded keys."""
+
+    def __init__(self):
+        super().__init__(lambda i: Attention(32, 4, "sdpa"), image=32)
+        self.probe = nn.Parameter(torch.randn(1, 4, 1, 8))
+        self.kv = nn.Linear(32, 64)
+
+    def pool(self, x):
+        B, N, _ = x.shape
+        k, v = self.kv(x).reshape(B, N, 2, 4, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(self.probe.expand(B, -1, -1, -1), k, v).reshape(B, 32)
+
+    def forward(self, x):
+        x = self.tokens(x)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.pool(self.norm(x)))
+
+
+def test_attention_pooling_head_attends_over_the_kept_tokens():
+    torch.manual_seed(0)
+    model = sharpen(AttentionPoolViT(), std=0.5).double().eval()
+    _, analysis, _ = analyse(model)
+    assert len(analysis.token_sites) == 3 and len(analysis.class_attention) == 1
+    ats = ats_fx.transform(model, [0, 1], ratio=0.5)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    want = []
+    for img in x:
+        t = model.tokens(img[None])[0]
+        blocks = [dict(norm1=b.norm1, qkv=b.attn.qkv_split, heads=4, proj=b.attn.proj, post_attn=lambda u: u,
+                       mlp_branch=lambda u, b=b: b.mlp(b.norm2(u))) for b in model.blocks]
+        t = run_blocks(t, blocks, 1, {0: dict(ratio=0.5), 1: dict(ratio=0.5)})
+        want.append(model.head(model.pool(model.norm(t)[None]))[0])
+    torch.testing.assert_close(ats(x).detach(), torch.stack(want).detach())
+    kept = torch.stack([tr.kept for tr in ats_fx.kept_tokens(ats)])
+    assert (kept.max(dim=1).values > kept.min(dim=1).values).any(), kept  # padding exercised
+
+
 def test_softmax_over_channels_is_not_token_attention():
     make = lambda i: ChannelAttention(32, 4) if i == 1 else Attention(32, 4, "mul_q")
     model = TinyViT(make).eval()

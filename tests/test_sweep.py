@@ -8,7 +8,8 @@ SAMPLE = ["vit_small_patch16_224", "deit_tiny_distilled_patch16_224", "beitv2_ba
           "eva02_small_patch14_224.mim_in22k", "cait_xxs24_224", "xcit_nano_12_p16_224",
           "swin_tiny_patch4_window7_224", "pit_ti_224", "flexivit_small", "vit_relpos_small_patch16_224",
           "vit_relpos_medium_patch16_cls_224",
-          "vit_tiny_r_s16_p8_224"]  # hybrid: ResNet stem, then ViT
+          "vit_tiny_r_s16_p8_224",  # hybrid: ResNet stem, then ViT
+          "vit_pe_core_tiny_patch16_384"]  # attention-pooling head
 
 
 def _names():
@@ -33,7 +34,7 @@ def test_sample_verdicts_are_the_expected_ones():
     verdicts = {n: check(n.split(".")[0])["verdict"] for n in SAMPLE}
     for n in ("vit_small_patch16_224", "deit_tiny_distilled_patch16_224", "beitv2_base_patch16_224",
               "eva02_small_patch14_224.mim_in22k", "flexivit_small", "vit_tiny_r_s16_p8_224",
-              "vit_relpos_medium_patch16_cls_224", "cait_xxs24_224"):
+              "vit_relpos_medium_patch16_cls_224", "cait_xxs24_224", "vit_pe_core_tiny_patch16_384"):
         assert verdicts[n] == "converted", (n, verdicts[n])
     for n in ("xcit_nano_12_p16_224", "swin_tiny_patch4_window7_224", "pit_ti_224",
               "vit_relpos_small_patch16_224"):

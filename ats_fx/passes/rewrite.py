@@ -76,7 +76,7 @@ class Analysis:
     pooling: list = field(default_factory=list)  # how tokens leave: "token", "avg", ...
     lost: dict = field(default_factory=dict)  # node -> why its token axis could not be followed
     unmatched: list = field(default_factory=list)  # (module, why) of softmax attention no spelling matched
-    class_attention: list = field(default_factory=list)  # sites attending from prefix tokens only (CaiT)
+    class_attention: list = field(default_factory=list)  # queries without a token axis (CaiT, attention pooling)
     late_class_token: Optional[fx.Node] = None  # the cat that prepends a class token after the stages
 
 
@@ -247,8 +247,7 @@ class TokenWalk:
             and q.version == k.version == v.version
         )
         if q is None and isinstance(k, TokenAxis) and isinstance(v, TokenAxis) and k.dim == k_dim \
-                and v.dim == nd - 2 and k.plain and v.plain and k.version == v.version and k.prefix > 0 \
-                and concrete_shape(site.q)[-2] <= k.prefix:
+                and v.dim == nd - 2 and k.plain and v.plain and k.version == v.version:
             return self._class_attention(site, k, nd)
         if not ok:
             why = self._why_not_tokens(site, q, k, v, nd)
@@ -268,8 +267,10 @@ class TokenWalk:
         return self._insert_masked_attention(site, q)
 
     def _class_attention(self, site: AttentionSite, k: TokenAxis, nd: int) -> Label:
-        """Queries from the prefix tokens only (CaiT's class attention: ``q = W x[:, 0]``), keys and
-        values over the token set: masked attention with Tq = 1 after a stage; never a stage."""
+        """Queries without a token axis, keys and values over the token set: CaiT's class attention
+        (``q = W x[:, 0]``, a prefix token) or an attention-pooling head (a learned query, timm's
+        ``attn_pool``). Each query averages over the keys, so after a stage it is the same
+        attention over the kept tokens with padded keys masked; never a stage itself."""
         self.analysis.class_attention.append(site)
         if k.version == 0:
             return None
