@@ -27,11 +27,20 @@ from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment, run_a
 log = logging.getLogger("benchmarks.compiled")
 
 
-def compile_model(model, label: str, mode: str):
+def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = False):
+    # max-autotune also tunes every pointwise/reduction kernel by coordinate descent on its first
+    # run (serially, in the main process): minutes per distinct kernel shape set.
+    extra = {"coordinate_descent_tuning": False} if no_coordinate_descent else None
     if label == "dense":
+        if extra:
+            from torch._inductor import list_mode_options
+
+            return torch.compile(model, options={**list_mode_options(mode), **extra})
         return torch.compile(model, mode=None if mode == "default" else mode)
     _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
     options = {"stages": stages, "ratio": ratio, "k": k, "mode": mode}  # padding: static under CUDA graphs
+    if extra:
+        options["inductor_options"] = extra
     options = {key: v for key, v in options.items() if v is not None}
     # The callable is what backend="ats" resolves to once the package is pip-installed (the GPU
     # machine runs from a source tree without the entry point).
@@ -70,7 +79,7 @@ def run(args) -> dict:
                     log.warning("time budget spent; skipping %s %s %s", name, mode, label)
                     continue
                 torch._dynamo.reset()
-                model = compile_model(base, label, mode)
+                model = compile_model(base, label, mode, args.no_coordinate_descent)
                 first = inputs[args.batches[0]].clone()
                 if not args.static_batch:
                     torch._dynamo.mark_dynamic(first, 0)
@@ -88,7 +97,8 @@ def run(args) -> dict:
                 flops = flops_of(base, label, inputs[args.batches[-1]])
                 for batch, x in inputs.items():
                     ms = bench_ms(lambda: model(x), args.rep)
-                    row = dict(model=name, dtype=args.dtype, mode=mode, config=label, batch=batch, ms=ms,
+                    row = dict(model=name, dtype=args.dtype, mode=mode + (" no-cd" if args.no_coordinate_descent else ""),
+                               config=label, batch=batch, ms=ms,
                                img_s=batch / ms * 1e3, gflops=flops, compile_s=compile_s)
                     if label == "dense":
                         dense_ms[mode, batch] = (ms, flops)
@@ -134,6 +144,8 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=540, help="stop starting new compiles after this")
     p.add_argument("--autotune-rep", type=int, default=None,
                    help="Inductor's autotune benchmark time per choice, ms (its default 100; warm-up a quarter)")
+    p.add_argument("--no-coordinate-descent", action="store_true",
+                   help="max-autotune without its coordinate-descent tuning of pointwise kernels (dense and ATS alike)")
     p.add_argument("--static-batch", action="store_true",
                    help="compile for the first batch size only (no dynamic batch): max-autotune then tunes "
                         "each GEMM for that one shape")

@@ -386,3 +386,28 @@ def test_compiled_triton_path_equals_reference(padding):
     x = torch.randn(3, 3, 32, 32, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_mode_with_triton_kernels_equals_reference():
+    """mode='reduce-overhead' records the Triton ops in CUDA graphs: no op may keep a tensor it
+    allocated during recording (a cached float64 rho did: 'tensor(s) in the cudagraph pool not
+    tracked as outputs', found on the H100 in session 5)."""
+    import timm
+
+    base = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8).eval().to(DEVICE)
+    ref = ats_fx.transform(base, "1-2", ratio=0.7, kernels="reference", padding="static")
+    compiled = torch.compile(base, backend="ats", options={"stages": "1-2", "ratio": 0.7, "kernels": "triton",
+                                                           "mode": "reduce-overhead"})
+    with torch.no_grad():
+        for _ in range(3):  # warm-up, record, replay
+            x = torch.randn(3, 3, 32, 32, device=DEVICE)
+            torch.testing.assert_close(compiled(x).clone(), ref(x), atol=1e-4, rtol=1e-4)
+
+
+def test_rho_reaches_the_sampling_kernel_as_exact_float64_bits():
+    from ats_fx.kernels.sample import _float64_bits
+
+    for rho in (0.7, 0.87, 1.0, 1 / 3):
+        bits = torch.tensor([_float64_bits(rho)], dtype=torch.int64)
+        assert bits.view(torch.float64).item() == rho

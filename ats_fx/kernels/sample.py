@@ -11,6 +11,7 @@ Reference: ``reference.inverse_transform_sample``.
 """
 from __future__ import annotations
 
+import struct
 from typing import Optional
 
 import torch
@@ -28,7 +29,7 @@ def _quantile(i, K):
 
 @triton.jit
 def _sample_kernel(
-    S, BUDGET, MASK, CDF, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO,
+    S, BUDGET, MASK, CDF, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
     smb, smt,
     T, W, num_prefix, k_fixed, min_tokens,
     HAS_MASK: tl.constexpr, BUDGET_GIVEN: tl.constexpr, HAS_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -49,7 +50,8 @@ def _sample_kernel(
         if k_fixed >= 0:
             K = tl.zeros([], dtype=tl.int32) + k_fixed
         else:
-            K = tl.floor(n_in.to(tl.float64) * tl.load(RATIO) + 0.5).to(tl.int32)
+            rho = RATIO_BITS.to(tl.int64).to(tl.float64, bitcast=True)
+            K = tl.floor(n_in.to(tl.float64) * rho + 0.5).to(tl.int32)
             K = tl.maximum(K, min_tokens)
         K = tl.minimum(K, n_in - num_prefix)
         tl.store(BUDGET + b, K.to(tl.int64))
@@ -114,17 +116,13 @@ def sample_with_budget(
     return _launch(scores, key_mask, num_prefix, width, ratio=ratio, k=k, bad=bad)
 
 
-# rho as a float64 scalar in device memory: a Python float argument reaches a Triton kernel as
-# float32 (0.7 -> 0.69999999), which moved K at the x.5 products (65 x 0.7 = 45.5 -> K = 45, not 46)
-# on the GPU; the CPU interpreter keeps float64 and hid it.
-_RATIOS: dict = {}
-
-
-def _ratio_tensor(ratio: float, device) -> torch.Tensor:
-    key = (ratio, str(device))
-    if key not in _RATIOS:
-        _RATIOS[key] = torch.tensor([ratio], dtype=torch.float64, device=device)
-    return _RATIOS[key]
+# rho reaches the kernel as the bit pattern of its float64 value (an int64 argument, bitcast back):
+# a Python float argument arrives as float32 (0.7 -> 0.69999999), which moved K at the x.5
+# products (65 x 0.7 = 45.5 -> K = 45, not 46) on the GPU; the CPU interpreter keeps float64 and
+# hid it. (A cached float64 device tensor did the same, but a tensor created while CUDA graphs
+# record stays in their memory pool untracked, which CUDA graph trees refuse.)
+def _float64_bits(x: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
 def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None, bad=None):
@@ -144,7 +142,7 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     mask = key_mask if key_mask is not None else scores
     _sample_kernel[(B,)](
         scores, budget, mask, cdf, index, out_mask, kept, bad if bad is not None else kept, stats,
-        _ratio_tensor(float(ratio or 0.0), device),
+        _float64_bits(ratio or 0.0),
         mask.stride(0), mask.stride(1),
         T, W, num_prefix, -1 if k is None else int(k), MIN_TOKENS,
         HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=bad is not None,
