@@ -223,11 +223,15 @@ class TokenWalk:
             if norm_dim(node.args[1] if len(node.args) > 1 else 0, 3) != 1:
                 continue
             head, tail = node.args[0]
-            if not self.flow.depends_on_input(tail) or concrete_shape(head)[1] >= concrete_shape(tail)[1]:
+            if not (isinstance(head, fx.Node) and isinstance(tail, fx.Node)):
+                continue
+            head_shape, tail_shape = concrete_shape(head), concrete_shape(tail)
+            if head_shape is None or tail_shape is None or len(head_shape) != 3 or len(tail_shape) != 3:
+                continue
+            if not self.flow.depends_on_input(tail) or head_shape[1] >= tail_shape[1]:
                 continue
             if order[node] < first_site:
                 return None  # an ordinary class token in front of the patch tokens
-            tail_shape = concrete_shape(tail)
             path = [n for n in self.flow.ancestors(tail) | {tail}
                     if concrete_shape(n) == tail_shape and self.flow.depends_on_input(n)]
             seed = min(path, key=order.get)
@@ -607,6 +611,8 @@ class TokenWalk:
         if len(tensors) != 2 or labs[0] is not None or not isinstance(labs[1], TokenAxis):
             return None
         tail = labs[1]
+        if set(self.analysis.lost) & (self.flow.ancestors(tensors[0]) | {tensors[0]}):
+            return None  # tokens whose axis was lost on the way, not learned tokens
         head_shape = concrete_shape(tensors[0])
         if tail.dim != dim or not tail.plain or head_shape is None or batch_dim(tensors[0]) != batch_dim(node):
             return None
