@@ -114,7 +114,8 @@ def sample_tokens_impl(
 def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels, bias=None):
     """``sample_tokens_impl`` plus ``padded``: False when the host already knows that no image has
     padding rows (batch_max on the Triton path), None when it does not know."""
-    if use_triton(q, kernels) and bias is None:
+    triton = use_triton(q, kernels)
+    if triton and bias is None:
         from .kernels.scores import class_token_scores
 
         s, bad = class_token_scores(q, k, v, key_mask, num_prefix, scale, score)
@@ -122,7 +123,7 @@ def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width,
         s, bad = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, False, bias=bias,
                                               with_bad=True)
     return _sample_scores(s, bad, key_mask, num_prefix, ratio, k_tokens, width, strict,
-                          kernels if use_triton(q, kernels) else "reference")
+                          kernels if triton else "reference")
 
 
 def _sample_scores(s, bad, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels):
