@@ -152,9 +152,9 @@ def _refuse_if_no_sites(model: nn.Module, analysis: Analysis) -> None:
         if analysis.seed is not None:
             from .passes.graph import module_path
 
-            late = (f". The class token joins the tokens only at {module_path(analysis.seed) or analysis.seed.name}: "
-                    "attention layers before it have no class token to score with (CaiT-style class "
-                    "attention), and the layers after it attend from the class token alone")
+            late = (f". The class token joins the tokens only at {module_path(analysis.seed) or analysis.seed.name}, "
+                    "and no attention over the tokens was matched before it (the reasons above), so there is "
+                    "no layer to sample in")
         unmatched = describe_unmatched(analysis.unmatched)
         unmatched = f"; softmax attention no spelling matched: {unmatched}" if unmatched else ""
         raise ATSUnsupportedModel(f"{name}: no attention over tokens found ({reasons}{unmatched}){late}")
