@@ -118,7 +118,6 @@ class ATSStage(nn.Module):
             mask = None
         return out, index, mask, new_positions
 
-
     def _from_weights(self, q, k, v, key_mask, width: int, strict: bool, bias, mix, dropout_p: float):
         """The stage on a materialised attention matrix A: scores from A's class row, or its mean
         row without a class token (``reference.weight_scores``), then O = A[kept] V."""
