@@ -1,0 +1,93 @@
+"""The CUDA kernels of one forward pass of a compiled model, in launch order, with their times:
+where a compiled ATS model spends the time a compiled dense model does not (issue 4, batch 1).
+
+    python -m benchmarks.kernel_trace --model deit_small_patch16_224 --batch 1 --mode reduce-overhead
+
+For each configuration: compile (``benchmarks.compiled.compile_model``), time with ``do_bench``
+(median), then record 5 forward passes under ``torch.profiler`` (kernels inside CUDA graphs are
+recorded too) and report per forward: the number of kernels, the sum of their durations, and the
+kernels themselves. The gap between the wall time and the kernel sum is launch/scheduling latency.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from benchmarks.compiled import compile_model
+from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment
+
+CALLS = 5
+
+
+def kernels_per_forward(model, x) -> list[tuple[str, float]]:
+    """(kernel name, microseconds) of one forward, averaged over ``CALLS`` recorded calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(CALLS):
+                model(x)
+            torch.cuda.synchronize()
+    events = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    events.sort(key=lambda e: e.time_range.start)
+    n = len(events) // CALLS
+    first = events[:n]
+    totals = defaultdict(float)
+    for i, e in enumerate(events[: n * CALLS]):
+        totals[i % n] += e.time_range.elapsed_us()
+    return [(first[i].name, totals[i] / CALLS) for i in range(n)]
+
+
+def main(argv=None) -> None:
+    import timm
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--configs", nargs="+", default=["dense", "single K=108", "multi rho=0.87"])
+    p.add_argument("--mode", default="reduce-overhead")
+    p.add_argument("--batches", nargs="+", type=int, default=[1])
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--out", help="JSON path; a text listing is written beside it (.txt)")
+    args = p.parse_args(argv)
+    torch.backends.cudnn.benchmark = True
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, pretrained=False).eval().cuda().to(dtype)
+    labels = {q[0] for q in OPERATING_POINTS} | {"dense"}
+    results, lines = {"env": environment(), "rows": []}, []
+    for label in args.configs:
+        if label not in labels:
+            raise SystemExit(f"unknown config {label!r}: one of {sorted(labels)}")
+        for batch in args.batches:
+            torch._dynamo.reset()
+            model = compile_model(base, label, args.mode)
+            x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype)
+            with torch.no_grad():
+                model(x)
+            ms = bench_ms(lambda: model(x), 200)
+            kernels = kernels_per_forward(model, x)
+            busy = sum(us for _, us in kernels)
+            row = dict(config=label, batch=batch, mode=args.mode, ms=ms, kernels=len(kernels), kernel_us=busy,
+                       trace=kernels)
+            results["rows"].append(row)
+            lines.append(f"== {args.model} {label} batch {batch} {args.mode}: {ms * 1e3:.1f} us per forward, "
+                         f"{len(kernels)} kernels, {busy:.1f} us of kernel time")
+            lines += [f"  {us:8.2f}  {name[:110]}" for name, us in kernels]
+            print(lines[-len(kernels) - 1], flush=True)
+            del model
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).with_suffix(".txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
