@@ -211,6 +211,12 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
     for m in ats.modules():
         if isinstance(m, ops.ATSStage):
             m.compiled = True
+    # The rewritten graph is still Dynamo's graph: say so (as torch asks of graph passes that
+    # rebuild it, e.g. DDPOptimizer). AOTAutograd then marks the parameters and buffers static
+    # inputs, so CUDA graphs read them in place instead of copying every weight on every replay
+    # (measured: 56 us per DeiT-S forward on H100, more than a whole stage at batch 1).
+    if "dynamo_compile_id" in gm.meta:
+        ats.meta["dynamo_compile_id"] = gm.meta["dynamo_compile_id"]
     log.info("backend='ats': rewrote a graph of %d nodes; compiling with %s", len(gm.graph.nodes), backend)
     # batch_max gives the ATS op a data-dependent output width: let this compile's shape
     # environment allocate it (Dynamo leaves that off unless capture_dynamic_output_shape_ops).

@@ -114,21 +114,23 @@ def sample_tokens_impl(
 def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels, bias=None):
     """``sample_tokens_impl`` plus ``padded``: False when the host already knows that no image has
     padding rows (batch_max on the Triton path), None when it does not know."""
-    triton = use_triton(q, kernels)
-    if triton and bias is None:
-        from .kernels.scores import class_token_scores
+    if use_triton(q, kernels) and bias is None:
+        # Per-head scores; the sampling kernel sums and normalises them (two launches a stage).
+        from .kernels.scores import head_scores
 
-        s, bad = class_token_scores(q, k, v, key_mask, num_prefix, scale, score)
-    else:  # the scores kernel takes no bias: PyTorch scores, then the sampling kernel
-        s, bad = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, False, bias=bias,
-                                              with_bad=True)
-    return _sample_scores(s, bad, key_mask, num_prefix, ratio, k_tokens, width, strict,
-                          kernels if triton else "reference")
+        heads = head_scores(q, k, v, key_mask, num_prefix, scale, score)
+        return _sample_scores(heads, None, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels)
+    # The scores kernel takes no bias: PyTorch scores, then (on CUDA) the sampling kernel.
+    s, bad = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, False, bias=bias,
+                                          with_bad=True)
+    return _sample_scores(s, bad, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels)
 
 
 def _sample_scores(s, bad, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels):
-    """Inverse-transform sampling of given scores S (B, T): ``(index, mask, kept, budget, padded)``."""
-    B, T = s.shape
+    """Inverse-transform sampling of given scores: ``(index, mask, kept, budget, padded)``. ``s`` is
+    S (B, T) with its fallback flags ``bad``, or, on the Triton path only, per-head scores
+    (B, H, T) with ``bad=None``."""
+    B, T = s.shape[0], s.shape[-1]
     if not use_triton(s, kernels):
         if strict and bool(bad.any()):
             raise_bad(bad)
@@ -142,11 +144,13 @@ def _sample_scores(s, bad, key_mask, num_prefix, ratio, k_tokens, width, strict,
         return index, mask, kept, budget, None
     from .kernels.sample import sample_with_budget
 
-    index, mask, kept, budget, stats = sample_with_budget(
-        s.float(), key_mask, num_prefix, ratio, k_tokens, None if width < 0 else width, bad.to(torch.int8)
+    read = width < 0 or strict  # static and lenient: nothing to read on the host
+    index, mask, kept, budget, stats, bad = sample_with_budget(
+        s.float(), key_mask, num_prefix, ratio, k_tokens, None if width < 0 else width,
+        None if bad is None else bad.to(torch.int8), stats=read,
     )
     padded = None
-    if width < 0 or strict:
+    if read:
         # One host read: the batch width, the NaN check, and whether any image is padded.
         widest, any_bad, neg_narrowest = stats.tolist()
         widest = max(widest, min(MIN_WIDTH, T))

@@ -180,3 +180,32 @@ def test_import_registers_the_backend_without_the_entry_point():
     """From a source tree that was never pip-installed (no entry point), ``import ats_fx`` makes
     backend="ats" resolve (the GPU machine runs the tests this way)."""
     assert torch._dynamo.lookup_backend("ats") is ats_backend
+
+
+def test_parameters_are_static_inputs_for_cuda_graphs():
+    """The rewritten graph keeps Dynamo's identity, so AOTAutograd marks every parameter and
+    buffer a static input: CUDA graphs then read the weights in place instead of copying all of
+    them on every replay (56 us per DeiT-S forward on H100 before this was fixed)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.registry import register_backend
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    seen = {}
+
+    def forward_compiler(gm, inputs):
+        seen["static"] = list(torch._guards.TracingContext.try_get().fw_metadata.static_input_indices)
+        seen["inputs"] = len(inputs)
+        return make_boxed_func(gm.forward)
+
+    try:
+        register_backend(compiler_fn=aot_autograd(fw_compiler=forward_compiler), name="ats_test_static")
+    except AssertionError:  # registered by an earlier run in this process
+        pass
+    factory, _, chw = MODELS["timm_deit_small"]
+    model = factory()
+    weights = len(list(model.parameters())) + len(list(model.buffers()))
+    compiled = torch.compile(model, backend="ats", options={**OPTIONS, "padding": "static",
+                                                             "backend": "ats_test_static"})
+    with torch.no_grad():
+        compiled(torch.randn(2, *chw))
+    assert seen["static"] == list(range(weights)) and seen["inputs"] == weights + 1

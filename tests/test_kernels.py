@@ -17,7 +17,7 @@ from ats_fx.kernels.attention_rows import attention_rows
 from ats_fx.kernels.gather_add import gather_add
 from ats_fx.kernels.masked_attention import masked_attention
 from ats_fx.kernels.sample import inverse_transform_sample
-from ats_fx.kernels.scores import class_token_scores
+from ats_fx.kernels.scores import class_token_scores, head_scores
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [  # B, H, T, dh, prefix
@@ -64,6 +64,48 @@ def test_scores_kernel(shape, dtype, masked, score):
     if masked:
         assert (got[~mask] == 0).all()
     torch.testing.assert_close(got.sum(1), torch.ones(B, device=DEVICE))
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: f"T{s[2]}H{s[1]}")
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+def test_head_scores_kernel(shape, masked):
+    """One program per (image, head): each head's class attention row times ||V_j||, the prefix
+    and padding at 0, before the heads are summed."""
+    B, H, T, D, p = shape
+    q, k, v = qkv(B, H, T, D, torch.float16, seed=3)
+    mask = padding_mask(B, T) if masked else None
+    got = head_scores(q, k, v, mask, p, D**-0.5)
+    logits = (q[:, :, :1].float() @ k.float().transpose(-2, -1)).squeeze(2) * D**-0.5
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None], float("-inf"))
+    want = logits.softmax(-1) * v.float().norm(dim=-1)
+    want[:, :, :p] = 0
+    if mask is not None:
+        want = want * mask[:, None]
+    assert got.shape == (B, H, T) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+def test_sampling_from_head_scores_equals_sampling_from_scores(masked):
+    """The library's path (per-head scores summed and normalised inside the sampling kernel) picks
+    exactly what sampling the normalised scores picks, and writes the fallback flags."""
+    from ats_fx.kernels.sample import sample_with_budget
+
+    B, H, T, D, p = 3, 4, 65, 16, 1
+    q, k, v = qkv(B, H, T, D, torch.float32, seed=4)
+    q = q.clone()
+    q[2, 1, 0, 0] = float("nan")  # image 2 falls back to uniform scores
+    mask = padding_mask(B, T) if masked else None
+    heads = head_scores(q, k, v, mask, p, D**-0.5)
+    scores, bad = class_token_scores(q, k, v, mask, p, D**-0.5)
+    got = sample_with_budget(heads, mask, p, 0.6, None, None, None)
+    want = sample_with_budget(scores, mask, p, 0.6, None, None, bad)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert got[5].tolist() == [0, 0, 1] and got[4][1] == 1
+    static = sample_with_budget(heads, mask, p, 0.6, None, 40, None, stats=False)
+    assert static[4] is None and static[0].shape == (B, 40)
 
 
 def test_scores_kernel_flags_nan_and_zero_rows():
@@ -347,7 +389,7 @@ def test_in_kernel_budget_matches_reference(ratio, T):
     scores = scores / scores.sum(1, keepdim=True)
     bad = torch.zeros(B, dtype=torch.int8, device=DEVICE)
     for key_mask in (None, mask):
-        _, _, kept, budget, stats = sample_with_budget(scores, key_mask, p, ratio, None, None, bad)
+        _, _, kept, budget, stats, _ = sample_with_budget(scores, key_mask, p, ratio, None, None, bad)
         assert torch.equal(budget, reference.token_budget(key_mask, B, T, p, ratio, None, DEVICE))
         assert stats.tolist() == [int(kept.max()) + p, 0, -int(kept.min()) - p]
 

@@ -94,19 +94,24 @@ def _attention_kernel(
              mask=in_rows[:, None] & in_d[None, :])
 
 
+def default_config(rows: int, D: int) -> dict:
+    """Tile sizes and launch settings of ``_attention_kernel`` for ``rows`` query rows of head size D."""
+    block_d = max(16, triton.next_power_of_2(D))
+    return dict(BLOCK_M=64 if rows > 32 else 16, BLOCK_N=64 if block_d <= 64 else 32, num_warps=4, num_stages=2)
+
+
 def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], scale: float,
-                     rows: int) -> torch.Tensor:
-    """Run ``_attention_kernel`` for ``rows`` query rows (gathered through ``index`` if given)."""
+                     rows: int, config: Optional[dict] = None) -> torch.Tensor:
+    """Run ``_attention_kernel`` for ``rows`` query rows (gathered through ``index`` if given);
+    ``config`` overrides ``default_config`` (benchmarks/attention_configs.py sweeps it)."""
     B, H, _, D = q.shape
     T = k.shape[2]
     # (B, R, H, dh) memory: the model's following transpose(1, 2).reshape(B, R, C) is then a view.
     out = torch.empty(B, rows, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
-    block_d = max(16, triton.next_power_of_2(D))
-    block_m = 64 if rows > 32 else 16
-    block_n = 64 if block_d <= 64 else 32
+    config = config or default_config(rows, D)
     mask = out if key_mask is None else key_mask.view(torch.int8) if key_mask.dtype == torch.bool else key_mask
     idx = index if index is not None else mask  # a dummy pointer without an index
-    grid = (triton.cdiv(rows, block_m), B * H)
+    grid = (triton.cdiv(rows, config["BLOCK_M"]), B * H)
     _attention_kernel[grid](
         q, k, v, idx, mask, out,
         *q.stride(), *k.stride(), *v.stride(),
@@ -119,8 +124,7 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
         IEEE=q.dtype == torch.float32,
         # Triton's CPU interpreter (3.8) multiplies bfloat16 bit patterns in tl.dot: upcast there.
         UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_T=triton.next_power_of_2(T),
-        num_warps=4, num_stages=2,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=triton.next_power_of_2(T), **config,
     )
     return out
 

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .reference import MIN_TOKENS
+from .scores import combine_heads
 
 
 @triton.jit
@@ -31,8 +32,9 @@ def _quantile(i, K):
 def _sample_kernel(
     S, BUDGET, MASK, CDF, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
     smb, smt,
-    T, W, num_prefix, k_fixed, min_tokens,
-    HAS_MASK: tl.constexpr, BUDGET_GIVEN: tl.constexpr, HAS_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
+    T, W, H, num_prefix, k_fixed, min_tokens,
+    HAS_MASK: tl.constexpr, BUDGET_GIVEN: tl.constexpr, HAS_STATS: tl.constexpr, FROM_HEADS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     t = tl.arange(0, BLOCK_T)
@@ -40,7 +42,11 @@ def _sample_kernel(
     real = inside
     if HAS_MASK:
         real &= tl.load(MASK + b * smb + t * smt, mask=inside, other=0) != 0
-    s = tl.load(S + b * T + t, mask=inside, other=0.0)
+    if FROM_HEADS:  # S holds the per-head scores (B, H, T) of scores.head_scores: sum, normalise
+        s, bad = combine_heads(S, b, t, T, H, real & (t >= num_prefix))
+        tl.store(BAD + b, bad.to(tl.int8))
+    else:
+        s = tl.load(S + b * T + t, mask=inside, other=0.0)
     if BUDGET_GIVEN:
         K = tl.load(BUDGET + b).to(tl.int32)
     else:
@@ -82,7 +88,10 @@ def _sample_kernel(
     if HAS_STATS:
         # Batch width and "any image fell back to uniform scores", for one host read per stage.
         tl.atomic_max(STATS, total)
-        tl.atomic_max(STATS + 1, tl.load(BAD + b).to(tl.int32))
+        if FROM_HEADS:
+            tl.atomic_max(STATS + 1, bad.to(tl.int32))
+        else:
+            tl.atomic_max(STATS + 1, tl.load(BAD + b).to(tl.int32))
         tl.atomic_max(STATS + 2, -total)  # -min_b(K'_b + p): no padding when it equals the max
 
 
@@ -97,7 +106,7 @@ def inverse_transform_sample(
 
     With ``width=None`` the result has T slots; the caller truncates to max K' + p (batch_max).
     """
-    index, out_mask, kept, _, _ = _launch(scores, key_mask, num_prefix, width, budget=budget)
+    index, out_mask, kept, _, _, _ = _launch(scores, key_mask, num_prefix, width, budget=budget)
     return index, out_mask, kept
 
 
@@ -108,12 +117,17 @@ def sample_with_budget(
     ratio: Optional[float],
     k: Optional[int],
     width: Optional[int],
-    bad: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The library's path: K computed in the kernel, plus ``stats`` = [max_b K'_b + p, any(bad),
-    -min_b K'_b - p] (int32, on the device): one host read gives the batch width, the NaN check and
-    whether any image is padded."""
-    return _launch(scores, key_mask, num_prefix, width, ratio=ratio, k=k, bad=bad)
+    bad: Optional[torch.Tensor],
+    stats: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """The library's path: K computed in the kernel. ``scores`` are normalised (B, T) with their
+    fallback flags ``bad``, or per-head (B, H, T) from ``scores.head_scores`` with ``bad=None``
+    (summed and normalised in the kernel, which then writes the flags).
+
+    Returns ``(index, mask, kept, budget, stats, bad)``; ``stats`` = [max_b K'_b + p, any(bad),
+    -min_b K'_b - p] (int32, on the device; None unless asked for): one host read gives the
+    batch width, the NaN check and whether any image is padded."""
+    return _launch(scores, key_mask, num_prefix, width, ratio=ratio, k=k, bad=bad, want_stats=stats)
 
 
 # rho reaches the kernel as the bit pattern of its float64 value (an int64 argument, bitcast back):
@@ -125,8 +139,10 @@ def _float64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None, bad=None):
-    B, T = scores.shape
+def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None, bad=None, want_stats=False):
+    from_heads = scores.dim() == 3
+    B, T = scores.shape[0], scores.shape[-1]
+    H = scores.shape[1] if from_heads else 1
     W = T if width is None else width
     scores = scores.contiguous().float()
     device = scores.device
@@ -138,14 +154,17 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     given = budget is not None
     if not given:
         budget = torch.empty(B, device=device, dtype=torch.int64)
-    stats = torch.full((3,), -(2**30), device=device, dtype=torch.int32) if bad is not None else kept
+    if from_heads:
+        bad = torch.empty(B, device=device, dtype=torch.int8)
+    # The stats buffer needs a fill (one more launch): only when the caller reads it.
+    stats = torch.full((3,), -(2**30), device=device, dtype=torch.int32) if want_stats else None
     mask = key_mask if key_mask is not None else scores
     _sample_kernel[(B,)](
-        scores, budget, mask, cdf, index, out_mask, kept, bad if bad is not None else kept, stats,
-        _float64_bits(ratio or 0.0),
-        mask.stride(0), mask.stride(1),
-        T, W, num_prefix, -1 if k is None else int(k), MIN_TOKENS,
-        HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=bad is not None,
+        scores, budget, mask, cdf, index, out_mask, kept, bad if bad is not None else kept,
+        stats if stats is not None else kept, _float64_bits(ratio or 0.0),
+        mask.stride(0), mask.stride(-1),
+        T, W, H, num_prefix, -1 if k is None else int(k), MIN_TOKENS,
+        HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=stats is not None, FROM_HEADS=from_heads,
         BLOCK_T=triton.next_power_of_2(T), num_warps=4 if T <= 256 else 8, enable_fp_fusion=False,
     )
-    return index, out_mask.view(torch.bool), kept, budget, stats
+    return index, out_mask.view(torch.bool), kept, budget, stats, bad
