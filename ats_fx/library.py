@@ -118,7 +118,7 @@ def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width,
         # Per-head scores; the sampling kernel sums and normalises them (two launches a stage).
         from .kernels.scores import head_scores
 
-        heads = head_scores(q, k, v, key_mask, num_prefix, scale, score)
+        heads = head_scores(q, k, v, key_mask, scale, score)
         return _sample_scores(heads, None, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels)
     # The scores kernel takes no bias: PyTorch scores, then (on CUDA) the sampling kernel.
     s, bad = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, False, bias=bias,
@@ -128,9 +128,9 @@ def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width,
 
 def _sample_scores(s, bad, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels):
     """Inverse-transform sampling of given scores: ``(index, mask, kept, budget, padded)``. ``s`` is
-    S (B, T) with its fallback flags ``bad``, or, on the Triton path only, per-head scores
-    (B, H, T) with ``bad=None``."""
-    B, T = s.shape[0], s.shape[-1]
+    S (B, T) with its fallback flags ``bad``, or, on the Triton path only, the per-head logits
+    and value norms (2, B, H, T) of ``kernels.scores.head_scores`` with ``bad=None``."""
+    B, T = s.shape[-3 if s.dim() == 4 else 0], s.shape[-1]
     if not use_triton(s, kernels):
         if strict and bool(bad.any()):
             raise_bad(bad)

@@ -30,11 +30,11 @@ def _quantile(i, K):
 
 @triton.jit
 def _sample_kernel(
-    S, BUDGET, MASK, CDF, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
+    S, VN, BUDGET, MASK, CDF, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
     smb, smt,
     T, W, H, num_prefix, k_fixed, min_tokens,
     HAS_MASK: tl.constexpr, BUDGET_GIVEN: tl.constexpr, HAS_STATS: tl.constexpr, FROM_HEADS: tl.constexpr,
-    BLOCK_T: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     t = tl.arange(0, BLOCK_T)
@@ -42,8 +42,8 @@ def _sample_kernel(
     real = inside
     if HAS_MASK:
         real &= tl.load(MASK + b * smb + t * smt, mask=inside, other=0) != 0
-    if FROM_HEADS:  # S holds the per-head scores (B, H, T) of scores.head_scores: sum, normalise
-        s, bad = combine_heads(S, b, t, T, H, real & (t >= num_prefix))
+    if FROM_HEADS:  # S, VN: the per-head logits and value norms of scores.head_scores
+        s, bad = combine_heads(S, VN, b, t, T, H, real & (t >= num_prefix), BLOCK_H)
         tl.store(BAD + b, bad.to(tl.int8))
     else:
         s = tl.load(S + b * T + t, mask=inside, other=0.0)
@@ -121,8 +121,8 @@ def sample_with_budget(
     stats: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """The library's path: K computed in the kernel. ``scores`` are normalised (B, T) with their
-    fallback flags ``bad``, or per-head (B, H, T) from ``scores.head_scores`` with ``bad=None``
-    (summed and normalised in the kernel, which then writes the flags).
+    fallback flags ``bad``, or the per-head logits and value norms (2, B, H, T) of
+    ``scores.head_scores`` with ``bad=None`` (combined in the kernel, which then writes the flags).
 
     Returns ``(index, mask, kept, budget, stats, bad)``; ``stats`` = [max_b K'_b + p, any(bad),
     -min_b K'_b - p] (int32, on the device; None unless asked for): one host read gives the
@@ -140,9 +140,9 @@ def _float64_bits(x: float) -> int:
 
 
 def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None, bad=None, want_stats=False):
-    from_heads = scores.dim() == 3
-    B, T = scores.shape[0], scores.shape[-1]
-    H = scores.shape[1] if from_heads else 1
+    from_heads = scores.dim() == 4  # (2, B, H, T): logits and value norms
+    B, T = scores.shape[-3 if from_heads else 0], scores.shape[-1]
+    H = scores.shape[2] if from_heads else 1
     W = T if width is None else width
     scores = scores.contiguous().float()
     device = scores.device
@@ -160,11 +160,11 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     stats = torch.full((3,), -(2**30), device=device, dtype=torch.int32) if want_stats else None
     mask = key_mask if key_mask is not None else scores
     _sample_kernel[(B,)](
-        scores, budget, mask, cdf, index, out_mask, kept, bad if bad is not None else kept,
+        scores, scores[1] if from_heads else scores, budget, mask, cdf, index, out_mask, kept, bad if bad is not None else kept,
         stats if stats is not None else kept, _float64_bits(ratio or 0.0),
         mask.stride(0), mask.stride(-1),
         T, W, H, num_prefix, -1 if k is None else int(k), MIN_TOKENS,
         HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=stats is not None, FROM_HEADS=from_heads,
-        BLOCK_T=triton.next_power_of_2(T), num_warps=4 if T <= 256 else 8, enable_fp_fusion=False,
+        BLOCK_T=triton.next_power_of_2(T), BLOCK_H=triton.next_power_of_2(H), num_warps=4 if T <= 256 else 8, enable_fp_fusion=False,
     )
     return index, out_mask.view(torch.bool), kept, budget, stats, bad
