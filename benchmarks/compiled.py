@@ -14,10 +14,12 @@ Compile time is the wall time of the first call. GFLOPs (MACs) per image come fr
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -27,10 +29,12 @@ from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment, run_a
 log = logging.getLogger("benchmarks.compiled")
 
 
-def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = False):
+def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = False, inductor: Optional[dict] = None):
     # max-autotune also tunes every pointwise/reduction kernel by coordinate descent on its first
     # run (serially, in the main process): minutes per distinct kernel shape set.
-    extra = {"coordinate_descent_tuning": False} if no_coordinate_descent else None
+    extra = dict(inductor or {})
+    if no_coordinate_descent:
+        extra["coordinate_descent_tuning"] = False
     if label == "dense":
         if extra:
             from torch._inductor import list_mode_options
@@ -47,6 +51,14 @@ def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = Fa
     from ats_fx.compile import ats_backend
 
     return torch.compile(model, backend=ats_backend, options=options)
+
+
+def mode_label(mode: str, args) -> str:
+    extra = [" no-cd"] if args.no_coordinate_descent else []
+    extra += [f" {k}={v}" for k, v in args.inductor.items()]
+    if args.autotune_rep is not None:
+        extra.append(f" autotune_rep={args.autotune_rep}")
+    return mode + "".join(extra)
 
 
 def flops_of(base, label: str, x) -> float:
@@ -79,7 +91,7 @@ def run(args) -> dict:
                     log.warning("time budget spent; skipping %s %s %s", name, mode, label)
                     continue
                 torch._dynamo.reset()
-                model = compile_model(base, label, mode, args.no_coordinate_descent)
+                model = compile_model(base, label, mode, args.no_coordinate_descent, args.inductor)
                 first = inputs[args.batches[0]].clone()
                 if not args.static_batch:
                     torch._dynamo.mark_dynamic(first, 0)
@@ -97,7 +109,7 @@ def run(args) -> dict:
                 flops = flops_of(base, label, inputs[args.batches[-1]])
                 for batch, x in inputs.items():
                     ms = bench_ms(lambda: model(x), args.rep)
-                    row = dict(model=name, dtype=args.dtype, mode=mode + (" no-cd" if args.no_coordinate_descent else ""),
+                    row = dict(model=name, dtype=args.dtype, mode=mode_label(mode, args),
                                config=label, batch=batch, ms=ms,
                                img_s=batch / ms * 1e3, gflops=flops, compile_s=compile_s)
                     if label == "dense":
@@ -149,8 +161,11 @@ def main(argv=None) -> None:
     p.add_argument("--static-batch", action="store_true",
                    help="compile for the first batch size only (no dynamic batch): max-autotune then tunes "
                         "each GEMM for that one shape")
+    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="Inductor options for dense and ATS alike, e.g. benchmark_epilogue_fusion=False")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
+    args.inductor = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.inductor)}
     run_and_report(args, run, table)
 
 
