@@ -218,6 +218,14 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
     if "dynamo_compile_id" in gm.meta:
         ats.meta["dynamo_compile_id"] = gm.meta["dynamo_compile_id"]
     log.info("backend='ats': rewrote a graph of %d nodes; compiling with %s", len(gm.graph.nodes), backend)
+    stages = sum(isinstance(m, ops.ATSStage) for m in ats.modules())
+    if (options_mode or mode or "").startswith("max-autotune") and backend == "inductor" and stages > 1:
+        # Each stage gives the token axis a new width, so every GEMM after it is a new shape to tune.
+        log.warning(
+            "backend='ats' with mode=%r: %d stages give ~%d new GEMM shapes to autotune; the first compile "
+            "can take many minutes (DeiT-S, 9 stages: ~15 min on an H100, 64 s once Inductor's caches are "
+            "warm). One stage, or mode='reduce-overhead', compiles in seconds.", options_mode or mode, stages,
+            4 * stages)
     # batch_max gives the ATS op a data-dependent output width: let this compile's shape
     # environment allocate it (Dynamo leaves that off unless capture_dynamic_output_shape_ops).
     fake_mode = torch._guards.detect_fake_mode()

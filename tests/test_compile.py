@@ -209,3 +209,27 @@ def test_parameters_are_static_inputs_for_cuda_graphs():
     with torch.no_grad():
         compiled(torch.randn(2, *chw))
     assert seen["static"] == list(range(weights)) and seen["inputs"] == weights + 1
+
+
+def test_max_autotune_with_many_stages_warns_of_a_long_compile(caplog):
+    """max-autotune tunes every new GEMM shape, and each stage makes ~4: say so before the wait.
+    (Inner backend 'eager' here: the warning is about Inductor, so none is expected then.)"""
+    import logging
+
+    from ats_fx.compile import ats_backend as backend
+
+    factory, _, chw = MODELS["timm_deit_small"]
+    model = factory()
+    with caplog.at_level(logging.WARNING, logger="ats_fx.compile"):
+        compiled = torch.compile(model, backend=backend, options={**OPTIONS, "mode": "max-autotune",
+                                                                   "backend": "eager"})
+        with torch.no_grad():
+            compiled(torch.randn(2, *chw))
+    assert not [r for r in caplog.records if "autotune" in r.getMessage()]
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="ats_fx.compile"):
+        compiled = torch.compile(model, backend=backend, options={**OPTIONS, "mode": "max-autotune"})
+        with torch.no_grad():
+            compiled(torch.randn(2, *chw))  # Inductor's max-autotune on the CPU: a few seconds here
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("3 stages give ~12 new GEMM shapes" in m for m in messages), messages
