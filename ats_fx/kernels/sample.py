@@ -160,11 +160,12 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     stats = torch.full((3,), -(2**30), device=device, dtype=torch.int32) if want_stats else None
     mask = key_mask if key_mask is not None else scores
     _sample_kernel[(B,)](
-        scores, scores[1] if from_heads else scores, budget, mask, cdf, index, out_mask, kept, bad if bad is not None else kept,
-        stats if stats is not None else kept, _float64_bits(ratio or 0.0),
+        scores, scores[1] if from_heads else scores, budget, mask, cdf, index, out_mask, kept,
+        bad if bad is not None else kept, stats if stats is not None else kept, _float64_bits(ratio or 0.0),
         mask.stride(0), mask.stride(-1),
         T, W, H, num_prefix, -1 if k is None else int(k), MIN_TOKENS,
         HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=stats is not None, FROM_HEADS=from_heads,
-        BLOCK_T=triton.next_power_of_2(T), BLOCK_H=triton.next_power_of_2(H), num_warps=4 if T <= 256 else 8, enable_fp_fusion=False,
+        BLOCK_T=triton.next_power_of_2(T), BLOCK_H=triton.next_power_of_2(H), num_warps=4 if T <= 256 else 8,
+        enable_fp_fusion=False,
     )
     return index, out_mask.view(torch.bool), kept, budget, stats, bad
