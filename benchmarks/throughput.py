@@ -36,7 +36,7 @@ OPERATING_POINTS = [  # (label, stages, ratio, k)
     ("single K=48", "3", None, 48),
 ]
 # CUDA kernels that are ATS's own work (not the transformer's): our Triton kernels and the gathers.
-ATS_KERNELS = ("_head_scores_kernel", "_sample_kernel", "gather", "index_elementwise", "scatter")
+ATS_KERNELS = ("_head_logits_kernel", "_sample_kernel", "gather", "index_elementwise", "scatter")
 
 
 def environment() -> dict:
