@@ -29,12 +29,32 @@ from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment, run_a
 log = logging.getLogger("benchmarks.compiled")
 
 
-def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = False, inductor: Optional[dict] = None):
+DENSE_SAME_COMPILE = "dense same-compile"
+
+
+def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = False, inductor: Optional[dict] = None,
+                  patch_gemm: bool = True):
     # max-autotune also tunes every pointwise/reduction kernel by coordinate descent on its first
     # run (serially, in the main process): minutes per distinct kernel shape set.
     extra = dict(inductor or {})
     if no_coordinate_descent:
         extra["coordinate_descent_tuning"] = False
+    if label == DENSE_SAME_COMPILE:
+        # The dense model compiled as backend='ats' compiles (patch-embedding conv as a GEMM, the
+        # backend's default Inductor options): the baseline that isolates what ATS itself saves.
+        from torch._inductor.compile_fx import compile_fx
+
+        from ats_fx.compile import inductor_patches
+        from ats_fx.passes.patchify import patchify_convs
+
+        patches = inductor_patches(None if mode == "default" else mode, extra)
+
+        def dense_backend(gm, example_inputs):
+            if patch_gemm:
+                patchify_convs(gm)
+            return compile_fx(gm, example_inputs, config_patches=patches)
+
+        return torch.compile(model, backend=dense_backend)
     if label == "dense":
         if extra:
             from torch._inductor import list_mode_options
@@ -42,7 +62,8 @@ def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = Fa
             return torch.compile(model, options={**list_mode_options(mode), **extra})
         return torch.compile(model, mode=None if mode == "default" else mode)
     _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
-    options = {"stages": stages, "ratio": ratio, "k": k, "mode": mode}  # padding: static under CUDA graphs
+    options = {"stages": stages, "ratio": ratio, "k": k, "mode": mode,  # padding: static under CUDA graphs
+               "patch_gemm": patch_gemm}
     if extra:
         options["inductor_options"] = extra
     options = {key: v for key, v in options.items() if v is not None}
@@ -56,13 +77,15 @@ def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = Fa
 def mode_label(mode: str, args) -> str:
     extra = [" no-cd"] if args.no_coordinate_descent else []
     extra += [f" {k}={v}" for k, v in args.inductor.items()]
+    if getattr(args, "channels_last", False):
+        extra.append(" channels-last")
     if args.autotune_rep is not None:
         extra.append(f" autotune_rep={args.autotune_rep}")
     return mode + "".join(extra)
 
 
 def flops_of(base, label: str, x) -> float:
-    if label == "dense":
+    if label in ("dense", DENSE_SAME_COMPILE):
         return float(ats_fx.count_flops(base, x[:4]).mean())
     _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
     return float(ats_fx.count_flops(ats_fx.transform(base, stages, ratio=ratio, k=k, check_inputs=False), x[:4]).mean())
@@ -84,15 +107,20 @@ def run(args) -> dict:
         torch.manual_seed(0)
         base = timm.create_model(name, pretrained=False).eval().cuda().to(dtype)
         inputs = {b: torch.randn(b, 3, 224, 224, device="cuda", dtype=dtype) for b in args.batches}
-        dense_ms = {}
-        for label in ["dense", *args.configs]:
+        if args.channels_last:  # the patch-embedding conv's fast cuDNN kernels want NHWC (patch_embed.md)
+            base = base.to(memory_format=torch.channels_last)
+            inputs = {b: x.contiguous(memory_format=torch.channels_last) for b, x in inputs.items()}
+        dense_ms, inductor_ms = {}, {}
+        baselines = ["dense", DENSE_SAME_COMPILE]
+        for label in [*baselines, *args.configs]:
             for mode in args.modes:
                 if time.time() - start > args.budget_s:
                     log.warning("time budget spent; skipping %s %s %s", name, mode, label)
                     continue
                 torch._dynamo.reset()
-                model = compile_model(base, label, mode, args.no_coordinate_descent, args.inductor)
-                first = inputs[args.batches[0]].clone()
+                model = compile_model(base, label, mode, args.no_coordinate_descent, args.inductor,
+                                      patch_gemm=not args.no_patch_gemm)
+                first = inputs[args.batches[0]].clone(memory_format=torch.preserve_format)
                 if not args.static_batch:
                     torch._dynamo.mark_dynamic(first, 0)
                 t0 = time.time()
@@ -112,12 +140,18 @@ def run(args) -> dict:
                     row = dict(model=name, dtype=args.dtype, mode=mode_label(mode, args),
                                config=label, batch=batch, ms=ms,
                                img_s=batch / ms * 1e3, gflops=flops, compile_s=compile_s)
+                    # Speed-ups are against the dense model compiled the same way (with the
+                    # patch-embedding GEMM when ATS has it); also against plain Inductor dense.
                     if label == "dense":
+                        inductor_ms[mode, batch] = ms
+                    if label == baselines[-1]:
                         dense_ms[mode, batch] = (ms, flops)
-                    elif (mode, batch) in dense_ms:
+                    elif label not in baselines and (mode, batch) in dense_ms:
                         row["speedup"] = dense_ms[mode, batch][0] / ms
                         row["flops_ratio"] = dense_ms[mode, batch][1] / flops
                         row["efficiency"] = row["speedup"] / row["flops_ratio"]
+                    if label != "dense" and (mode, batch) in inductor_ms:
+                        row["speedup_vs_inductor_dense"] = inductor_ms[mode, batch] / ms
                     results["rows"].append(row)
                     log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
                 if args.out:
@@ -129,19 +163,24 @@ def run(args) -> dict:
 def table(results: dict) -> str:
     env = results["env"]
     lines = [f"Device: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. "
-             "torch.compile; ATS through backend='ats'; img/s from median do_bench times.",
+             "torch.compile; ATS through backend='ats'; img/s from median do_bench times. Speed-up: against "
+             "the dense model compiled the same way ('dense same-compile' when it was measured: the patch-"
+             "embedding conv -> GEMM rewrite and the Inductor options that backend='ats' uses); 'vs Inductor' "
+             "against plain Inductor dense.",
              "",
-             "| model | dtype | mode | batch | config | img/s | GFLOPs | speed-up | FLOPs ratio | speed-up / FLOPs ratio | compile s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | dtype | mode | batch | config | img/s | GFLOPs | speed-up | FLOPs ratio | speed-up / FLOPs ratio "
+             "| vs Inductor | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['dtype']} | {r['mode']} | | {r['config']} | failed: {r['error'][:80]} |||||")
+            lines.append(f"| {r['model']} | {r['dtype']} | {r['mode']} | | {r['config']} | failed: {r['error'][:80]} ||||||")
             continue
 
         def f(key):
             return f"{r[key]:.3f}" if key in r else ""
         lines.append(f"| {r['model']} | {r['dtype']} | {r['mode']} | {r['batch']} | {r['config']} | {r['img_s']:.0f} | "
-                     f"{r['gflops']:.2f} | {f('speedup')} | {f('flops_ratio')} | {f('efficiency')} | {r['compile_s']:.1f} |")
+                     f"{r['gflops']:.2f} | {f('speedup')} | {f('flops_ratio')} | {f('efficiency')} | "
+                     f"{f('speedup_vs_inductor_dense')} | {r['compile_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -163,6 +202,11 @@ def main(argv=None) -> None:
                         "each GEMM for that one shape")
     p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
                    help="Inductor options for dense and ATS alike, e.g. benchmark_epilogue_fusion=False")
+    p.add_argument("--no-patch-gemm", action="store_true",
+                   help="keep the patch-embedding conv (backend option patch_gemm=False; the same-compile dense "
+                        "baseline keeps it too)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="model and inputs in channels-last memory format (dense and ATS alike)")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
     args.inductor = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.inductor)}

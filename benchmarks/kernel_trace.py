@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compiled import compile_model
+from benchmarks.compiled import DENSE_SAME_COMPILE, compile_model
 from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment
 
 CALLS = 5
@@ -54,13 +54,16 @@ def main(argv=None) -> None:
     p.add_argument("--mode", default="reduce-overhead")
     p.add_argument("--batches", nargs="+", type=int, default=[1])
     p.add_argument("--dtype", default="float16")
+    p.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
     p.add_argument("--out", help="JSON path; a text listing is written beside it (.txt)")
     args = p.parse_args(argv)
     torch.backends.cudnn.benchmark = True
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     base = timm.create_model(args.model, pretrained=False).eval().cuda().to(dtype)
-    labels = {q[0] for q in OPERATING_POINTS} | {"dense"}
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    base = base.to(memory_format=layout)
+    labels = {q[0] for q in OPERATING_POINTS} | {"dense", DENSE_SAME_COMPILE}
     results, lines = {"env": environment(), "rows": []}, []
     for label in args.configs:
         if label not in labels:
@@ -68,13 +71,14 @@ def main(argv=None) -> None:
         for batch in args.batches:
             torch._dynamo.reset()
             model = compile_model(base, label, args.mode)
-            x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype)
+            x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype).contiguous(memory_format=layout)
             with torch.no_grad():
                 model(x)
             ms = bench_ms(lambda: model(x), 200)
             kernels = kernels_per_forward(model, x)
             busy = sum(us for _, us in kernels)
-            row = dict(config=label, batch=batch, mode=args.mode, ms=ms, kernels=len(kernels), kernel_us=busy,
+            row = dict(config=label, batch=batch, mode=args.mode, channels_last=args.channels_last, ms=ms,
+                       kernels=len(kernels), kernel_us=busy,
                        trace=kernels)
             results["rows"].append(row)
             lines.append(f"== {args.model} {label} batch {batch} {args.mode}: {ms * 1e3:.1f} us per forward, "

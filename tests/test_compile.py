@@ -233,3 +233,14 @@ def test_max_autotune_with_many_stages_warns_of_a_long_compile(caplog):
             compiled(torch.randn(2, *chw))  # Inductor's max-autotune on the CPU: a few seconds here
     messages = [r.getMessage() for r in caplog.records]
     assert any("3 stages give ~12 new GEMM shapes" in m for m in messages), messages
+
+
+def test_inductor_patches_realize_the_residual_stream_unless_the_user_says_otherwise():
+    """backend='ats' compiles with realize_reads_threshold=1 (the residual sum written once, not
+    recomputed by every kernel that reads it); the mode's options come first, the user's last."""
+    from ats_fx.compile import inductor_patches
+
+    patches = inductor_patches("reduce-overhead")
+    assert patches["realize_reads_threshold"] == 1 and patches["triton.cudagraphs"] is True
+    assert inductor_patches(None, {"realize_reads_threshold": 4})["realize_reads_threshold"] == 4
+    assert "triton.cudagraphs" not in inductor_patches(None)
