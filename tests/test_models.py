@@ -78,3 +78,26 @@ def test_rho_one_at_last_layer_traces_budget(model_case):
               "hf_dinov2_registers": 5, "timm_cait": 0, "timm_cait_unfused": 0}.get(model_case, 1)
     assert (trace.budget == trace.tokens_in - prefix).all()
     assert ((trace.kept >= 1) & (trace.kept <= trace.budget)).all()
+
+
+@pytest.mark.parametrize("model_case", ["torchvision_vit", "timm_deit_small", "hf_vit_sdpa"])
+def test_views_after_a_stage_do_not_rely_on_the_captured_strides(model_case):
+    """A captured ``view`` was valid for the strides the original attention produced; the ATS
+    attention lays its rows out differently. On torch 2.11, export drops torchvision MHA's
+    ``.contiguous()`` before ``.view(B*T, E)`` (SDPA's output already had that layout), and the
+    rewritten model failed shape propagation. Every view fed by a stage is now a reshape (a view
+    when the strides allow, a copy otherwise)."""
+    factory, _, chw = MODELS[model_case]
+    ats = ats_fx.transform(factory(), "1-3", ratio=0.6)
+    graph = ats.graph
+    fed = set()
+    for node in graph.nodes:  # topological order: a node is fed by a stage if any input is
+        if node.op == "call_module" and node.target.startswith("ats_stage_"):
+            fed.add(node)
+        elif any(a in fed for a in node.all_input_nodes):
+            fed.add(node)
+    assert len(fed) > 10
+    views = [n for n in fed if n.op == "call_function" and n.target is torch.ops.aten.view.default]
+    assert not views, views
+    x = torch.randn(2, *chw)
+    assert logits(ats(x)).shape[0] == 2

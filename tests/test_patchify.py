@@ -77,7 +77,8 @@ def test_patch_conv_is_rewritten_in_dynamo_and_aten_graphs(capture):
 @pytest.mark.parametrize("conv", [dict(kernel_size=8, stride=4),  # overlapping patches
                                   dict(kernel_size=8, stride=8, padding=1),
                                   dict(kernel_size=8, stride=8, dilation=2),
-                                  dict(kernel_size=1, stride=1)])  # 1x1: already a GEMM
+                                  dict(kernel_size=1, stride=1),  # 1x1: already a GEMM
+                                  dict(kernel_size=4, stride=4)])  # 3x4x4 = 48 deep: cuDNN kept
 def test_other_convs_are_left_alone(conv):
     model = PatchEmbed(**conv).to(f64).eval()
     gm, _ = aten_graph(model, torch.randn(2, 3, 32, 32, dtype=f64))
@@ -85,8 +86,8 @@ def test_other_convs_are_left_alone(conv):
 
 
 def test_grouped_conv_is_left_alone():
-    model = nn.Conv2d(4, 8, kernel_size=4, stride=4, groups=2).eval()
-    gm, _ = aten_graph(model, torch.randn(1, 4, 16, 16))
+    model = nn.Conv2d(32, 8, kernel_size=4, stride=4, groups=2).eval()  # 16 x 4 x 4 = 256 deep per group
+    gm, _ = aten_graph(model, torch.randn(1, 32, 16, 16))
     assert patchify_convs(gm) == 0
 
 

@@ -464,6 +464,12 @@ class TokenWalk:
             return None
         if lab.version > 0:
             self._patch_sizes(node, 1, new.dim, node.args[0])
+            if node.target is aten.view.default:
+                # The captured strides made this a view; the rewritten producer's may not (torch
+                # 2.11's export drops MHA's `.contiguous()` before `.view(B*T, E)` when SDPA's output
+                # was already laid out that way, and the ATS attention's is not). reshape views
+                # whenever view would, and copies otherwise.
+                node.target = aten.reshape.default
         return new
 
     def _patch_sizes(self, node: fx.Node, arg_index: int, token_pos: int, source: fx.Node, offset: int = 0) -> None:
