@@ -13,13 +13,14 @@ under ``torch.compile``.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+import logging
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.throughput import bench_ms, environment
+from benchmarks.throughput import bench_ms, environment, run_and_report
+
+log = logging.getLogger("benchmarks.patch_embed")
 
 
 def as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,7 @@ def run(args) -> dict:
                 ms = bench_ms(lambda: fn(inp), args.rep)
                 row = dict(dim=dim, batch=batch, variant=name, us=ms * 1e3, max_abs_err=err)
                 results["rows"].append(row)
-                print(row, flush=True)
+                log.info("%s", row)
     return results
 
 
