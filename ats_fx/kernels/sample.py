@@ -135,6 +135,11 @@ def sample_with_budget(
 # products (65 x 0.7 = 45.5 -> K = 45, not 46) on the GPU; the CPU interpreter keeps float64 and
 # hid it. (A cached float64 device tensor did the same, but a tensor created while CUDA graphs
 # record stays in their memory pool untracked, which CUDA graph trees refuse.)
+# Warps per program (one program per image); None: 4 up to 256 tokens, else 8. 4 was the fastest
+# of 1, 2, 4, 8 at every shape timed (benchmarks/results/scores_configs.md).
+NUM_WARPS: Optional[int] = None
+
+
 def _float64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
@@ -165,7 +170,7 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
         mask.stride(0), mask.stride(-1),
         T, W, H, num_prefix, -1 if k is None else int(k), MIN_TOKENS,
         HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=stats is not None, FROM_HEADS=from_heads,
-        BLOCK_T=triton.next_power_of_2(T), BLOCK_H=triton.next_power_of_2(H), num_warps=4 if T <= 256 else 8,
-        enable_fp_fusion=False,
+        BLOCK_T=triton.next_power_of_2(T), BLOCK_H=triton.next_power_of_2(H),
+        num_warps=NUM_WARPS or (4 if T <= 256 else 8), enable_fp_fusion=False,
     )
     return index, out_mask.view(torch.bool), kept, budget, stats, bad

@@ -1,6 +1,6 @@
 """Triton kernel 1: the class token's significance scores (ATS-NOTES §1).
 
-``_head_logits_kernel`` runs one program per (head, 64-token chunk, image): it reads that part
+``_head_logits_kernel`` runs one program per (head, 32-token chunk, image): it reads that part
 of K and V once and writes the class row's logits and ‖V_j‖ (float32 whatever the input dtype).
 ``combine_heads`` then takes each head's softmax over its logits, multiplies by ‖V_j‖, sums the
 heads and normalises; on the library's path it runs inside the sampling kernel (``sample.py``),
@@ -96,6 +96,14 @@ def _normalise_kernel(LOGITS, VNORM, MASK, S, BAD, smb, smt, T, H, num_prefix,
     tl.store(BAD + b, bad.to(tl.int8))
 
 
+# Tokens per program and warps of ``_head_logits_kernel``. 32 x 8 was the fastest of 12 settings
+# summed over 7 shapes inside CUDA graphs on the H100 (scores_configs.md): 2.3 -> 1.7 us at batch 1,
+# 31.9 -> 29.3 us at batch 256 (DeiT-S, 197 tokens); 64 x 4, the earlier choice, stays ahead at
+# batch 64 (4.3 vs 5.3 us at 172 tokens).
+BLOCK_T = 32
+NUM_WARPS = 8
+
+
 def head_scores(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,7 +117,7 @@ def head_scores(
     the class row of q is read. ``combine_heads`` turns them into scores."""
     B, H, T, D = k.shape
     out = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32)
-    block_t = 64
+    block_t = BLOCK_T
     block_d = min(triton.next_power_of_2(D), 64)
     mask = key_mask if key_mask is not None else out  # dummy pointer when HAS_MASK is False
     _head_logits_kernel[(H, triton.cdiv(T, block_t), B)](
@@ -120,7 +128,7 @@ def head_scores(
         mask.stride(0), mask.stride(-1),
         T, H, D, float(scale),
         HAS_MASK=key_mask is not None, USE_VNORM=score == "attn_vnorm",
-        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4,
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=NUM_WARPS,
     )
     return out
 
