@@ -84,13 +84,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--rep", type=int, default=200)
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
-    args = p.parse_args(argv)
-    results = run(args)
-    text = table(results)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        Path(args.out).with_suffix(".md").write_text(text + "\n")
+    run_and_report(p.parse_args(argv), run, table)
 
 
 if __name__ == "__main__":
