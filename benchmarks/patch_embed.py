@@ -7,8 +7,8 @@ model's 9.2 ms at batch 256 and 49 us of 406 us at batch 1 on an H100 (cuDNN's
 ``precomputed_convolve_sgemm`` on NCHW fp16, even with ``cudnn.benchmark``). ATS does not shrink it,
 so it caps the compiled speed-up. This table says which layout makes it cheap for dense and ATS
 alike: NCHW, channels-last (``model.to(memory_format=torch.channels_last)`` and a channels-last
-input), and the same conv written as one GEMM over the patches (the exact same math), each eager and
-under ``torch.compile``.
+input), and the same conv written as one GEMM over the patches (``ats_fx.passes.patchify.conv_as_gemm``,
+the exact same math), each eager and under ``torch.compile``.
 """
 from __future__ import annotations
 
@@ -18,25 +18,17 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from ats_fx.passes.patchify import conv_as_gemm
 from benchmarks.throughput import bench_ms, environment, run_and_report
 
 log = logging.getLogger("benchmarks.patch_embed")
-
-
-def as_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """conv2d(x, weight, bias, stride=p) for a p x p kernel, as (B*hw, C*p*p) @ (C*p*p, D): NCHW output."""
-    b, c, h, w = x.shape
-    d, _, p, _ = weight.shape
-    patches = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b * (h // p) * (w // p), c * p * p)
-    out = torch.addmm(bias, patches, weight.reshape(d, c * p * p).t())
-    return out.view(b, h // p, w // p, d).permute(0, 3, 1, 2)
 
 
 def variants(weight, bias, patch):
     conv = lambda x: F.conv2d(x, weight, bias, stride=patch)  # noqa: E731
     cl_weight = weight.contiguous(memory_format=torch.channels_last)
     conv_cl = lambda x: F.conv2d(x, cl_weight, bias, stride=patch)  # noqa: E731
-    gemm = lambda x: as_gemm(x, weight, bias)  # noqa: E731
+    gemm = lambda x: conv_as_gemm(x, weight, bias)  # noqa: E731
     return {"conv NCHW": (conv, False), "conv channels-last": (conv_cl, True), "patches GEMM": (gemm, False),
             "compiled conv NCHW": (torch.compile(conv), False),
             "compiled conv channels-last": (torch.compile(conv_cl), True),
