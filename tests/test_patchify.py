@@ -91,19 +91,25 @@ def test_grouped_conv_is_left_alone():
     assert patchify_convs(gm) == 0
 
 
-def inner_graphs(seen: list):
+INNER_GRAPHS: list = []  # what the inner backend below was handed, newest last
+
+
+def _record_inner_graph(gm, example_inputs):
+    INNER_GRAPHS.append(gm)
+    return gm.forward
+
+
+def inner_graphs() -> list:
+    """Register ``_record_inner_graph`` as backend 'ats_test_inner_graph' (once per process) and
+    return its list, emptied."""
     from torch._dynamo.backends.registry import register_backend
 
-    def backend(gm, example_inputs):
-        seen.append(gm)
-        return gm.forward
-
     try:
-        register_backend(compiler_fn=backend, name="ats_test_inner_graph")
+        register_backend(compiler_fn=_record_inner_graph, name="ats_test_inner_graph")
     except AssertionError:  # registered by an earlier test in this process
-        from torch._dynamo.backends import registry
-
-        registry._COMPILER_FNS["ats_test_inner_graph"] = backend
+        pass
+    INNER_GRAPHS.clear()
+    return INNER_GRAPHS
 
 
 @pytest.mark.parametrize("patch_gemm", [True, False])
@@ -112,8 +118,7 @@ def test_backend_rewrites_the_patch_embedding_unless_told_not_to(patch_gemm):
     and the logits equal the un-rewritten compiled model's."""
     factory, _, chw = MODELS["timm_deit_small"]
     model = factory()
-    seen: list = []
-    inner_graphs(seen)
+    seen = inner_graphs()
     options = {"stages": "1-3", "ratio": 0.6, "backend": "ats_test_inner_graph", "patch_gemm": patch_gemm}
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="ats", options=options)
