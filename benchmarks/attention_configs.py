@@ -4,9 +4,11 @@ flash attention's variable-length path with per-image key counts (``seqused_k``,
 
     python -m benchmarks.attention_configs --out benchmarks/results/attention_configs.json
 
-Shapes: a stage (R kept query rows gathered from T tokens), and a later layer (T tokens, the
-last ones padding). Times: medians of ``triton.testing.do_bench``; every config is checked
-against the default config's output first.
+Shapes: the nine stages of DeiT-S at rho=0.87 with static padding (R kept query rows gathered
+from T tokens; after the first stage the keys carry a padding mask), at batch 1 and 256, and
+three of them with ViT-B's 12 heads. Times: medians of ``triton.testing.do_bench_cudagraph``
+(``--no-graphs``: ``do_bench``), as ``mode="reduce-overhead"`` runs the kernel; every config is
+checked against the default config's output first.
 """
 from __future__ import annotations
 
@@ -22,26 +24,38 @@ from .throughput import bench_ms, environment
 
 log = logging.getLogger(__name__)
 
-SHAPES = [  # batch, heads, tokens T, query rows R (None: a later layer on the T tokens)
-    (256, 6, 197, 172), (256, 6, 172, 150), (256, 6, 150, None), (256, 6, 100, None), (256, 6, 66, None),
-    (256, 12, 197, 172), (256, 12, 150, None),
-    (64, 6, 172, None), (1, 6, 197, 172), (1, 6, 150, None), (1, 12, 150, None),
-]
+# DeiT-S, rho=0.87, static padding: (keys T, kept rows R) of stages 3..11.
+CHAIN = [(197, 172), (172, 150), (150, 131), (131, 114), (114, 99), (99, 86), (86, 75), (75, 65), (65, 57)]
+SHAPES = (  # batch, heads, tokens T, query rows R (None: a later layer on the T tokens), key mask
+    [(B, 6, T, R, T != 197) for B in (1, 256) for T, R in CHAIN]
+    + [(B, 12, T, R, T != 197) for B in (1, 256) for T, R in (CHAIN[0], CHAIN[4], CHAIN[8])]
+)
 CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-           for m, n, w, s in itertools.product([64, 128], [32, 64, 128], [4, 8], [2, 3])]
+           for m, n, w, s in itertools.product([16, 32, 64, 128], [32, 64], [2, 4, 8], [2, 3])
+           if (w == 2) == (m <= 32) or w == 4]
 
 
-def inputs(B, H, T, R, dtype=torch.float16, seed=0):
+def inputs(B, H, T, R, masked, dtype=torch.float16, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     qkv = torch.randn(B, T, 3, H, 64, device="cuda", dtype=dtype, generator=g)
     q, k, v = qkv.permute(2, 0, 3, 1, 4)
-    if R is not None:  # a stage: R sorted kept rows per image, no key mask (the input is dense)
+    mask = index = None
+    if masked:  # a static-padding stage's keys: each image's real tokens first, the rest padding
+        lens = torch.randint(int(0.8 * T), T + 1, (B,), device="cuda", generator=g)
+        mask = torch.arange(T, device="cuda")[None] < lens[:, None]
+    if R is not None:  # R sorted kept rows per image
         index = torch.rand(B, T, device="cuda", generator=g).argsort(1)[:, :R].sort(1).values
         index[:, 0] = 0
-        return q, k, v, index, None, qkv
-    lens = torch.randint(int(0.8 * T), T + 1, (B,), device="cuda", generator=g)
-    mask = torch.arange(T, device="cuda")[None] < lens[:, None]
-    return q, k, v, None, mask, qkv
+    return q, k, v, index, mask, qkv
+
+
+def time_ms(fn, graphs: bool) -> float:
+    if not graphs:
+        return bench_ms(fn, 100)
+    from triton.testing import do_bench_cudagraph
+
+    with torch.no_grad():
+        return float(do_bench_cudagraph(fn, rep=20, return_mode="median"))
 
 
 def floors(q, k, v, mask, qkv, rows):
@@ -66,41 +80,66 @@ def floors(q, k, v, mask, qkv, rows):
 def run(args) -> dict:
     from ats_fx.kernels.attention_rows import default_config, launch_attention
 
-    results = {"env": environment(), "rows": []}
-    for B, H, T, R in SHAPES:
-        q, k, v, index, mask, qkv = inputs(B, H, T, R)
+    results = {"env": environment(), "graphs": args.graphs, "rows": []}
+    for B, H, T, R, masked in SHAPES:
+        q, k, v, index, mask, qkv = inputs(B, H, T, R, masked)
         rows = T if R is None else R
         want = launch_attention(q, k, v, index, mask, 0.125, rows)
-        base = default_config(rows, 64)
+        base = default_config(rows, 64, T, B * H)
         timings = []
-        for config in CONFIGS:
+        for config in CONFIGS + ([base] if base not in CONFIGS else []):
             try:
                 got = launch_attention(q, k, v, index, mask, 0.125, rows, config)
                 torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
-                timings.append((bench_ms(lambda: launch_attention(q, k, v, index, mask, 0.125, rows, config), 100),
-                                config))
+                fn = lambda: launch_attention(q, k, v, index, mask, 0.125, rows, config)  # noqa: E731
+                timings.append((time_ms(fn, args.graphs), config))
             except Exception as err:  # out of shared memory, say: skip the config
                 log.info("config %s failed on %s: %s", config, (B, H, T, R), str(err)[:100])
         timings.sort(key=lambda t: t[0])
         default_ms = next(ms for ms, c in timings if c == base)
-        row = dict(batch=B, heads=H, tokens=T, rows=rows, stage=R is not None, default_ms=default_ms,
-                   best_ms=timings[0][0], best=timings[0][1], top5=timings[:5])
+        row = dict(batch=B, heads=H, tokens=T, rows=rows, stage=R is not None, masked=masked, default=base,
+                   default_ms=default_ms, best_ms=timings[0][0], best=timings[0][1], top5=timings[:5],
+                   all=[(ms, c) for ms, c in timings])
         for name, fn in floors(q, k, v, mask, qkv, rows).items():
             try:
-                row[name] = bench_ms(fn, 100)
+                row[name] = time_ms(fn, args.graphs)
             except Exception as err:
                 row[name] = f"failed: {str(err)[:80]}"
         results["rows"].append(row)
-        print({key: val for key, val in row.items() if key != "top5"}, flush=True)
+        print({key: val for key, val in row.items() if key not in ("top5", "all")}, flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1, default=str))
+    if args.out:
+        Path(args.out).with_suffix(".md").write_text(table(results) + "\n")
     return results
+
+
+def table(results: dict) -> str:
+    env = results["env"]
+    how = "do_bench_cudagraph" if results.get("graphs") else "do_bench"
+    lines = [f"Device: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; fp16, "
+             f"head size 64, median us ({how}).", "",
+             "| B | H | keys | rows | mask | default | us | best | us | SDPA no mask us |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def short(c):
+        return f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
+
+    for r in results["rows"]:
+        sdpa = r.get("SDPA no mask")
+        sdpa = f"{sdpa * 1e3:.2f}" if isinstance(sdpa, float) else str(sdpa)
+        lines.append(f"| {r['batch']} | {r['heads']} | {r['tokens']} | {r['rows']} | {r['masked']} | "
+                     f"{short(r['default'])} | {r['default_ms'] * 1e3:.2f} | {short(r['best'])} | "
+                     f"{r['best_ms'] * 1e3:.2f} | {sdpa} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out")
-    run(p.parse_args(argv))
+    p.add_argument("--no-graphs", dest="graphs", action="store_false", help="time with do_bench, not in CUDA graphs")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(table(run(p.parse_args(argv))))
 
 
 if __name__ == "__main__":
