@@ -40,10 +40,6 @@ def qkv(B, H, T, D, dtype, seed=0, sharp=3.0):
     return q, k, v
 
 
-def triton_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def padding_mask(B, T, seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     mask = torch.ones(B, T, dtype=torch.bool)
@@ -72,16 +68,9 @@ def test_scores_kernel(shape, dtype, masked, score):
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: f"T{s[2]}H{s[1]}")
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
-@pytest.mark.parametrize("layout", ["heads", "rows", "rows-looped"])
-def test_head_scores_kernel(shape, masked, layout, monkeypatch):
-    """The class row's logits (-inf at padded keys) and ||V_j||, which the sampling kernel
-    combines into scores: one program per (head, token chunk, image), or per (token chunk, image)
-    reading whole rows ("rows-looped": two heads per step, so odd head counts end on a half step)."""
-    from ats_fx.kernels import scores
-
-    monkeypatch.setattr(scores, "LAYOUT", layout.split("-")[0])
-    if layout == "rows-looped":
-        monkeypatch.setattr(scores, "ROW_MAX_ELEMENTS", 2 * triton_pow2(shape[3]))
+def test_head_scores_kernel(shape, masked):
+    """One program per (head, token chunk, image): the class row's logits (-inf at padded keys)
+    and ||V_j||, which the sampling kernel combines into scores."""
     B, H, T, D, p = shape
     q, k, v = qkv(B, H, T, D, torch.float16, seed=3)
     mask = padding_mask(B, T) if masked else None

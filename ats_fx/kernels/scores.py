@@ -59,49 +59,6 @@ def _head_logits_kernel(
 
 
 @triton.jit
-def _row_logits_kernel(
-    Q, K, V, MASK, LOGITS, VNORM,
-    sqb, sqh, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    smb, smt,
-    T, H, D, scale,
-    HAS_MASK: tl.constexpr, USE_VNORM: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """One (token chunk, image), every head: the same results as ``_head_logits_kernel``, but each
-    token's K (and V) row is read whole (H x dh contiguous elements in a fused qkv layout) by one
-    program, BLOCK_H heads at a time."""
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    b = tl.program_id(1).to(tl.int64)
-    inside = t < T
-    real = inside
-    if HAS_MASK:
-        real &= tl.load(MASK + b * smb + t * smt, mask=inside, other=0) != 0
-    hd = tl.arange(0, BLOCK_H * BLOCK_D)
-    d = hd % BLOCK_D
-    for h0 in range(0, H, BLOCK_H):
-        h = h0 + hd // BLOCK_D
-        col = (h < H) & (d < D)
-        tile = inside[:, None] & col[None, :]
-        q = tl.load(Q + b * sqb + h * sqh + d * sqd, mask=col, other=0.0).to(tl.float32)
-        k = tl.load(K + b * skb + t[:, None] * skt + (h * skh + d * skd)[None, :], mask=tile, other=0.0)
-        prod = tl.reshape(k.to(tl.float32) * q[None, :], (BLOCK_T, BLOCK_H, BLOCK_D))
-        logits = tl.sum(prod, axis=2)  # (BLOCK_T, BLOCK_H)
-        hh = h0 + tl.arange(0, BLOCK_H)
-        out = (b * H + hh[None, :]) * T + t[:, None]
-        keep = inside[:, None] & (hh[None, :] < H)
-        tl.store(LOGITS + out, tl.where(real[:, None], logits * scale, float("-inf")), mask=keep)
-        if USE_VNORM:
-            v = tl.load(V + b * svb + t[:, None] * svt + (h * svh + d * svd)[None, :], mask=tile, other=0.0)
-            v = v.to(tl.float32)
-            vsq = tl.sum(tl.reshape(v * v, (BLOCK_T, BLOCK_H, BLOCK_D)), axis=2)
-            tl.store(VNORM + out, tl.sqrt(vsq), mask=keep)
-        else:
-            tl.store(VNORM + out, tl.full([BLOCK_T, BLOCK_H], 1.0, tl.float32), mask=keep)
-
-
-@triton.jit
 def combine_heads(LOGITS, VNORM, b, t, T, H, scored, BLOCK_H: tl.constexpr):
     """(S, bad) of image ``b``: each head's softmax over its logits row times ||V_j||, summed over
     the heads and normalised over the scored tokens; uniform over them (bad = True) when the sum
@@ -139,18 +96,12 @@ def _normalise_kernel(LOGITS, VNORM, MASK, S, BAD, smb, smt, T, H, num_prefix,
     tl.store(BAD + b, bad.to(tl.int8))
 
 
-# Which kernel ``head_scores`` launches: "heads" (``_head_logits_kernel``) or "rows"
-# (``_row_logits_kernel``), and each one's tokens per program and warps. 32 x 8 for "heads" was the
-# fastest of 12 settings summed over 7 shapes inside CUDA graphs on the H100 (scores_configs.md):
-# 2.3 -> 1.7 us at batch 1, 31.9 -> 29.3 us at batch 256 (DeiT-S, 197 tokens).
-LAYOUT = "heads"
+# Tokens per program and warps of ``_head_logits_kernel``. 32 x 8 was the fastest of 12 settings
+# summed over 7 shapes inside CUDA graphs on the H100 (scores_configs.md): 2.3 -> 1.7 us at batch 1,
+# 31.9 -> 29.3 us at batch 256 (DeiT-S, 197 tokens); 64 x 4, the earlier choice, stays ahead at
+# batch 64 (4.3 vs 5.3 us at 172 tokens).
 BLOCK_T = 32
 NUM_WARPS = 8
-ROW_BLOCK_T = 16
-ROW_NUM_WARPS = 4
-# "rows": the most elements of a token's K row (heads x head size, padded to powers of two) one
-# program holds at a time; more heads are visited in a loop.
-ROW_MAX_ELEMENTS = 1024
 
 
 def head_scores(
@@ -166,26 +117,19 @@ def head_scores(
     the class row of q is read. ``combine_heads`` turns them into scores."""
     B, H, T, D = k.shape
     out = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32)
+    block_t = BLOCK_T
+    block_d = min(triton.next_power_of_2(D), 64)
     mask = key_mask if key_mask is not None else out  # dummy pointer when HAS_MASK is False
-    args = (
+    _head_logits_kernel[(H, triton.cdiv(T, block_t), B)](
         q, k, v, mask, out[0], out[1],
         q.stride(0), q.stride(1), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         mask.stride(0), mask.stride(-1),
         T, H, D, float(scale),
+        HAS_MASK=key_mask is not None, USE_VNORM=score == "attn_vnorm",
+        BLOCK_T=block_t, BLOCK_D=block_d, num_warps=NUM_WARPS,
     )
-    flags = dict(HAS_MASK=key_mask is not None, USE_VNORM=score == "attn_vnorm")
-    if LAYOUT == "rows":
-        block_d = triton.next_power_of_2(D)
-        block_h = max(1, min(triton.next_power_of_2(H), ROW_MAX_ELEMENTS // block_d))
-        _row_logits_kernel[(triton.cdiv(T, ROW_BLOCK_T), B)](
-            *args, **flags, BLOCK_T=ROW_BLOCK_T, BLOCK_H=block_h, BLOCK_D=block_d, num_warps=ROW_NUM_WARPS,
-        )
-    else:
-        _head_logits_kernel[(H, triton.cdiv(T, BLOCK_T), B)](
-            *args, **flags, BLOCK_T=BLOCK_T, BLOCK_D=min(triton.next_power_of_2(D), 64), num_warps=NUM_WARPS,
-        )
     return out
 
 
