@@ -209,6 +209,83 @@ def _sample_scores_fake(scores, bad, key_mask, num_prefix, ratio, k_tokens, widt
                                strict, kernels)
 
 
+def _sample_heads(heads, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels):
+    """Inverse-transform sampling from per-head logits and value norms (2, B, H, T): ``(index, mask,
+    kept, budget, padded)``. Triton combines the heads inside the sampling kernel."""
+    if use_triton(heads, kernels):
+        return _sample_scores(heads, None, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels)
+    s, bad = reference.scores_from_heads(heads, key_mask, num_prefix, False, with_bad=True)
+    return _sample_scores(s, bad, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels)
+
+
+def sample_heads_impl(
+    heads: Tensor,
+    key_mask: Optional[Tensor],
+    num_prefix: int,
+    ratio: Optional[float],
+    k_tokens: Optional[int],
+    width: int,
+    strict: bool,
+    kernels: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sample one ATS stage from the per-head logits and value norms that the attention kernel
+    wrote (``attention_scores``): ``(index, mask, kept, budget)`` as ``sample_tokens``."""
+    index, mask, kept, budget, _ = _sample_heads(heads, key_mask, num_prefix, ratio, k_tokens, width, strict,
+                                                 kernels)
+    return index.contiguous(), mask.contiguous(), kept, budget
+
+
+sample_heads = torch.library.custom_op("ats_fx::sample_heads", mutates_args=())(sample_heads_impl)
+
+
+@sample_heads.register_fake
+def _sample_heads_fake(heads, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels):
+    probe = heads.new_empty((heads.shape[1], 1, heads.shape[3], 1))
+    return _sample_tokens_fake(probe, probe, probe, key_mask, num_prefix, 1.0, ratio, k_tokens, "attn", width,
+                               strict, kernels)
+
+
+@torch.library.custom_op("ats_fx::attention_scores", mutates_args=())
+def attention_scores_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], scale: float,
+                        score: str) -> tuple[Tensor, Tensor]:
+    """Triton attention of every query row (B, H, T, dh) over the real keys, and the class row's
+    per-head logits and value norms (2, B, H, T) float32 from the same pass; forward only."""
+    from .kernels.attention_rows import attention_with_scores
+
+    return attention_with_scores(q, k, v, key_mask, scale, score)
+
+
+@attention_scores_op.register_fake
+def _attention_scores_fake(q, k, v, key_mask, scale, score):
+    B, H, T, D = q.shape
+    out = q.new_empty((B, T, H, v.shape[-1])).transpose(1, 2)
+    return out, q.new_empty((2, B, H, T), dtype=torch.float32)
+
+
+def attend_and_sample(
+    q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
+    ratio: Optional[float], k_tokens: Optional[int], score: str, width: int, strict: bool, kernels: str,
+    dropout_p: float,
+) -> tuple:
+    """A stage whose kept rows are gathered later (``passes/late_gather.py``): the attention of
+    every query row, and the sampling. ``(out, index, mask, kept, budget, padded)``, ``out`` over
+    all T rows. On CUDA at inference one Triton pass computes the attention and the scores (the
+    stage then reads K and V once); elsewhere SDPA and the usual scoring."""
+    if dropout_p == 0.0 and use_triton(q, kernels) and not needs_grad(q, k, v):
+        if tracing(q):
+            out, heads = torch.ops.ats_fx.attention_scores(q, k, v, key_mask, scale, score)
+            sampled = torch.ops.ats_fx.sample_heads(heads, key_mask, num_prefix, ratio, k_tokens, width, strict,
+                                                    kernels)
+            return (out, *sampled, None)
+        from .kernels.attention_rows import attention_with_scores
+
+        out, heads = attention_with_scores(q, k, v, key_mask, scale, score)
+        return (out, *_sample_heads(heads, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels))
+    index, mask, kept, budget, padded = sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width,
+                                               strict, kernels)
+    return (reference.masked_attention(q, k, v, key_mask, scale, dropout_p), index, mask, kept, budget, padded)
+
+
 @torch.library.custom_op("ats_fx::attention_rows", mutates_args=())
 def attention_rows_op(q: Tensor, k: Tensor, v: Tensor, index: Optional[Tensor], key_mask: Optional[Tensor],
                       scale: float) -> Tensor:
