@@ -25,14 +25,13 @@ import torch.nn as nn
 
 from .config import make_options
 from .errors import ATSConfigError, ATSUnsupportedModel
-from .passes.late_gather import late_gather
 from .passes.patchify import patchify_convs
 
 log = logging.getLogger(__name__)
 
 TRANSFORM_KEYS = ("stages", "ratio", "k", "score", "padding", "kernels")
 # torch.compile refuses mode= together with options=, so the Inductor mode can ride in options.
-BACKEND_KEYS = ("backend", "mode", "inductor_options", "patch_gemm", "late_gather")
+BACKEND_KEYS = ("backend", "mode", "inductor_options", "patch_gemm")
 
 
 def _size_source(node: fx.Node, tensors: list[fx.Node]) -> Optional[tuple[fx.Node, int]]:
@@ -190,9 +189,6 @@ def parse_options(options: Optional[dict]) -> tuple[dict, str, Optional[dict], O
     backend = options.pop("backend", "inductor")
     if not isinstance(options.pop("patch_gemm", True), bool):
         raise ATSConfigError("patch_gemm must be True (patch-embedding conv as one GEMM, the default) or False")
-    if not isinstance(options.pop("late_gather", True), bool):
-        raise ATSConfigError("late_gather must be True (gather a stage's kept rows after its projection, the "
-                             "default) or False")
     inductor_options = options.pop("inductor_options", None)
     mode = options.pop("mode", None)
     if mode not in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
@@ -235,8 +231,6 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
     for m in ats.modules():
         if isinstance(m, ops.ATSStage):
             m.compiled = True
-    if (options or {}).get("late_gather", True):
-        late_gather(ats)  # one pass over K and V per stage instead of two (passes/late_gather.py)
     if (options or {}).get("patch_gemm", True):
         patchify_convs(ats)  # ATS never shrinks the patch embedding: make it cheap (passes/patchify.py)
     # The rewritten graph is still Dynamo's graph: say so (as torch asks of graph passes that

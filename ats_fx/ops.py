@@ -65,17 +65,13 @@ class ATSStage(nn.Module):
         self.ratio, self.k, self.score, self.padding, self.dropout_p = ratio, k, score, padding, dropout_p
         self.kernels, self.selection = kernels, selection
         self.compiled = False  # set by the "ats" torch.compile backend
-        # Set by passes/late_gather.py: return the attention of every query row; the graph gathers
-        # the kept rows after the projection. Only for plain attention (no bias, no talking heads).
-        self.full_rows = False
         self.last: Optional[StageTrace] = None
 
     def extra_repr(self) -> str:
         budget = f"ratio={self.ratio}" if self.k is None else f"k={self.k}"
         return (f"layer={self.layer}, {budget}, prefix={self.num_prefix}, score={self.score}, "
                 f"padding={self.padding}, kernels={self.kernels}"
-                + ("" if self.selection == "ats" else f", selection={self.selection}")
-                + (", full_rows=True" if self.full_rows else ""))
+                + ("" if self.selection == "ats" else f", selection={self.selection}"))
 
     def forward(self, q, k, v, key_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor] = None, mix: Optional[tuple] = None):
@@ -92,15 +88,7 @@ class ATSStage(nn.Module):
                 bias = bias.reshape(-1, *bias.shape[-2:])[None]
             bias = bias.expand(q.shape[0], -1, -1, -1)
         dropout_p = self.dropout_p if self.training else 0.0
-        if self.full_rows:
-            if mix is not None or bias is not None or self.num_prefix == 0 or self.selection != "ats":
-                raise RuntimeError("internal error: full_rows is set on a stage with a bias, talking heads, no "
-                                   "class token or a baseline selection (passes/late_gather.py must skip those)")
-            out, index, mask, kept, budget, padded = library.attend_and_sample(
-                q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
-                self.kernels, dropout_p,
-            )
-        elif mix is not None or self.num_prefix == 0:
+        if mix is not None or self.num_prefix == 0:
             # Talking heads (CaiT) or no class token: the whole attention matrix, scored from its rows.
             out, index, mask, kept, budget, padded = self._from_weights(q, k, v, key_mask, width, strict, bias, mix,
                                                                         dropout_p)

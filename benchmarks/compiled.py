@@ -30,7 +30,6 @@ log = logging.getLogger("benchmarks.compiled")
 
 
 DENSE_SAME_COMPILE = "dense same-compile"
-EARLY = " early-gather"  # a config label with this suffix compiles with late_gather=False
 
 
 def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = False, inductor: Optional[dict] = None,
@@ -62,9 +61,9 @@ def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = Fa
 
             return torch.compile(model, options={**list_mode_options(mode), **extra})
         return torch.compile(model, mode=None if mode == "default" else mode)
-    _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label.removesuffix(EARLY))
+    _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
     options = {"stages": stages, "ratio": ratio, "k": k, "mode": mode,  # padding: static under CUDA graphs
-               "patch_gemm": patch_gemm, "late_gather": not label.endswith(EARLY)}
+               "patch_gemm": patch_gemm}
     if extra:
         options["inductor_options"] = extra
     options = {key: v for key, v in options.items() if v is not None}
@@ -88,7 +87,7 @@ def mode_label(mode: str, args) -> str:
 def flops_of(base, label: str, x) -> float:
     if label in ("dense", DENSE_SAME_COMPILE):
         return float(ats_fx.count_flops(base, x[:4]).mean())
-    _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label.removesuffix(EARLY))
+    _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
     return float(ats_fx.count_flops(ats_fx.transform(base, stages, ratio=ratio, k=k, check_inputs=False), x[:4]).mean())
 
 
@@ -113,8 +112,7 @@ def run(args) -> dict:
             inputs = {b: x.contiguous(memory_format=torch.channels_last) for b, x in inputs.items()}
         dense_ms, inductor_ms = {}, {}
         baselines = ["dense", DENSE_SAME_COMPILE]
-        configs = [c + suffix for c in args.configs for suffix in ("", EARLY)[:2 if args.early_gather_too else 1]]
-        for label in [*baselines, *configs]:
+        for label in [*baselines, *args.configs]:
             for mode in args.modes:
                 if time.time() - start > args.budget_s:
                     log.warning("time budget spent; skipping %s %s %s", name, mode, label)
@@ -207,8 +205,6 @@ def main(argv=None) -> None:
     p.add_argument("--no-patch-gemm", action="store_true",
                    help="keep the patch-embedding conv (backend option patch_gemm=False; the same-compile dense "
                         "baseline keeps it too)")
-    p.add_argument("--early-gather-too", action="store_true",
-                   help="time every ATS config also with late_gather=False (label suffix ' early-gather')")
     p.add_argument("--channels-last", action="store_true",
                    help="model and inputs in channels-last memory format (dense and ATS alike)")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")

@@ -211,34 +211,6 @@ def test_attention_rows_kernel(shape, dtype, masked):
     torch.testing.assert_close(got.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
-@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: f"T{s[2]}H{s[1]}")
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
-@pytest.mark.parametrize("score", ["attn_vnorm", "attn"])
-def test_attention_with_scores_kernel(shape, dtype, masked, score):
-    """Every query row's attention, and from the same pass the class row's logits (-inf at padded
-    keys, also past the last real key, which the key loop never visits) and ||V_j||: what
-    ``head_scores`` writes, and what the sampling kernel reads (late gather)."""
-    from ats_fx.kernels.attention_rows import attention_with_scores
-
-    B, H, T, D, p = shape
-    q, k, v = qkv(B, H, T, D, dtype, sharp=1.0)
-    mask = padding_mask(B, T) if masked else None
-    out, heads = attention_with_scores(q, k, v, mask, D**-0.5, score)
-    want = reference.masked_attention(q.double(), k.double(), v.double(), mask, D**-0.5)
-    assert out.dtype == dtype and out.shape == (B, H, T, D) and out.transpose(1, 2).is_contiguous()
-    rows = slice(None) if mask is None else mask[:, None, :, None].expand_as(want)
-    torch.testing.assert_close(out.double()[rows], want[rows], atol=TOL[dtype], rtol=TOL[dtype])
-    want_heads = reference.head_logits(q.double(), k.double(), v.double(), mask, D**-0.5, score)
-    assert heads.shape == (2, B, H, T) and heads.dtype == torch.float32
-    torch.testing.assert_close(heads[0].double(), want_heads[0], atol=1e-4, rtol=1e-4)  # -inf where padded
-    real = slice(None) if mask is None else mask[:, None, :].expand(B, H, T)
-    # Padded keys' norms are never used (their weight is 0): 0 here, any finite value elsewhere.
-    torch.testing.assert_close(heads[1].double()[real], want_heads[1][real], atol=1e-4, rtol=1e-4)
-    assert torch.isfinite(heads[1]).all()
-    torch.testing.assert_close(heads[0], head_scores(q, k, v, mask, D**-0.5, score)[0], atol=1e-5, rtol=1e-5)
-
-
 def test_attention_rows_output_reshapes_to_tokens_without_a_copy():
     q, k, v = qkv(2, 3, 50, 16, torch.float32)
     index = torch.arange(20, device=DEVICE).expand(2, 20)

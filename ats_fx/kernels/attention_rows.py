@@ -24,23 +24,20 @@ import triton.language as tl
 
 @triton.jit
 def _attention_kernel(
-    Q, K, V, IDX, MASK, O, SCORES,
+    Q, K, V, IDX, MASK, O,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sib, sit,
     smb, smt,
     sob, soh, sot, sod,
-    H, T, R, D, qk_scale, sm_scale,
+    H, T, R, D, qk_scale,
     HAS_INDEX: tl.constexpr, HAS_MASK: tl.constexpr, SELF: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, WRITE_SCORES: tl.constexpr, USE_VNORM: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Rows ``IDX[b]`` of q (or the first R rows without an index) over T keys. ``SELF``: the
-    queries are the key tokens themselves, so a tile past the last real key holds padding only.
-    ``WRITE_SCORES``: the program holding query row 0 (the class token) also writes, as
-    ``scores.head_scores`` does, its logits (-inf at padded keys) and ||V_j|| into SCORES (2, B,
-    H, T) from the K and V tiles it loads anyway: the stage's scores without a pass of their own."""
+    queries are the key tokens themselves, so a tile past the last real key holds padding only."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -61,11 +58,6 @@ def _attention_kernel(
                 mask=in_rows[:, None] & in_d[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    if WRITE_SCORES:
-        q0 = tl.load(Q + b * sqb + h * sqh + d * sqd, mask=in_d, other=0.0).to(tl.float32)
-        scores_here = pid_m == 0
-        LOGITS = SCORES + (b * H + h) * T
-        VNORM = LOGITS + tl.num_programs(1).to(tl.int64) * T
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -76,10 +68,6 @@ def _attention_kernel(
             valid &= tl.load(MASK + b * smb + cols * smt, mask=valid, other=0) != 0
         k = tl.load(K + b * skb + h * skh + cols[None, :] * skt + d[:, None] * skd,
                     mask=valid[None, :] & in_d[:, None], other=0.0)
-        if WRITE_SCORES:
-            if scores_here:
-                cls = tl.sum(k.to(tl.float32) * q0[:, None], axis=0) * sm_scale
-                tl.store(LOGITS + cols, tl.where(valid, cls, float("-inf")), mask=cols < T)
         if UPCAST:
             k = k.to(tl.float32)
         if IEEE:
@@ -93,13 +81,6 @@ def _attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(V + b * svb + h * svh + cols[:, None] * svt + d[None, :] * svd,
                     mask=valid[:, None] & in_d[None, :], other=0.0)
-        if WRITE_SCORES:
-            if scores_here:
-                if USE_VNORM:
-                    vf = v.to(tl.float32)
-                    tl.store(VNORM + cols, tl.sqrt(tl.sum(vf * vf, axis=1)), mask=cols < T)
-                else:
-                    tl.store(VNORM + cols, tl.full([BLOCK_N], 1.0, tl.float32), mask=cols < T)
         if UPCAST:
             v = v.to(tl.float32)
         if IEEE:
@@ -108,12 +89,6 @@ def _attention_kernel(
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    if WRITE_SCORES:
-        if scores_here:  # keys after the image's last real key, which the loop did not visit
-            for n0 in range(tl.cdiv(n_end, BLOCK_N) * BLOCK_N, T, BLOCK_N):
-                cols = n0 + tl.arange(0, BLOCK_N)
-                tl.store(LOGITS + cols, tl.full([BLOCK_N], float("-inf"), tl.float32), mask=cols < T)
-                tl.store(VNORM + cols, tl.full([BLOCK_N], 0.0, tl.float32), mask=cols < T)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(O + b * sob + h * soh + rows[:, None] * sot + d[None, :] * sod, out.to(O.dtype.element_ty),
              mask=in_rows[:, None] & in_d[None, :])
@@ -128,12 +103,9 @@ def default_config(rows: int, D: int, keys: Optional[int] = None, programs: Opti
 
 
 def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], scale: float,
-                     rows: int, config: Optional[dict] = None, scores: Optional[torch.Tensor] = None,
-                     score: str = "attn_vnorm") -> torch.Tensor:
+                     rows: int, config: Optional[dict] = None) -> torch.Tensor:
     """Run ``_attention_kernel`` for ``rows`` query rows (gathered through ``index`` if given);
-    ``config`` overrides ``default_config`` (benchmarks/attention_configs.py sweeps it). With
-    ``scores`` (a (2, B, H, T) float32 buffer; query row 0 must be among the rows) the kernel also
-    writes the class row's logits and value norms there, as ``scores.head_scores`` returns them."""
+    ``config`` overrides ``default_config`` (benchmarks/attention_configs.py sweeps it)."""
     B, H, _, D = q.shape
     T = k.shape[2]
     # (B, R, H, dh) memory: the model's following transpose(1, 2).reshape(B, R, C) is then a view.
@@ -143,15 +115,15 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
     idx = index if index is not None else mask  # a dummy pointer without an index
     grid = (triton.cdiv(rows, config["BLOCK_M"]), B * H)
     _attention_kernel[grid](
-        q, k, v, idx, mask, out, scores if scores is not None else out,
+        q, k, v, idx, mask, out,
         *q.stride(), *k.stride(), *v.stride(),
         idx.stride(0), idx.stride(1),
         mask.stride(0), mask.stride(1),
         *out.stride(),
-        H, T, rows, D, float(scale) * math.log2(math.e), float(scale),
+        H, T, rows, D, float(scale) * math.log2(math.e),
         HAS_INDEX=index is not None, HAS_MASK=key_mask is not None,
         SELF=index is None and q.shape[2] == T,
-        IEEE=q.dtype == torch.float32, WRITE_SCORES=scores is not None, USE_VNORM=score == "attn_vnorm",
+        IEEE=q.dtype == torch.float32,
         # Triton's CPU interpreter (3.8) multiplies bfloat16 bit patterns in tl.dot: upcast there.
         UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=triton.next_power_of_2(T), **config,
@@ -169,20 +141,3 @@ def attention_rows(
 ) -> torch.Tensor:
     """softmax(q[index] kᵀ · scale) v over the real keys, for (B, H, T, dh) inputs: (B, H, T', dh)."""
     return launch_attention(q, k, v, index, key_mask, scale, index.shape[1])
-
-
-def attention_with_scores(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    key_mask: Optional[torch.Tensor],
-    scale: float,
-    score: str = "attn_vnorm",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of every query row over the real keys, (B, H, T, dh), and the class row's
-    per-head logits and value norms (2, B, H, T) float32, which the sampling kernel combines into
-    scores: a stage whose kept rows are gathered after the projection (``passes/late_gather.py``)."""
-    B, H, T, _ = q.shape
-    scores = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32)
-    out = launch_attention(q, k, v, None, key_mask, scale, T, scores=scores, score=score)
-    return out, scores

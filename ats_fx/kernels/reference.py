@@ -58,36 +58,11 @@ def class_token_scores(
         logits = logits + bias[:, :, 0, :].to(dt)
     if key_mask is not None:
         logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
-    norms = v.to(dt).norm(dim=-1) if score == "attn_vnorm" else None
-    return _combine(logits, norms, key_mask, num_prefix, strict, with_bad)
-
-
-def _combine(logits, norms, key_mask, num_prefix: int, strict: bool, with_bad: bool):
-    """Eq. 3 from the class row's logits (B, H, T) and value norms (None: ``score="attn"``)."""
-    B, H, T = logits.shape
     attn = logits.softmax(dim=-1)
-    s = attn * norms if norms is not None else attn
-    scored = _scored_tokens(B, T, num_prefix, key_mask, logits.device)
+    s = attn * v.to(dt).norm(dim=-1) if score == "attn_vnorm" else attn
+    scored = _scored_tokens(B, T, num_prefix, key_mask, q.device)
     out, bad = _normalise(s.sum(dim=1) * scored, scored, strict)  # heads summed
     return (out, bad) if with_bad else out
-
-
-def head_logits(q, k, v, key_mask: Optional[torch.Tensor], scale: float, score: str = "attn_vnorm") -> torch.Tensor:
-    """(2, B, H, T): each head's class-row logits (-inf at padded keys) and ||V_j|| (1 with
-    ``score="attn"``), what ``kernels.scores.head_scores`` and ``attention_rows.attention_with_scores``
-    write; ``scores_from_heads`` turns them into S."""
-    dt = score_dtype(q.dtype)
-    logits = (q[:, :, :1].to(dt) @ k.to(dt).transpose(-2, -1)).squeeze(2) * scale
-    if key_mask is not None:
-        logits = logits.masked_fill(~key_mask[:, None, :], float("-inf"))
-    norms = v.to(dt).norm(dim=-1) if score == "attn_vnorm" else torch.ones_like(logits)
-    return torch.stack([logits, norms])
-
-
-def scores_from_heads(heads: torch.Tensor, key_mask: Optional[torch.Tensor], num_prefix: int, strict: bool = True,
-                      with_bad: bool = False):
-    """S (B, T) (and ``bad`` with ``with_bad``) from ``head_logits``' output, as ``class_token_scores``."""
-    return _combine(heads[0], heads[1], key_mask, num_prefix, strict, with_bad)
 
 
 def attention_weights(
