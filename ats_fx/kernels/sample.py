@@ -29,23 +29,8 @@ def _quantile(i, K):
 
 
 @triton.jit
-def _count_at_or_below(x, K):
-    """How many quantiles u_1..u_K are <= x: the estimate floor(K*x + 1/2), fixed against the
-    exactly rounded quantiles."""
-    n = tl.minimum(tl.maximum(tl.floor(x * K.to(tl.float32) + 0.5).to(tl.int32), 0), K)
-    n = tl.where((n > 0) & (_quantile(n, K) > x), n - 1, n)
-    return tl.where((n < K) & (_quantile(n + 1, K) <= x), n + 1, n)
-
-
-@triton.jit
-def _exclusive_max(before_a, upto_a, before_b, upto_b):
-    # A segment as (max of all its elements but the last, max of all): joining two segments.
-    return tl.maximum(upto_a, before_b), tl.maximum(upto_a, upto_b)
-
-
-@triton.jit
 def _sample_kernel(
-    S, VN, BUDGET, MASK, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
+    S, VN, BUDGET, MASK, CDF, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
     smb, smt,
     T, W, H, num_prefix, k_fixed, min_tokens,
     HAS_MASK: tl.constexpr, BUDGET_GIVEN: tl.constexpr, HAS_STATS: tl.constexpr, FROM_HEADS: tl.constexpr,
@@ -77,16 +62,21 @@ def _sample_kernel(
         K = tl.minimum(K, n_in - num_prefix)
         tl.store(BUDGET + b, K.to(tl.int64))
     cdf = tl.cumsum(s, axis=0)
-    # m[j]: how many quantiles lie at or below C[j]. Token j is "the first whose CDF reaches u_i"
-    # for the quantiles counted by m[j] but not by m[j-1]. m[j-1] is taken from token j-1's own
-    # C value (not cdf - s, which rounds differently), so every quantile is claimed by exactly
-    # one token: an exclusive running max of m (a running max, so a C that rounds a hair below its
-    # predecessor claims nothing twice), all in registers: no round trip through memory.
-    m = _count_at_or_below(cdf, K)
+    # C[j-1] must be the very value the scan gave token j-1 (not cdf - s, which rounds
+    # differently), so every quantile is claimed by exactly one token: go through memory.
+    tl.store(CDF + b * T + t, cdf, mask=inside)
+    tl.debug_barrier()
+    prev = tl.load(CDF + b * T + t - 1, mask=inside & (t > 0), other=0.0)
+    # First quantile index above prev: count of u_i <= prev is about floor(K*prev + 1/2); fix the
+    # estimate's round-off against the exactly rounded quantiles.
+    n = tl.minimum(tl.maximum(tl.floor(prev * K.to(tl.float32) + 0.5).to(tl.int32), 0), K)
+    n = tl.where((n > 0) & (_quantile(n, K) > prev), n - 1, n)
+    n = tl.where((n < K) & (_quantile(n + 1, K) <= prev), n + 1, n)
+    first = n + 1
     last_real = tl.max(tl.where(real, t, 0), axis=0)
-    m = tl.where(t == last_real, K, m)  # round-off can leave the last quantiles above C[end]
-    before, _ = tl.associative_scan((tl.full([BLOCK_T], -1, tl.int32), m), 0, _exclusive_max)
-    keep = real & (((t >= num_prefix) & (m > tl.maximum(before, 0))) | (t < num_prefix))
+    # Round-off can leave the last quantiles above C[end]: the last real token takes them.
+    reaches = (_quantile(first, K) <= cdf) | (t == last_real)
+    keep = real & (((t >= num_prefix) & (first <= K) & reaches) | (t < num_prefix))
     keep_i = keep.to(tl.int32)
     rank = tl.cumsum(keep_i, axis=0)
     total = tl.sum(keep_i, axis=0)
@@ -165,6 +155,7 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     index = torch.empty(B, W, device=device, dtype=torch.int64)
     out_mask = torch.empty(B, W, device=device, dtype=torch.int8)
     kept = torch.empty(B, device=device, dtype=torch.int64)
+    cdf = torch.empty(B, T, device=device, dtype=torch.float32)
     given = budget is not None
     if not given:
         budget = torch.empty(B, device=device, dtype=torch.int64)
@@ -174,7 +165,7 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     stats = torch.full((3,), -(2**30), device=device, dtype=torch.int32) if want_stats else None
     mask = key_mask if key_mask is not None else scores
     _sample_kernel[(B,)](
-        scores, scores[1] if from_heads else scores, budget, mask, index, out_mask, kept,
+        scores, scores[1] if from_heads else scores, budget, mask, cdf, index, out_mask, kept,
         bad if bad is not None else kept, stats if stats is not None else kept, _float64_bits(ratio or 0.0),
         mask.stride(0), mask.stride(-1),
         T, W, H, num_prefix, -1 if k is None else int(k), MIN_TOKENS,
