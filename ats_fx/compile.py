@@ -245,8 +245,9 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
         # Each stage gives the token axis a new width, so every GEMM after it is a new shape to tune.
         log.warning(
             "backend='ats' with mode=%r: %d stages give ~%d new GEMM shapes to autotune; the first compile "
-            "can take many minutes (DeiT-S, 9 stages: ~15 min on an H100, 64 s once Inductor's caches are "
-            "warm). One stage, or mode='reduce-overhead', compiles in seconds.", options_mode or mode, stages,
+            "can take tens of minutes (DeiT-S, 9 stages, dynamic batch: not done after 26 min on an H100 with "
+            "torch 2.11, where max-autotune also ran the dense model 19-32%% slower than 'reduce-overhead'). "
+            "One stage, or mode='reduce-overhead', compiles in seconds.", options_mode or mode, stages,
             4 * stages)
     # batch_max gives the ATS op a data-dependent output width: let this compile's shape
     # environment allocate it (Dynamo leaves that off unless capture_dynamic_output_shape_ops).
