@@ -85,7 +85,7 @@ def run(args) -> dict:
         q, k, v, index, mask, qkv = inputs(B, H, T, R, masked)
         rows = T if R is None else R
         want = launch_attention(q, k, v, index, mask, 0.125, rows)
-        base = default_config(rows, 64, T, B * H)
+        base = default_config(rows, 64)
         timings = []
         for config in CONFIGS + ([base] if base not in CONFIGS else []):
             try:
