@@ -30,6 +30,7 @@ SHAPES = (  # batch, heads, tokens T, query rows R (None: a later layer on the T
     [(B, 6, T, R, T != 197) for B in (1, 256) for T, R in CHAIN]
     + [(B, 12, T, R, T != 197) for B in (1, 256) for T, R in (CHAIN[0], CHAIN[4], CHAIN[8])]
 )
+# 2 warps only for the 16/32-row tiles, 8 only for 64/128 rows, 4 for all: 32 settings.
 CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
            for m, n, w, s in itertools.product([16, 32, 64, 128], [32, 64], [2, 4, 8], [2, 3])
            if (w == 2) == (m <= 32) or w == 4]

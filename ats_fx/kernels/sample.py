@@ -130,16 +130,16 @@ def sample_with_budget(
     return _launch(scores, key_mask, num_prefix, width, ratio=ratio, k=k, bad=bad, want_stats=stats)
 
 
-# rho reaches the kernel as the bit pattern of its float64 value (an int64 argument, bitcast back):
-# a Python float argument arrives as float32 (0.7 -> 0.69999999), which moved K at the x.5
-# products (65 x 0.7 = 45.5 -> K = 45, not 46) on the GPU; the CPU interpreter keeps float64 and
-# hid it. (A cached float64 device tensor did the same, but a tensor created while CUDA graphs
-# record stays in their memory pool untracked, which CUDA graph trees refuse.)
 # Warps per program (one program per image); None: 4 up to 256 tokens, else 8. 4 was the fastest
 # of 1, 2, 4, 8 at every shape timed (benchmarks/results/scores_configs.md).
 NUM_WARPS: Optional[int] = None
 
 
+# rho reaches the kernel as the bit pattern of its float64 value (an int64 argument, bitcast back):
+# a Python float argument arrives as float32 (0.7 -> 0.69999999), which moved K at the x.5
+# products (65 x 0.7 = 45.5 -> K = 45, not 46) on the GPU; the CPU interpreter keeps float64 and
+# hid it. (A cached float64 device tensor did the same, but a tensor created while CUDA graphs
+# record stays in their memory pool untracked, which CUDA graph trees refuse.)
 def _float64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
