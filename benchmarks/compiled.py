@@ -84,6 +84,27 @@ def mode_label(mode: str, args) -> str:
     return mode + "".join(extra)
 
 
+def set_switches(variant: Optional[str]):
+    """Set the ``ats_fx.kernels`` module attributes a ``--variant`` names ("label:pdl.ENABLED=False,...");
+    returns the function that puts them back."""
+    if variant is None:
+        return lambda: None
+    import importlib
+
+    saved = []
+    for item in variant.split(":", 1)[1].split(","):
+        target, value = item.split("=", 1)
+        module_name, attr = target.strip().rsplit(".", 1)
+        module = importlib.import_module(f"ats_fx.kernels.{module_name}")
+        saved.append((module, attr, getattr(module, attr)))  # AttributeError for a misspelt switch
+        setattr(module, attr, ast.literal_eval(value))
+
+    def restore():
+        for module, attr, value in reversed(saved):
+            setattr(module, attr, value)
+    return restore
+
+
 def flops_of(base, label: str, x) -> float:
     if label in ("dense", DENSE_SAME_COMPILE):
         return float(ats_fx.count_flops(base, x[:4]).mean())
@@ -112,12 +133,15 @@ def run(args) -> dict:
             inputs = {b: x.contiguous(memory_format=torch.channels_last) for b, x in inputs.items()}
         dense_ms, inductor_ms = {}, {}
         baselines = ["dense", DENSE_SAME_COMPILE]
-        for label in [*baselines, *args.configs]:
+        runs = [(label, None) for label in [*baselines, *args.configs]]
+        runs += [(label, variant) for label in args.configs for variant in args.variant]
+        for label, variant in runs:
             for mode in args.modes:
                 if time.time() - start > args.budget_s:
                     log.warning("time budget spent; skipping %s %s %s", name, mode, label)
                     continue
                 torch._dynamo.reset()
+                restore = set_switches(variant)  # CUDA graphs record the launches: keep them set to the end
                 model = compile_model(base, label, mode, args.no_coordinate_descent, args.inductor,
                                       patch_gemm=not args.no_patch_gemm)
                 first = inputs[args.batches[0]].clone(memory_format=torch.preserve_format)
@@ -132,13 +156,15 @@ def run(args) -> dict:
                     log.exception("compile failed: %s %s %s", name, mode, label)
                     results["rows"].append(dict(model=name, dtype=args.dtype, mode=mode, config=label,
                                                 error=f"{type(err).__name__}: {str(err)[:300]}"))
+                    restore()
                     continue
                 compile_s = time.time() - t0
                 flops = flops_of(base, label, inputs[args.batches[-1]])
                 for batch, x in inputs.items():
                     ms = bench_ms(lambda: model(x), args.rep)
                     row = dict(model=name, dtype=args.dtype, mode=mode_label(mode, args),
-                               config=label, batch=batch, ms=ms,
+                               config=label if variant is None else f"{label} {variant.split(':')[0]}",
+                               batch=batch, ms=ms,
                                img_s=batch / ms * 1e3, gflops=flops, compile_s=compile_s)
                     # Speed-ups are against the dense model compiled the same way (with the
                     # patch-embedding GEMM when ATS has it); also against plain Inductor dense.
@@ -157,6 +183,7 @@ def run(args) -> dict:
                 if args.out:
                     Path(args.out).write_text(json.dumps(results, indent=1))
                 del model
+                restore()
     return results
 
 
@@ -207,6 +234,9 @@ def main(argv=None) -> None:
                         "baseline keeps it too)")
     p.add_argument("--channels-last", action="store_true",
                    help="model and inputs in channels-last memory format (dense and ATS alike)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:MODULE.ATTR=VALUE,...",
+                   help="also run every ATS config with these ats_fx.kernels switches set, e.g. "
+                        "'no PDL:pdl.ENABLED=False' (rows labelled '<config> <LABEL>')")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
     args.inductor = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.inductor)}

@@ -452,3 +452,75 @@ def test_rho_reaches_the_sampling_kernel_as_exact_float64_bits():
     for rho in (0.7, 0.87, 1.0, 1 / 3):
         bits = torch.tensor([_float64_bits(rho)], dtype=torch.int64)
         assert bits.view(torch.float64).item() == rho
+
+
+def _stage_front(q, k, v, mask, p, width):
+    """A stage's three kernels as the library chains them: head logits, sampling, attention."""
+    from ats_fx.kernels.attention_rows import attention_rows
+    from ats_fx.kernels.sample import sample_with_budget
+
+    heads = head_scores(q, k, v, mask, q.shape[-1] ** -0.5)
+    index, out_mask, kept, _, _, _ = sample_with_budget(heads, mask, p, 0.7, None, width, None, stats=False)
+    return index, out_mask, kept, attention_rows(q, k, v, index, mask, q.shape[-1] ** -0.5)
+
+
+@pytest.mark.parametrize("switch", ["scores.LAST_IMAGE_FIRST", "sample.CDF_IN_REGISTERS", "pdl.ENABLED"])
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+def test_kernel_switches_change_nothing_but_speed(monkeypatch, switch, masked):
+    """Each launch switch (image order of the head logits, C[j-1] from registers or memory, PDL)
+    gives bit-identical indices, masks and attention output."""
+    import importlib
+
+    module_name, attr = switch.split(".")
+    module = importlib.import_module(f"ats_fx.kernels.{module_name}")
+    B, H, T, D, p = 5, 3, 70, 16, 1
+    q, k, v = qkv(B, H, T, D, torch.float16, seed=9)
+    mask = padding_mask(B, T, seed=3) if masked else None
+    width = reference.static_budget(T, p, 0.7, None) + p
+    monkeypatch.setattr(module, attr, True)
+    on = _stage_front(q, k, v, mask, p, width)
+    monkeypatch.setattr(module, attr, False)
+    off = _stage_front(q, k, v, mask, p, width)
+    for a, b in zip(on, off):
+        assert torch.equal(a, b)
+
+
+def test_pdl_only_on_hopper_gpus(monkeypatch):
+    from ats_fx.kernels import pdl
+
+    assert not pdl.use_pdl(torch.zeros(1))  # CPU tensors, and the interpreter, never
+    if torch.cuda.is_available():
+        x = torch.zeros(1, device="cuda")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        assert pdl.use_pdl(x) == (torch.cuda.get_device_capability()[0] >= 9)
+        monkeypatch.setattr(pdl, "ENABLED", False)
+        assert not pdl.use_pdl(x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_pdl_chain_in_a_cuda_graph_matches_eager_launches():
+    """Replayed from a CUDA graph (as reduce-overhead runs them), the PDL-launched chain gives what
+    the same kernels give launched one by one, over inputs rewritten between replays."""
+    from ats_fx.kernels import pdl
+
+    B, H, T, D, p = 64, 6, 197, 64, 1
+    q, k, v = (t.contiguous() for t in qkv(B, H, T, D, torch.float16, seed=11))
+    width = reference.static_budget(T, p, 0.87, None) + p
+    static = [t.clone() for t in (q, k, v)]
+    _stage_front(*static, None, p, width)  # compile the kernels before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = _stage_front(*static, None, p, width)
+    for seed in (12, 13):
+        fresh = qkv(B, H, T, D, torch.float16, seed=seed)
+        for s, f in zip(static, fresh):
+            s.copy_(f)
+        graph.replay()
+        enabled, pdl.ENABLED = pdl.ENABLED, False
+        try:
+            want = _stage_front(*static, None, p, width)
+        finally:
+            pdl.ENABLED = enabled
+        torch.cuda.synchronize()
+        for a, b in zip(out, want):
+            assert torch.equal(a, b)

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import use_pdl, wait_for_previous_kernel
+
 
 @triton.jit
 def _attention_kernel(
@@ -33,11 +35,12 @@ def _attention_kernel(
     sob, soh, sot, sod,
     H, T, R, D, qk_scale,
     HAS_INDEX: tl.constexpr, HAS_MASK: tl.constexpr, SELF: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Rows ``IDX[b]`` of q (or the first R rows without an index) over T keys. ``SELF``: the
     queries are the key tokens themselves, so a tile past the last real key holds padding only."""
+    wait_for_previous_kernel(PDL)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
@@ -115,6 +118,7 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
     mask = out if key_mask is None else key_mask.view(torch.int8) if key_mask.dtype == torch.bool else key_mask
     idx = index if index is not None else mask  # a dummy pointer without an index
     grid = (triton.cdiv(rows, config["BLOCK_M"]), B * H)
+    pdl = use_pdl(q)
     _attention_kernel[grid](
         q, k, v, idx, mask, out,
         *q.stride(), *k.stride(), *v.stride(),
@@ -127,7 +131,8 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
         IEEE=q.dtype == torch.float32,
         # Triton's CPU interpreter (3.8) multiplies bfloat16 bit patterns in tl.dot: upcast there.
         UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=triton.next_power_of_2(T), **config,
+        PDL=pdl, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=triton.next_power_of_2(T),
+        launch_pdl=pdl, **config,
     )
     return out
 
