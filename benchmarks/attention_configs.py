@@ -13,6 +13,7 @@ checked against the default config's output first.
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import json
 import logging
@@ -81,14 +82,15 @@ def floors(q, k, v, mask, qkv, rows):
 def run(args) -> dict:
     from ats_fx.kernels.attention_rows import default_config, launch_attention
 
-    results = {"env": environment(), "graphs": args.graphs, "rows": []}
+    results = {"env": environment(), "graphs": args.graphs, "compare": args.compare, "rows": []}
     for B, H, T, R, masked in SHAPES:
         q, k, v, index, mask, qkv = inputs(B, H, T, R, masked)
         rows = T if R is None else R
         want = launch_attention(q, k, v, index, mask, 0.125, rows)
         base = default_config(rows, 64)
         timings = []
-        for config in CONFIGS + ([base] if base not in CONFIGS else []):
+        configs = [] if args.default_only else CONFIGS
+        for config in configs + ([base] if base not in configs else []):
             try:
                 got = launch_attention(q, k, v, index, mask, 0.125, rows, config)
                 torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
@@ -101,6 +103,17 @@ def run(args) -> dict:
         row = dict(batch=B, heads=H, tokens=T, rows=rows, stage=R is not None, masked=masked, default=base,
                    default_ms=default_ms, best_ms=timings[0][0], best=timings[0][1], top5=timings[:5],
                    all=[(ms, c) for ms, c in timings])
+        for switch in args.compare:  # the default config again with a kernel switch flipped
+            module_name, attr = switch.rsplit(".", 1)
+            module = importlib.import_module(f"ats_fx.kernels.{module_name}")
+            setattr(module, attr, not getattr(module, attr))
+            try:
+                got = launch_attention(q, k, v, index, mask, 0.125, rows)
+                torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+                row[f"default, {switch} flipped"] = time_ms(
+                    lambda: launch_attention(q, k, v, index, mask, 0.125, rows), args.graphs)
+            finally:
+                setattr(module, attr, not getattr(module, attr))
         for name, fn in floors(q, k, v, mask, qkv, rows).items():
             try:
                 row[name] = time_ms(fn, args.graphs)
@@ -120,8 +133,9 @@ def table(results: dict) -> str:
     how = "do_bench_cudagraph" if results.get("graphs") else "do_bench"
     lines = [f"Device: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; fp16, "
              f"head size 64, median us ({how}).", "",
-             "| B | H | keys | rows | mask | default | us | best | us | SDPA no mask us |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| B | H | keys | rows | mask | default | us | best | us | SDPA no mask us |"
+             + "".join(f" {s} flipped us |" for s in results.get("compare", [])),
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(results.get("compare", []))]
 
     def short(c):
         return f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
@@ -131,12 +145,17 @@ def table(results: dict) -> str:
         sdpa = f"{sdpa * 1e3:.2f}" if isinstance(sdpa, float) else str(sdpa)
         lines.append(f"| {r['batch']} | {r['heads']} | {r['tokens']} | {r['rows']} | {r['masked']} | "
                      f"{short(r['default'])} | {r['default_ms'] * 1e3:.2f} | {short(r['best'])} | "
-                     f"{r['best_ms'] * 1e3:.2f} | {sdpa} |")
+                     f"{r['best_ms'] * 1e3:.2f} | {sdpa} |"
+                     + "".join(f" {r[f'default, {s} flipped'] * 1e3:.2f} |" for s in results.get("compare", [])))
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--default-only", action="store_true", help="time the default config only, no sweep")
+    p.add_argument("--compare", nargs="*", default=[], metavar="MODULE.ATTR",
+                   help="also time the default config with this boolean ats_fx.kernels switch flipped, "
+                        "e.g. attention_rows.ONE_RUN_LOOP")
     p.add_argument("--out")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="time with do_bench, not in CUDA graphs")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

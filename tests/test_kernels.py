@@ -464,11 +464,11 @@ def _stage_front(q, k, v, mask, p, width):
     return index, out_mask, kept, attention_rows(q, k, v, index, mask, q.shape[-1] ** -0.5)
 
 
-@pytest.mark.parametrize("switch", ["scores.LAST_IMAGE_FIRST", "sample.CDF_IN_REGISTERS", "pdl.ENABLED"])
+@pytest.mark.parametrize("switch", ["scores.LAST_IMAGE_FIRST", "pdl.ENABLED", "attention_rows.ONE_RUN_LOOP"])
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
 def test_kernel_switches_change_nothing_but_speed(monkeypatch, switch, masked):
-    """Each launch switch (image order of the head logits, C[j-1] from registers or memory, PDL)
-    gives bit-identical indices, masks and attention output."""
+    """Each kernel switch (image order of the head logits, PDL, the attention's key loop without
+    mask loads) gives bit-identical indices, masks and attention output."""
     import importlib
 
     module_name, attr = switch.split(".")

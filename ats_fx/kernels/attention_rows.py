@@ -25,51 +25,20 @@ from .pdl import use_pdl, wait_for_previous_kernel
 
 
 @triton.jit
-def _attention_kernel(
-    Q, K, V, IDX, MASK, O,
-    sqb, sqh, sqt, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    sib, sit,
-    smb, smt,
-    sob, soh, sot, sod,
-    H, T, R, D, qk_scale,
-    HAS_INDEX: tl.constexpr, HAS_MASK: tl.constexpr, SELF: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """Rows ``IDX[b]`` of q (or the first R rows without an index) over T keys. ``SELF``: the
-    queries are the key tokens themselves, so a tile past the last real key holds padding only."""
-    wait_for_previous_kernel(PDL)
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
-    n_end = T
-    if HAS_MASK:  # stop after the image's last real key: padding (kept last) costs nothing
-        t = tl.arange(0, BLOCK_T)
-        real = tl.load(MASK + b * smb + t * smt, mask=t < T, other=0) != 0
-        n_end = tl.max(tl.where(real, t + 1, 0), axis=0)
-        if SELF:  # a tile of padding rows only: no keys to visit, zeros out
-            n_end = tl.where(pid_m * BLOCK_M < n_end, n_end, 0)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    d = tl.arange(0, BLOCK_D)
-    in_rows, in_d = rows < R, d < D
-    src = rows
-    if HAS_INDEX:
-        src = tl.load(IDX + b * sib + rows * sit, mask=in_rows, other=0)
-    q = tl.load(Q + b * sqb + h * sqh + src[:, None] * sqt + d[None, :] * sqd,
-                mask=in_rows[:, None] & in_d[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+def _attend(q, K, V, MASK, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale, d, in_d,
+            CHECK_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online softmax of the q tile over keys [0, n_end), also reading the key mask column by column
+    with ``CHECK_MASK`` (a mask that is not one run of real keys followed by padding)."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for n0 in range(0, n_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         valid = cols < n_end
-        if HAS_MASK:  # masks that are not a suffix still count column by column
-            valid &= tl.load(MASK + b * smb + cols * smt, mask=valid, other=0) != 0
-        k = tl.load(K + b * skb + h * skh + cols[None, :] * skt + d[:, None] * skd,
+        if CHECK_MASK:
+            valid &= tl.load(MASK + m_base + cols * smt, mask=valid, other=0) != 0
+        k = tl.load(K + k_base + cols[None, :] * skt + d[:, None] * skd,
                     mask=valid[None, :] & in_d[:, None], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
@@ -82,7 +51,7 @@ def _attention_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(V + b * svb + h * svh + cols[:, None] * svt + d[None, :] * svd,
+        v = tl.load(V + v_base + cols[:, None] * svt + d[None, :] * svd,
                     mask=valid[:, None] & in_d[None, :], other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
@@ -92,7 +61,57 @@ def _attention_kernel(
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+
+
+@triton.jit
+def _attention_kernel(
+    Q, K, V, IDX, MASK, O,
+    sqb, sqh, sqt, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    sib, sit,
+    smb, smt,
+    sob, soh, sot, sod,
+    H, T, R, D, qk_scale,
+    HAS_INDEX: tl.constexpr, HAS_MASK: tl.constexpr, SELF: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, ONE_RUN_LOOP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Rows ``IDX[b]`` of q (or the first R rows without an index) over T keys. ``SELF``: the
+    queries are the key tokens themselves, so a tile past the last real key holds padding only."""
+    wait_for_previous_kernel(PDL)
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    n_end = T
+    one_run = True  # the real keys are exactly [0, n_end)
+    if HAS_MASK:  # stop after the image's last real key: padding (kept last) costs nothing
+        t = tl.arange(0, BLOCK_T)
+        real = tl.load(MASK + b * smb + t * smt, mask=t < T, other=0) != 0
+        n_end = tl.max(tl.where(real, t + 1, 0), axis=0)
+        # Every mask ATS makes is one run (kept tokens first); the key loop then needs no mask loads,
+        # which cost a third more per key tile at batch 256 (attention_configs_stages.md).
+        one_run = tl.sum(real.to(tl.int32), axis=0) == n_end
+        if SELF:  # a tile of padding rows only: no keys to visit, zeros out
+            n_end = tl.where(pid_m * BLOCK_M < n_end, n_end, 0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    in_rows, in_d = rows < R, d < D
+    src = rows
+    if HAS_INDEX:
+        src = tl.load(IDX + b * sib + rows * sit, mask=in_rows, other=0)
+    q = tl.load(Q + b * sqb + h * sqh + src[:, None] * sqt + d[None, :] * sqd,
+                mask=in_rows[:, None] & in_d[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base, v_base, m_base = b * skb + h * skh, b * svb + h * svh, b * smb
+    if ONE_RUN_LOOP and one_run:
+        out = _attend(q, K, V, MASK, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale, d, in_d,
+                      False, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+    else:
+        out = _attend(q, K, V, MASK, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale, d, in_d,
+                      True, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     tl.store(O + b * sob + h * soh + rows[:, None] * sot + d[None, :] * sod, out.to(O.dtype.element_ty),
              mask=in_rows[:, None] & in_d[None, :])
 
@@ -104,6 +123,10 @@ def default_config(rows: int, D: int) -> dict:
     # in CUDA graphs at the nine stage shapes of DeiT-S rho=0.87 (attention_configs_stages.md): it
     # won every batch-256 shape of 32 settings, and was within 0.23 us of the best at batch 1.
     return dict(BLOCK_M=64 if rows > 32 else 16, BLOCK_N=32, num_warps=4, num_stages=3)
+
+
+# The key loop without mask loads for masks that are one run of real keys (all ATS makes).
+ONE_RUN_LOOP = True
 
 
 def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], scale: float,
@@ -131,7 +154,7 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
         IEEE=q.dtype == torch.float32,
         # Triton's CPU interpreter (3.8) multiplies bfloat16 bit patterns in tl.dot: upcast there.
         UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        PDL=pdl, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=triton.next_power_of_2(T),
+        PDL=pdl, ONE_RUN_LOOP=ONE_RUN_LOOP, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=triton.next_power_of_2(T),
         launch_pdl=pdl, **config,
     )
     return out

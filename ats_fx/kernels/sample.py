@@ -31,11 +31,11 @@ def _quantile(i, K):
 
 @triton.jit
 def _sample_kernel(
-    S, VN, BUDGET, MASK, CDF, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
+    S, VN, BUDGET, MASK, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
     smb, smt,
     T, W, H, num_prefix, k_fixed, min_tokens,
     HAS_MASK: tl.constexpr, BUDGET_GIVEN: tl.constexpr, HAS_STATS: tl.constexpr, FROM_HEADS: tl.constexpr,
-    CDF_IN_REGISTERS: tl.constexpr, PDL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
     b = tl.program_id(0).to(tl.int64)
@@ -66,12 +66,8 @@ def _sample_kernel(
     cdf = tl.cumsum(s, axis=0)
     # C[j-1] must be the very value the scan gave token j-1 (not cdf - s, which rounds
     # differently), so every quantile is claimed by exactly one token: move it one lane over.
-    if CDF_IN_REGISTERS:
-        prev = tl.where(t > 0, tl.gather(cdf, tl.maximum(t - 1, 0), axis=0), 0.0)
-    else:  # through memory (the earlier way, kept to measure against)
-        tl.store(CDF + b * T + t, cdf, mask=inside)
-        tl.debug_barrier()
-        prev = tl.load(CDF + b * T + t - 1, mask=inside & (t > 0), other=0.0)
+    # (A store, a barrier and a load did the same, no faster: stage_kernels.md.)
+    prev = tl.where(t > 0, tl.gather(cdf, tl.maximum(t - 1, 0), axis=0), 0.0)
     # First quantile index above prev: count of u_i <= prev is about floor(K*prev + 1/2); fix the
     # estimate's round-off against the exactly rounded quantiles.
     n = tl.minimum(tl.maximum(tl.floor(prev * K.to(tl.float32) + 0.5).to(tl.int32), 0), K)
@@ -138,8 +134,6 @@ def sample_with_budget(
 # Warps per program (one program per image); None: 4 up to 256 tokens, else 8. 4 was the fastest
 # of 1, 2, 4, 8 at every shape timed (benchmarks/results/scores_configs.md).
 NUM_WARPS: Optional[int] = None
-# C[j-1] from the scan's registers (tl.gather) instead of a store, a barrier and a load.
-CDF_IN_REGISTERS = True
 
 
 # rho reaches the kernel as the bit pattern of its float64 value (an int64 argument, bitcast back):
@@ -162,7 +156,6 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     index = torch.empty(B, W, device=device, dtype=torch.int64)
     out_mask = torch.empty(B, W, device=device, dtype=torch.int8)
     kept = torch.empty(B, device=device, dtype=torch.int64)
-    cdf = index if CDF_IN_REGISTERS else torch.empty(B, T, device=device, dtype=torch.float32)  # dummy when unused
     given = budget is not None
     if not given:
         budget = torch.empty(B, device=device, dtype=torch.int64)
@@ -173,12 +166,12 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     mask = key_mask if key_mask is not None else scores
     pdl = use_pdl(scores)
     _sample_kernel[(B,)](
-        scores, scores[1] if from_heads else scores, budget, mask, cdf, index, out_mask, kept,
+        scores, scores[1] if from_heads else scores, budget, mask, index, out_mask, kept,
         bad if bad is not None else kept, stats if stats is not None else kept, _float64_bits(ratio or 0.0),
         mask.stride(0), mask.stride(-1),
         T, W, H, num_prefix, -1 if k is None else int(k), MIN_TOKENS,
         HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=stats is not None, FROM_HEADS=from_heads,
-        CDF_IN_REGISTERS=CDF_IN_REGISTERS, PDL=pdl,
+        PDL=pdl,
         BLOCK_T=triton.next_power_of_2(T), BLOCK_H=triton.next_power_of_2(H),
         num_warps=NUM_WARPS or (4 if T <= 256 else 8), enable_fp_fusion=False, launch_pdl=pdl,
     )
