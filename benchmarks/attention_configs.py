@@ -17,6 +17,7 @@ import importlib
 import itertools
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -35,6 +36,14 @@ SHAPES = (  # batch, heads, tokens T, query rows R (None: a later layer on the T
 CONFIGS = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
            for m, n, w, s in itertools.product([16, 32, 64, 128], [32, 64], [2, 4, 8], [2, 3])
            if (w == 2) == (m <= 32) or w == 4]
+
+
+def parse_config(text: str) -> dict:
+    """'64x128w4s2' -> BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2."""
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"tile setting {text!r}: write it like 64x128w4s2")
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), map(int, m.groups())))
 
 
 def inputs(B, H, T, R, masked, dtype=torch.float16, seed=0):
@@ -84,12 +93,14 @@ def run(args) -> dict:
 
     results = {"env": environment(), "graphs": args.graphs, "compare": args.compare, "rows": []}
     for B, H, T, R, masked in SHAPES:
+        if args.batches and B not in args.batches:
+            continue
         q, k, v, index, mask, qkv = inputs(B, H, T, R, masked)
         rows = T if R is None else R
         want = launch_attention(q, k, v, index, mask, 0.125, rows)
         base = default_config(rows, 64)
         timings = []
-        configs = [] if args.default_only else CONFIGS
+        configs = [] if args.default_only else args.configs or CONFIGS
         for config in configs + ([base] if base not in configs else []):
             try:
                 got = launch_attention(q, k, v, index, mask, 0.125, rows, config)
@@ -114,7 +125,7 @@ def run(args) -> dict:
                     lambda: launch_attention(q, k, v, index, mask, 0.125, rows), args.graphs)
             finally:
                 setattr(module, attr, not getattr(module, attr))
-        for name, fn in floors(q, k, v, mask, qkv, rows).items():
+        for name, fn in (floors(q, k, v, mask, qkv, rows) if args.floors else {}).items():
             try:
                 row[name] = time_ms(fn, args.graphs)
             except Exception as err:
@@ -141,7 +152,7 @@ def table(results: dict) -> str:
         return f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
 
     for r in results["rows"]:
-        sdpa = r.get("SDPA no mask")
+        sdpa = r.get("SDPA no mask", "")
         sdpa = f"{sdpa * 1e3:.2f}" if isinstance(sdpa, float) else str(sdpa)
         lines.append(f"| {r['batch']} | {r['heads']} | {r['tokens']} | {r['rows']} | {r['masked']} | "
                      f"{short(r['default'])} | {r['default_ms'] * 1e3:.2f} | {short(r['best'])} | "
@@ -153,6 +164,10 @@ def table(results: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--default-only", action="store_true", help="time the default config only, no sweep")
+    p.add_argument("--configs", nargs="*", type=parse_config, default=None, metavar="MxNwWsS",
+                   help="sweep these tile settings instead of the 32 built in, e.g. 64x128w4s2")
+    p.add_argument("--no-floors", dest="floors", action="store_false", help="skip the SDPA and varlen floors")
+    p.add_argument("--batches", nargs="*", type=int, default=None, help="only the shapes of these batch sizes")
     p.add_argument("--compare", nargs="*", default=[], metavar="MODULE.ATTR",
                    help="also time the default config with this boolean ats_fx.kernels switch flipped, "
                         "e.g. attention_rows.ONE_RUN_LOOP")
