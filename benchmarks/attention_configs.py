@@ -89,7 +89,7 @@ def floors(q, k, v, mask, qkv, rows):
 
 
 def run(args) -> dict:
-    from ats_fx.kernels.attention_rows import default_config, launch_attention
+    from ats_fx.kernels.attention_rows import default_config, launch_attention, multiprocessors
 
     results = {"env": environment(), "graphs": args.graphs, "compare": args.compare, "rows": []}
     for B, H, T, R, masked in SHAPES:
@@ -98,7 +98,7 @@ def run(args) -> dict:
         q, k, v, index, mask, qkv = inputs(B, H, T, R, masked)
         rows = T if R is None else R
         want = launch_attention(q, k, v, index, mask, 0.125, rows)
-        base = default_config(rows, 64)
+        base = default_config(rows, 64, B * H, multiprocessors(q.device))
         timings = []
         configs = [] if args.default_only else args.configs or CONFIGS
         for config in configs + ([base] if base not in configs else []):

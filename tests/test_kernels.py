@@ -211,6 +211,27 @@ def test_attention_rows_kernel(shape, dtype, masked):
     torch.testing.assert_close(got.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("sms", [0, 132], ids=["batch-config", "small-grid-config"])
+@pytest.mark.parametrize("mask_kind", ["none", "one-run", "holes"])
+def test_attention_kernel_both_tile_configs(sms, mask_kind):
+    """The tile settings default_config picks when the grid fills the GPU (64 x 32) and when it does
+    not (batch 1: 16 x 128, two key steps for 197 keys) both match the reference, masks with holes
+    included."""
+    from ats_fx.kernels.attention_rows import default_config, launch_attention
+
+    B, H, T, D, p = 2, 3, 150, 32, 1
+    q, k, v = qkv(B, H, T, D, torch.float32, sharp=1.0)
+    mask = None if mask_kind == "none" else padding_mask(B, T, seed=5)
+    if mask_kind == "holes":
+        mask[0, 20:60] = False
+    index = torch.stack([torch.arange(0, 2 * 70, 2, device=DEVICE)] * B)  # 70 rows: two 64-row tiles
+    config = default_config(70, D, B * H, sms)
+    assert config["BLOCK_N"] == (128 if sms else 32)
+    got = launch_attention(q, k, v, index, mask, D**-0.5, 70, config)
+    want = reference.attention_rows(q.double(), k.double(), v.double(), index, mask, D**-0.5)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_rows_output_reshapes_to_tokens_without_a_copy():
     q, k, v = qkv(2, 3, 50, 16, torch.float32)
     index = torch.arange(20, device=DEVICE).expand(2, 20)

@@ -13,6 +13,7 @@ beats the masked SDPA on gathered queries 1.2-4x (benchmarks/results/masked_atte
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -116,13 +117,25 @@ def _attention_kernel(
              mask=in_rows[:, None] & in_d[None, :])
 
 
-def default_config(rows: int, D: int) -> dict:
-    """Tile sizes and launch settings of ``_attention_kernel`` for ``rows`` query rows of head size D."""
+def default_config(rows: int, D: int, programs: int = 0, multiprocessors: int = 0) -> dict:
+    """Tile sizes and launch settings of ``_attention_kernel`` for ``rows`` query rows of head size D,
+    over ``programs`` (batch x heads) attention problems on a GPU with ``multiprocessors`` SMs."""
+    if programs * triton.cdiv(rows, 64) < multiprocessors:
+        # Fewer 64-row tiles than SMs (batch 1): latency-bound, so more, thinner tiles and fewer key
+        # steps. 16 x 128 tiles, 2 stages took 0.4-1.1 us less than 64 x 32 at 8 of the 9 stage
+        # shapes of DeiT-S rho=0.87 at batch 1 on H100, 4 us a forward (attention_wide_keys.json).
+        return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=2)
     # Swept on H100 (benchmarks/results/attention_configs.json): 64 x 32 tiles, 3 stages won at
     # every batch-256 shape ATS makes, 10-20% faster than the 64 x 64, 2-stage first guess. Again
-    # in CUDA graphs at the nine stage shapes of DeiT-S rho=0.87 (attention_configs_stages.md): it
-    # won every batch-256 shape of 32 settings, and was within 0.23 us of the best at batch 1.
+    # in CUDA graphs at the nine stage shapes of DeiT-S rho=0.87 (attention_configs_stages.md, and
+    # against 64/32/16 x 128 tiles in attention_wide_keys_b256.md): it won every batch-256 shape.
     return dict(BLOCK_M=64 if rows > 32 else 16, BLOCK_N=32, num_warps=4, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """SMs of a CUDA device; 0 elsewhere (Triton's interpreter), which keeps the batch config."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 # The key loop without mask loads for masks that are one run of real keys (all ATS makes).
@@ -137,7 +150,7 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
     T = k.shape[2]
     # (B, R, H, dh) memory: the model's following transpose(1, 2).reshape(B, R, C) is then a view.
     out = torch.empty(B, rows, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
-    config = config or default_config(rows, D)
+    config = config or default_config(rows, D, B * H, multiprocessors(q.device))
     mask = out if key_mask is None else key_mask.view(torch.int8) if key_mask.dtype == torch.bool else key_mask
     idx = index if index is not None else mask  # a dummy pointer without an index
     grid = (triton.cdiv(rows, config["BLOCK_M"]), B * H)
