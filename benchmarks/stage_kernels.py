@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ats_fx.kernels import pdl, reference, sample, scores
 from ats_fx.kernels.attention_rows import attention_rows
+from benchmarks.scores_configs import time_us
 from benchmarks.throughput import environment, run_and_report
 
 log = logging.getLogger("benchmarks.stage_kernels")
@@ -29,13 +30,6 @@ log = logging.getLogger("benchmarks.stage_kernels")
 # (batch, heads, tokens in): DeiT-S and ViT-B first stages, and a later DeiT-S stage.
 SHAPES = [(1, 6, 197), (1, 12, 197), (1, 6, 114), (64, 6, 197), (256, 6, 197), (256, 6, 114), (256, 12, 197)]
 SWITCHES = [(pdl, "ENABLED"), (scores, "LAST_IMAGE_FIRST")]
-
-
-def time_us(fn, rep: int) -> float:
-    from triton.testing import do_bench_cudagraph
-
-    with torch.no_grad():
-        return float(do_bench_cudagraph(fn, rep=rep, return_mode="median")) * 1e3
 
 
 def stage_front(x, w, bias, H: int, ratio: float):

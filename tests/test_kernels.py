@@ -219,7 +219,7 @@ def test_attention_kernel_both_tile_configs(sms, mask_kind):
     included."""
     from ats_fx.kernels.attention_rows import default_config, launch_attention
 
-    B, H, T, D, p = 2, 3, 150, 32, 1
+    B, H, T, D = 2, 3, 150, 32
     q, k, v = qkv(B, H, T, D, torch.float32, sharp=1.0)
     mask = None if mask_kind == "none" else padding_mask(B, T, seed=5)
     if mask_kind == "holes":

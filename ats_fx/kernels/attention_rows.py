@@ -91,8 +91,9 @@ def _attention_kernel(
         t = tl.arange(0, BLOCK_T)
         real = tl.load(MASK + b * smb + t * smt, mask=t < T, other=0) != 0
         n_end = tl.max(tl.where(real, t + 1, 0), axis=0)
-        # Every mask ATS makes is one run (kept tokens first); the key loop then needs no mask loads,
-        # which cost a third more per key tile at batch 256 (attention_configs_stages.md).
+        # Every mask ATS makes is one run (kept tokens first); the key loop then needs no mask loads:
+        # 73.0 vs 77.9 us at batch 256 x 172 keys on H100 (attention_wide_keys_b256.md against
+        # attention_configs_stages.md).
         one_run = tl.sum(real.to(tl.int32), axis=0) == n_end
         if SELF:  # a tile of padding rows only: no keys to visit, zeros out
             n_end = tl.where(pid_m * BLOCK_M < n_end, n_end, 0)
@@ -123,7 +124,7 @@ def default_config(rows: int, D: int, programs: int = 0, multiprocessors: int = 
     if programs * triton.cdiv(rows, 64) < multiprocessors:
         # Fewer 64-row tiles than SMs (batch 1): latency-bound, so more, thinner tiles and fewer key
         # steps. 16 x 128 tiles, 2 stages took 0.4-1.1 us less than 64 x 32 at 8 of the 9 stage
-        # shapes of DeiT-S rho=0.87 at batch 1 on H100, 4 us a forward (attention_wide_keys.json).
+        # shapes of DeiT-S rho=0.87 at batch 1 on H100, 4 us a forward (attention_wide_keys_b1.json).
         return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=2)
     # Swept on H100 (benchmarks/results/attention_configs.json): 64 x 32 tiles, 3 stages won at
     # every batch-256 shape ATS makes, 10-20% faster than the 64 x 64, 2-stage first guess. Again
@@ -167,8 +168,8 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
         IEEE=q.dtype == torch.float32,
         # Triton's CPU interpreter (3.8) multiplies bfloat16 bit patterns in tl.dot: upcast there.
         UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        PDL=pdl, ONE_RUN_LOOP=ONE_RUN_LOOP, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=triton.next_power_of_2(T),
-        launch_pdl=pdl, **config,
+        PDL=pdl, ONE_RUN_LOOP=ONE_RUN_LOOP, BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_T=triton.next_power_of_2(T), launch_pdl=pdl, **config,
     )
     return out
 
