@@ -113,7 +113,7 @@ def _attention_kernel(
                       False, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
         out = _attend(q, K, V, MASK, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale, d, in_d,
-                      True, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+                      HAS_MASK, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     tl.store(O + b * sob + h * soh + rows[:, None] * sot + d[None, :] * sod, out.to(O.dtype.element_ty),
              mask=in_rows[:, None] & in_d[None, :])
 
