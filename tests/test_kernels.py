@@ -489,7 +489,9 @@ def _stage_front(q, k, v, mask, p, width):
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
 def test_kernel_switches_change_nothing_but_speed(monkeypatch, switch, masked):
     """Each kernel switch (image order of the head logits, PDL, the attention's key loop without
-    mask loads) gives bit-identical indices, masks and attention output."""
+    mask loads) gives bit-identical indices and masks, and the same attention output: bit-identical
+    on the interpreter; on a GPU the two key loops compile to different code, whose fp16 results
+    may differ in the last bit (seen on the H100)."""
     import importlib
 
     module_name, attr = switch.split(".")
@@ -502,8 +504,12 @@ def test_kernel_switches_change_nothing_but_speed(monkeypatch, switch, masked):
     on = _stage_front(q, k, v, mask, p, width)
     monkeypatch.setattr(module, attr, False)
     off = _stage_front(q, k, v, mask, p, width)
-    for a, b in zip(on, off):
+    for a, b in zip(on[:3], off[:3]):
         assert torch.equal(a, b)
+    if DEVICE == "cpu":
+        assert torch.equal(on[3], off[3])
+    else:
+        torch.testing.assert_close(on[3], off[3], atol=TOL[torch.float16], rtol=TOL[torch.float16])
 
 
 def test_pdl_only_on_hopper_gpus(monkeypatch):
