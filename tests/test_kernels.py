@@ -516,6 +516,7 @@ def test_pdl_only_on_hopper_gpus(monkeypatch):
     from ats_fx.kernels import pdl
 
     assert not pdl.use_pdl(torch.zeros(1))  # CPU tensors, and the interpreter, never
+    assert pdl.launch_options(False) == {}  # a Triton without PDL never sees launch_pdl
     if torch.cuda.is_available():
         x = torch.zeros(1, device="cuda")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)

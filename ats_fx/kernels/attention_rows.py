@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import use_pdl, wait_for_previous_kernel
+from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 
 
 @triton.jit
@@ -169,7 +169,7 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
         # Triton's CPU interpreter (3.8) multiplies bfloat16 bit patterns in tl.dot: upcast there.
         UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         PDL=pdl, ONE_RUN_LOOP=ONE_RUN_LOOP, BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_T=triton.next_power_of_2(T), launch_pdl=pdl, **config,
+        BLOCK_T=triton.next_power_of_2(T), **launch_options(pdl), **config,
     )
     return out
 

@@ -25,11 +25,14 @@ import triton.language as tl
 
 # The switch benchmarks flip to measure the same kernels without PDL.
 ENABLED = os.environ.get("ATS_FX_PDL", "1") != "0"
+# Older Triton releases (torch>=2.6 allows them) lack gdc_wait and the launch_pdl option: no PDL there.
+_TRITON_HAS_PDL = hasattr(getattr(tl.extra, "cuda", None), "gdc_wait")
 
 
 def use_pdl(x: torch.Tensor) -> bool:
-    """Launch with PDL: ``x`` is on a CUDA device of compute capability 9 or later, not interpreted."""
-    if not (ENABLED and x.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1":
+    """Launch with PDL: ``x`` is on a CUDA device of compute capability 9 or later, not interpreted,
+    and this Triton has PDL."""
+    if not (ENABLED and _TRITON_HAS_PDL and x.is_cuda) or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     return _hopper_or_later(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
@@ -46,3 +49,8 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+def launch_options(pdl: bool) -> dict:
+    """Keyword arguments for a kernel launch: ``launch_pdl`` only when used (older Triton lacks it)."""
+    return {"launch_pdl": True} if pdl else {}

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import use_pdl, wait_for_previous_kernel
+from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 from .reference import MIN_TOKENS
 from .scores import combine_heads
 
@@ -173,6 +173,6 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
         HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=stats is not None, FROM_HEADS=from_heads,
         PDL=pdl,
         BLOCK_T=triton.next_power_of_2(T), BLOCK_H=triton.next_power_of_2(H),
-        num_warps=NUM_WARPS or (4 if T <= 256 else 8), enable_fp_fusion=False, launch_pdl=pdl,
+        num_warps=NUM_WARPS or (4 if T <= 256 else 8), enable_fp_fusion=False, **launch_options(pdl),
     )
     return index, out_mask.view(torch.bool), kept, budget, stats, bad

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import use_pdl, wait_for_previous_kernel
+from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 
 
 @triton.jit
@@ -141,7 +141,7 @@ def head_scores(
         T, H, D, float(scale),
         HAS_MASK=key_mask is not None, USE_VNORM=score == "attn_vnorm",
         BLOCK_T=block_t, BLOCK_D=block_d, LAST_IMAGE_FIRST=LAST_IMAGE_FIRST, PDL=pdl,
-        num_warps=NUM_WARPS, launch_pdl=pdl,
+        num_warps=NUM_WARPS, **launch_options(pdl),
     )
     return out
 
