@@ -6,9 +6,10 @@ kept rows), for each setting of the kernels' launch switches.
 
 Switches (module attributes of ``ats_fx.kernels``): ``pdl.ENABLED`` (programmatic dependent
 launch of the three kernels) and ``scores.LAST_IMAGE_FIRST`` (head logits read the images the
-projection wrote last first, while they are in L2). (Session 9 also switched ``sample.CDF_IN_REGISTERS``,
-C[j-1] by ``tl.gather`` or through memory: no difference, so only the first stayed;
-results/stage_kernels.md has those rows.) Each row also times the projection alone,
+projection wrote last first, while they are in L2). (Session 9 also switched
+``sample.CDF_IN_REGISTERS``, C[j-1] by ``tl.gather`` or through memory: no difference; the gather
+stayed and the switch went. results/stage_kernels.md has those rows.) Each row also times the
+projection alone,
 so "stage us - qkv us" is what the three kernels cost. Median of ``do_bench_cudagraph``.
 """
 from __future__ import annotations
