@@ -377,13 +377,20 @@ def test_cpu_model_transforms_with_triton_kernels_for_the_gpu(monkeypatch):
                                   "timm_cait"])
 @pytest.mark.parametrize("padding", ["batch_max", "static"])
 def test_model_with_kernels_equals_reference_path(name, padding):
-    """End to end: the whole rewritten model on the Triton path equals the reference path."""
+    """End to end: the whole rewritten model on the Triton path equals the reference path.
+
+    The two paths sum the scores in different orders, so a score within rounding of a quantile can
+    pick a neighbouring token on one path: the inputs are seeded here (drawn from the global RNG,
+    they depended on the tests before, and 1 run in ~20 picked token 53 on one path and 54 on the
+    other for torchvision_vit with static padding)."""
     import ats_fx
     from conftest import MODELS, logits
 
     factory, _, chw = MODELS[name]
-    model = factory().to(DEVICE)
-    x = torch.randn(3, *chw, device=DEVICE)
+    with torch.random.fork_rng(devices=[]):  # seeded here, and the tests after see the RNG as before
+        torch.manual_seed(0)
+        model = factory().to(DEVICE)
+        x = torch.randn(3, *chw).to(DEVICE)
     outs, kept = {}, {}
     for kernels in ("triton", "reference"):
         ats = ats_fx.transform(model, "1-3", ratio=0.6, padding=padding, kernels=kernels)
