@@ -13,7 +13,6 @@ checked against the default config's output first.
 from __future__ import annotations
 
 import argparse
-import importlib
 import itertools
 import json
 import logging
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .compiled import kernel_switch
 from .throughput import bench_ms, environment
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,7 @@ def run(args) -> dict:
                    default_ms=default_ms, best_ms=timings[0][0], best=timings[0][1], top5=timings[:5],
                    all=[(ms, c) for ms, c in timings])
         for switch in args.compare:  # the default config again with a kernel switch flipped
-            module_name, attr = switch.rsplit(".", 1)
-            module = importlib.import_module(f"ats_fx.kernels.{module_name}")
+            module, attr = kernel_switch(switch)
             setattr(module, attr, not getattr(module, attr))
             try:
                 got = launch_attention(q, k, v, index, mask, 0.125, rows)

@@ -84,19 +84,27 @@ def mode_label(mode: str, args) -> str:
     return mode + "".join(extra)
 
 
+def kernel_switch(target: str):
+    """``(module, attribute)`` of a switch named like ``"pdl.ENABLED"`` in ``ats_fx.kernels``; an
+    AttributeError for a misspelt one."""
+    import importlib
+
+    module_name, attr = target.strip().rsplit(".", 1)
+    module = importlib.import_module(f"ats_fx.kernels.{module_name}")
+    getattr(module, attr)
+    return module, attr
+
+
 def set_switches(variant: Optional[str]):
     """Set the ``ats_fx.kernels`` module attributes a ``--variant`` names ("label:pdl.ENABLED=False,...");
     returns the function that puts them back."""
     if variant is None:
         return lambda: None
-    import importlib
-
     saved = []
     for item in variant.split(":", 1)[1].split(","):
         target, value = item.split("=", 1)
-        module_name, attr = target.strip().rsplit(".", 1)
-        module = importlib.import_module(f"ats_fx.kernels.{module_name}")
-        saved.append((module, attr, getattr(module, attr)))  # AttributeError for a misspelt switch
+        module, attr = kernel_switch(target)
+        saved.append((module, attr, getattr(module, attr)))
         setattr(module, attr, ast.literal_eval(value))
 
     def restore():

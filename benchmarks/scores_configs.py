@@ -70,11 +70,16 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def graph_bench_main(doc: str, run_fn, table_fn, argv=None) -> None:
+    """The command line of the benchmarks timed with ``time_us``: --rep and --out."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rep", type=int, default=30, help="do_bench_cudagraph's time per setting, ms")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
-    run_and_report(p.parse_args(argv), run, table)
+    run_and_report(p.parse_args(argv), run_fn, table_fn)
+
+
+def main(argv=None) -> None:
+    graph_bench_main(__doc__, run, table, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ so "stage us - qkv us" is what the three kernels cost. Median of ``do_bench_cuda
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 
@@ -23,8 +22,8 @@ import torch.nn.functional as F
 
 from ats_fx.kernels import pdl, reference, sample, scores
 from ats_fx.kernels.attention_rows import attention_rows
-from benchmarks.scores_configs import time_us
-from benchmarks.throughput import environment, run_and_report
+from benchmarks.scores_configs import graph_bench_main, time_us
+from benchmarks.throughput import environment
 
 log = logging.getLogger("benchmarks.stage_kernels")
 
@@ -82,10 +81,7 @@ def table(results: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rep", type=int, default=30, help="do_bench_cudagraph's time per setting, ms")
-    p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
-    run_and_report(p.parse_args(argv), run, table)
+    graph_bench_main(__doc__, run, table, argv)
 
 
 if __name__ == "__main__":
