@@ -25,15 +25,10 @@ import triton.language as tl
 
 from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 
-try:
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
-
 
 @triton.jit
-def _attend(q, K, V, MASK, b, h, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale, d, in_d,
-            CHECK_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr,
+def _attend(q, K, V, MASK, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale, d, in_d,
+            CHECK_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Online softmax of the q tile over keys [0, n_end), also reading the key mask column by column
     with ``CHECK_MASK`` (a mask that is not one run of real keys followed by padding)."""
@@ -45,11 +40,8 @@ def _attend(q, K, V, MASK, b, h, k_base, v_base, m_base, skt, skd, svt, svd, smt
         valid = cols < n_end
         if CHECK_MASK:
             valid &= tl.load(MASK + m_base + cols * smt, mask=valid, other=0) != 0
-        if TMA:
-            k = tl.trans(tl.reshape(K.load([b, h, n0, 0]), [BLOCK_N, BLOCK_D]))
-        else:
-            k = tl.load(K + k_base + cols[None, :] * skt + d[:, None] * skd,
-                        mask=valid[None, :] & in_d[:, None], other=0.0)
+        k = tl.load(K + k_base + cols[None, :] * skt + d[:, None] * skd,
+                    mask=valid[None, :] & in_d[:, None], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
         if IEEE:
@@ -61,12 +53,8 @@ def _attend(q, K, V, MASK, b, h, k_base, v_base, m_base, skt, skd, svt, svd, smt
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        if TMA:
-            v = tl.reshape(V.load([b, h, n0, 0]), [BLOCK_N, BLOCK_D])
-            v = tl.where(valid[:, None], v, 0.0)
-        else:
-            v = tl.load(V + v_base + cols[:, None] * svt + d[None, :] * svd,
-                        mask=valid[:, None] & in_d[None, :], other=0.0)
+        v = tl.load(V + v_base + cols[:, None] * svt + d[None, :] * svd,
+                    mask=valid[:, None] & in_d[None, :], other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
         if IEEE:
@@ -89,7 +77,7 @@ def _attention_kernel(
     sob, soh, sot, sod,
     H, T, R, D, qk_scale,
     HAS_INDEX: tl.constexpr, HAS_MASK: tl.constexpr, SELF: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, ONE_RUN_LOOP: tl.constexpr, TMA: tl.constexpr,
+    IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, ONE_RUN_LOOP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Rows ``IDX[b]`` of q (or the first R rows without an index) over T keys. ``SELF``: the
@@ -121,13 +109,12 @@ def _attention_kernel(
     if UPCAST:
         q = q.to(tl.float32)
     k_base, v_base, m_base = b * skb + h * skh, b * svb + h * svh, b * smb
-    b32, h32 = b.to(tl.int32), h.to(tl.int32)
     if ONE_RUN_LOOP and one_run:
-        out = _attend(q, K, V, MASK, b32, h32, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale,
-                      d, in_d, False, IEEE, UPCAST, TMA, BLOCK_M, BLOCK_N, BLOCK_D)
+        out = _attend(q, K, V, MASK, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale, d, in_d,
+                      False, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
-        out = _attend(q, K, V, MASK, b32, h32, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale,
-                      d, in_d, HAS_MASK, IEEE, UPCAST, TMA, BLOCK_M, BLOCK_N, BLOCK_D)
+        out = _attend(q, K, V, MASK, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale, d, in_d,
+                      HAS_MASK, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     tl.store(O + b * sob + h * soh + rows[:, None] * sot + d[None, :] * sod, out.to(O.dtype.element_ty),
              mask=in_rows[:, None] & in_d[None, :])
 
@@ -155,22 +142,6 @@ def multiprocessors(device: torch.device) -> int:
 
 # The key loop without mask loads for masks that are one run of real keys (all ATS makes).
 ONE_RUN_LOOP = True
-TMA_KV = False
-
-
-def _tma_ok(t):
-    if TensorDescriptor is None or t.stride(-1) != 1:
-        return False
-    size = t.element_size()
-    if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]) or t.shape[-1] * size < 16:
-        return False
-    if t.device.type == "cuda":
-        return torch.cuda.get_device_capability(t.device) >= (9, 0)
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _descriptor(t, block_n, block_d):
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, block_d])
 
 
 def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], scale: float,
@@ -186,12 +157,8 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
     idx = index if index is not None else mask  # a dummy pointer without an index
     grid = (triton.cdiv(rows, config["BLOCK_M"]), B * H)
     pdl = use_pdl(q)
-    block_d = max(16, triton.next_power_of_2(D))
-    tma = TMA_KV and _tma_ok(k) and _tma_ok(v)
-    k_arg = _descriptor(k, config["BLOCK_N"], block_d) if tma else k
-    v_arg = _descriptor(v, config["BLOCK_N"], block_d) if tma else v
     _attention_kernel[grid](
-        q, k_arg, v_arg, idx, mask, out,
+        q, k, v, idx, mask, out,
         *q.stride(), *k.stride(), *v.stride(),
         idx.stride(0), idx.stride(1),
         mask.stride(0), mask.stride(1),
@@ -202,7 +169,7 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
         IEEE=q.dtype == torch.float32,
         # Triton's CPU interpreter (3.8) multiplies bfloat16 bit patterns in tl.dot: upcast there.
         UPCAST=q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
-        PDL=pdl, ONE_RUN_LOOP=ONE_RUN_LOOP, TMA=tma, BLOCK_D=block_d,
+        PDL=pdl, ONE_RUN_LOOP=ONE_RUN_LOOP, BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_T=triton.next_power_of_2(T), **launch_options(pdl), **config,
     )
     return out
