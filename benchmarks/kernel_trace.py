@@ -11,6 +11,7 @@ kernels themselves. The gap between the wall time and the kernel sum is launch/s
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -55,8 +56,11 @@ def main(argv=None) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1])
     p.add_argument("--dtype", default="float16")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
+    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="Inductor options for every configuration, e.g. triton.autotune_pointwise=False")
     p.add_argument("--out", help="JSON path; a text listing is written beside it (.txt)")
     args = p.parse_args(argv)
+    inductor = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.inductor)}
     torch.backends.cudnn.benchmark = True
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -70,7 +74,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown config {label!r}: one of {sorted(labels)}")
         for batch in args.batches:
             torch._dynamo.reset()
-            model = compile_model(base, label, args.mode)
+            model = compile_model(base, label, args.mode, inductor=inductor)
             x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype).contiguous(memory_format=layout)
             with torch.no_grad():
                 model(x)

@@ -1,0 +1,140 @@
+"""Compiled ATS vs compiled dense, timed in interleaved rounds (issue 4's batch-256 ratio).
+
+    python -m benchmarks.interleaved --models deit_small_patch16_224 --rounds 7 --out benchmarks/results/interleaved.json
+
+``benchmarks.compiled`` times each model right after compiling it, minutes apart from the dense
+baseline, so a drift of the GPU (clocks, temperature) between the two lands in the ratio. Here every
+configuration is compiled first and kept; then each round times all of them once per batch size
+(``do_bench`` median), in an order that rotates from round to round, and each round gives its own
+speed-up against the dense model of that round. Reported: the median, lowest and highest of those
+per-round speed-ups, and the median speed-up over the FLOPs ratio. Same compiles as
+``benchmarks.compiled`` (dynamic batch, ``compile_model``, the same operating points and FLOPs).
+
+The first call of a compiled model is where Inductor autotunes: each pointwise kernel launches its
+candidate configs once on that call's tensors and keeps the fastest for every later batch size (and
+writes the pick to its on-disk cache, so run variants in separate processes with their own
+``TORCHINDUCTOR_CACHE_DIR``). ``--warmup-batch`` says which batch that first call has (default: the
+largest timed). ``benchmarks.compiled`` makes its first call at the first batch, usually 1, where
+the candidates take the same few microseconds and the pick is a coin toss.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.compiled import DENSE_SAME_COMPILE, compile_model, flops_of
+from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment, run_and_report
+
+
+def run(args) -> dict:
+    import timm
+
+    torch.backends.cudnn.benchmark = True
+    # Every configuration compiles the same forward code object and stays alive, each with a dynamic
+    # graph and a batch-1 graph: past Dynamo's recompile limit (8) a configuration would silently run
+    # eagerly. Raise the limit, and make hitting it an error.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    dtype = getattr(torch, args.dtype)
+    results = {"env": environment(), "args": vars(args), "rows": []}
+    for name in args.models:
+        torch.manual_seed(0)
+        base = timm.create_model(name, pretrained=False).eval().cuda().to(dtype)
+        inputs = {b: torch.randn(b, 3, 224, 224, device="cuda", dtype=dtype) for b in args.batches}
+        labels = ["dense", DENSE_SAME_COMPILE, *args.configs]
+        models, compile_s, flops = {}, {}, {}
+        warmup = args.warmup_batch or max(args.batches)
+        for label in labels:
+            model = compile_model(base, label, args.mode, inductor=args.inductor)
+            first = torch.randn(warmup, 3, 224, 224, device="cuda", dtype=dtype)
+            torch._dynamo.mark_dynamic(first, 0)
+            t0 = time.time()
+            with torch.no_grad():
+                model(first)
+                for x in inputs.values():  # record every batch size's CUDA graph before timing
+                    model(x)
+            torch.cuda.synchronize()
+            models[label], compile_s[label] = model, time.time() - t0
+            flops[label] = flops_of(base, label, inputs[args.batches[-1]])
+        times = {(label, b): [] for label in labels for b in args.batches}
+        for r in range(args.rounds):
+            order = labels[r % len(labels):] + labels[: r % len(labels)]
+            for label in order:
+                for b, x in inputs.items():
+                    times[label, b].append(bench_ms(lambda: models[label](x), args.rep))
+        for label in labels:
+            for b in args.batches:
+                ms = times[label, b]
+                row = dict(model=name, mode=args.mode, dtype=args.dtype, config=label, batch=b, rounds=len(ms),
+                           ms_median=statistics.median(ms), ms_all=ms, img_s=b / statistics.median(ms) * 1e3,
+                           gflops=flops[label], compile_s=compile_s[label])
+                if label not in ("dense", DENSE_SAME_COMPILE):
+                    per_round = [d / a for d, a in zip(times[DENSE_SAME_COMPILE, b], ms)]
+                    ratio = flops[DENSE_SAME_COMPILE] / flops[label]
+                    row.update(speedup_median=statistics.median(per_round), speedup_min=min(per_round),
+                               speedup_max=max(per_round), flops_ratio=ratio,
+                               efficiency=statistics.median(per_round) / ratio,
+                               speedup_vs_inductor_dense=statistics.median(
+                                   [d / a for d, a in zip(times["dense", b], ms)]))
+                results["rows"].append(row)
+        if args.out:  # partial results survive a timeout
+            Path(args.out).write_text(json.dumps(results, indent=1))
+        models.clear()
+        torch._dynamo.reset()
+    return results
+
+
+def table(results: dict) -> str:
+    env = results["env"]
+    a = results["args"]
+    extra = "".join(f", {k}={v}" for k, v in a.get("inductor", {}).items())
+    lines = [f"Device: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. "
+             f"{a['mode']}{extra}, {a['dtype']}, first (autotuning) call at batch "
+             f"{a.get('warmup_batch') or max(a['batches'])}, {a['rounds']} interleaved rounds (do_bench median, "
+             f"rep {a['rep']} ms, order rotating each round). Speed-up: per round against 'dense same-compile' of "
+             "that round; median [lowest, highest] over the rounds.",
+             "",
+             "| model | batch | config | img/s | speed-up median [min, max] | FLOPs ratio | speed-up / FLOPs ratio "
+             "| vs Inductor dense | compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results["rows"]:
+        spread = (f"{r['speedup_median']:.3f} [{r['speedup_min']:.3f}, {r['speedup_max']:.3f}]"
+                  if "speedup_median" in r else "")
+        eff = f"{r['efficiency']:.3f}" if "efficiency" in r else ""
+        ratio = f"{r['flops_ratio']:.3f}" if "flops_ratio" in r else ""
+        vs = f"{r['speedup_vs_inductor_dense']:.3f}" if "speedup_vs_inductor_dense" in r else ""
+        lines.append(f"| {r['model']} | {r['batch']} | {r['config']} | {r['img_s']:.0f} | {spread} | {ratio} | {eff} "
+                     f"| {vs} | {r['compile_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=["deit_small_patch16_224"])
+    p.add_argument("--configs", nargs="+", default=["multi rho=0.87", "multi rho=0.72", "single K=108"])
+    p.add_argument("--mode", default="reduce-overhead")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 256])
+    p.add_argument("--dtype", default="float16")
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rep", type=int, default=200, help="do_bench time per measurement, ms")
+    p.add_argument("--warmup-batch", type=int, default=None,
+                   help="batch of the first call, where Inductor autotunes (default: the largest of --batches)")
+    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="Inductor options for every configuration, e.g. triton.autotune_pointwise=False")
+    p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
+    args = p.parse_args(argv)
+    args.inductor = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.inductor)}
+    unknown = set(args.configs) - {q[0] for q in OPERATING_POINTS}
+    if unknown:
+        raise SystemExit(f"unknown configs {sorted(unknown)}: one of {[q[0] for q in OPERATING_POINTS]}")
+    run_and_report(args, run, table)
+
+
+if __name__ == "__main__":
+    main()
