@@ -145,7 +145,25 @@ def _rebind(module: nn.Module, name: str, value: torch.Tensor) -> None:
 # them until it has more than 4 reads; the residual stream of a ViT is then re-read (and, after a
 # stage, re-gathered) by several kernels. Realizing it once was 8% faster for dense DeiT-S and
 # 7-10% for ATS DeiT-S at batch 256 on an H100 (benchmarks/results/compiled_realize1.md).
-DEFAULT_INDUCTOR_OPTIONS = {"realize_reads_threshold": 1}
+#
+# Inductor also launches each pointwise kernel's two candidate configs once on its first call and
+# keeps the faster (1-D kernels: a 1024-wide block of 4 warps, 16-byte loads, or a 512-wide block of
+# 8 warps). ATS gives every stage its own kernels (each stage a new token width), so a model makes
+# nine such picks where the dense model makes one, and the picks did not hold at other batches: in
+# trace_session9.txt three of nine ATS GELU kernels ran at 1.9 TB/s, the other six at 2.5-2.6. With
+# the first config always (``triton.autotune_pointwise=False``), ATS DeiT-S ran 2.1% faster at batch
+# 256 and dense the same (H200, interleaved_autotune_*.md).
+DEFAULT_INDUCTOR_OPTIONS = {"realize_reads_threshold": 1, "triton.autotune_pointwise": False}
+
+
+def _has_option(config, key: str) -> bool:
+    """Whether this torch's Inductor config has ``key`` (dotted for nested ones: "triton.x")."""
+    *parents, name = key.split(".")
+    for part in parents:
+        config = getattr(config, part, None)
+        if config is None:
+            return False
+    return hasattr(config, name)
 
 
 def inductor_patches(mode: Optional[str], inductor_options: Optional[dict] = None) -> dict:
@@ -155,7 +173,7 @@ def inductor_patches(mode: Optional[str], inductor_options: Optional[dict] = Non
     from torch._inductor import list_mode_options
 
     patches = dict(list_mode_options(mode)) if mode else {}
-    patches.update({k: v for k, v in DEFAULT_INDUCTOR_OPTIONS.items() if hasattr(inductor_config, k)})
+    patches.update({k: v for k, v in DEFAULT_INDUCTOR_OPTIONS.items() if _has_option(inductor_config, k)})
     patches.update(inductor_options or {})
     return patches
 

@@ -244,3 +244,20 @@ def test_inductor_patches_realize_the_residual_stream_unless_the_user_says_other
     assert patches["realize_reads_threshold"] == 1 and patches["triton.cudagraphs"] is True
     assert inductor_patches(None, {"realize_reads_threshold": 4})["realize_reads_threshold"] == 4
     assert "triton.cudagraphs" not in inductor_patches(None)
+
+
+def test_inductor_patches_fix_pointwise_configs_unless_the_user_says_otherwise():
+    """backend='ats' turns off Inductor's first-call choice between pointwise configs (each ATS stage
+    has its own kernels, and a pick made at one batch did not hold at another); a user's
+    ``inductor_options`` and max-autotune's own pointwise tuning still win."""
+    import torch._inductor.config as inductor_config
+
+    from ats_fx.compile import _has_option, inductor_patches
+
+    assert _has_option(inductor_config, "triton.autotune_pointwise")
+    assert not _has_option(inductor_config, "triton.no_such_option")
+    assert not _has_option(inductor_config, "no_such_group.autotune_pointwise")
+    assert inductor_patches("reduce-overhead")["triton.autotune_pointwise"] is False
+    assert inductor_patches(None, {"triton.autotune_pointwise": True})["triton.autotune_pointwise"] is True
+    with torch._inductor.config.patch(inductor_patches(None)):
+        assert inductor_config.triton.autotune_pointwise is False
