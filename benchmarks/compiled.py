@@ -8,7 +8,9 @@ timed at every batch size (``triton.testing.do_bench``, median). Modes: ``defaul
 ATS with ``padding="batch_max"``, whose width is an unbacked SymInt), ``reduce-overhead`` (CUDA
 graphs; ATS with ``padding="static"``: fixed shapes, no host sync) and ``max-autotune`` (also CUDA
 graphs, so also static padding).
-Compile time is the wall time of the first call. GFLOPs (MACs) per image come from the eager
+Each configuration is timed right after its own compile, minutes apart from the dense baseline;
+for speed-up ratios ``benchmarks.interleaved`` times all configurations in alternating rounds of
+one process (drift between the two lands in neither). Compile time is the wall time of the first call. GFLOPs (MACs) per image come from the eager
 ``ats_fx.transform`` of the same configuration (FlopCounterMode).
 """
 from __future__ import annotations
