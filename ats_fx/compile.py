@@ -149,10 +149,11 @@ def _rebind(module: nn.Module, name: str, value: torch.Tensor) -> None:
 # Inductor also launches each pointwise kernel's two candidate configs once on its first call and
 # keeps the faster (1-D kernels: a 1024-wide block of 4 warps, 16-byte loads, or a 512-wide block of
 # 8 warps). ATS gives every stage its own kernels (each stage a new token width), so a model makes
-# nine such picks where the dense model makes one, and the picks did not hold at other batches: in
-# trace_session9.txt three of nine ATS GELU kernels ran at 1.9 TB/s, the other six at 2.5-2.6. With
-# the first config always (``triton.autotune_pointwise=False``), ATS DeiT-S ran 2.1% faster at batch
-# 256 and dense the same (H200, interleaved_autotune_*.md).
+# nine such picks where the dense model makes one, and the picks did not match in-graph speed: in
+# trace_session9.txt three of nine ATS GELU kernels ran at 1.9 TB/s, the other six at 2.5-2.6, and
+# a first call at batch 256 instead of 1 did not help (interleaved_autotune_w256.md). With the first
+# config always (``triton.autotune_pointwise=False``), ATS DeiT-S ran 2.1% faster at batch 256 and
+# dense the same (H200, interleaved_autotune_off.md vs interleaved_autotune_w1.md).
 DEFAULT_INDUCTOR_OPTIONS = {"realize_reads_threshold": 1, "triton.autotune_pointwise": False}
 
 

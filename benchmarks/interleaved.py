@@ -10,12 +10,12 @@ speed-up against the dense model of that round. Reported: the median, lowest and
 per-round speed-ups, and the median speed-up over the FLOPs ratio. Same compiles as
 ``benchmarks.compiled`` (dynamic batch, ``compile_model``, the same operating points and FLOPs).
 
-The first call of a compiled model is where Inductor autotunes: each pointwise kernel launches its
-candidate configs once on that call's tensors and keeps the fastest for every later batch size (and
-writes the pick to its on-disk cache, so run variants in separate processes with their own
-``TORCHINDUCTOR_CACHE_DIR``). ``--warmup-batch`` says which batch that first call has (default: the
-largest timed). ``benchmarks.compiled`` makes its first call at the first batch, usually 1, where
-the candidates take the same few microseconds and the pick is a coin toss.
+The first call of a compiled model is where run-time choices are made and kept for every later
+batch size: cuDNN's algorithms (``cudnn.benchmark``) and, where Inductor autotunes them (plain
+``torch.compile``; backend='ats' and the dense same-compile baseline use fixed configs), the
+pointwise kernels' configs, which Inductor also writes to its on-disk cache: run variants in separate
+processes with their own ``TORCHINDUCTOR_CACHE_DIR``. ``--warmup-batch`` says which batch that first
+call has (default: the largest timed; ``benchmarks.compiled`` makes it at the first batch).
 """
 from __future__ import annotations
 

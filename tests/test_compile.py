@@ -248,7 +248,7 @@ def test_inductor_patches_realize_the_residual_stream_unless_the_user_says_other
 
 def test_inductor_patches_fix_pointwise_configs_unless_the_user_says_otherwise():
     """backend='ats' turns off Inductor's first-call choice between pointwise configs (each ATS stage
-    has its own kernels, and a pick made at one batch did not hold at another); a user's
+    has its own kernels, and the isolated timing picked configs that ran slower in the graph); a user's
     ``inductor_options`` and max-autotune's own pointwise tuning still win."""
     import torch._inductor.config as inductor_config
 
