@@ -10,7 +10,8 @@ graphs; ATS with ``padding="static"``: fixed shapes, no host sync) and ``max-aut
 graphs, so also static padding).
 Each configuration is timed right after its own compile, minutes apart from the dense baseline;
 for speed-up ratios ``benchmarks.interleaved`` times all configurations in alternating rounds of
-one process (drift between the two lands in neither). Compile time is the wall time of the first call. GFLOPs (MACs) per image come from the eager
+one process (drift between the two lands in neither). Compile time is the wall time of the first
+call. GFLOPs (MACs) per image come from the eager
 ``ats_fx.transform`` of the same configuration (FlopCounterMode).
 """
 from __future__ import annotations
@@ -74,6 +75,18 @@ def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = Fa
     from ats_fx.compile import ats_backend
 
     return torch.compile(model, backend=ats_backend, options=options)
+
+
+def add_inductor_option(parser: argparse.ArgumentParser) -> None:
+    """``--inductor KEY=VALUE ...``: Inductor options for every configuration (dense and ATS alike)."""
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="Inductor options for every configuration, dense and ATS alike, e.g. "
+                             "benchmark_epilogue_fusion=False or triton.autotune_pointwise=True")
+
+
+def parse_inductor_options(items: list[str]) -> dict:
+    """``["key=value", ...]`` -> ``{key: Python literal}``."""
+    return {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in items)}
 
 
 def mode_label(mode: str, args) -> str:
@@ -237,8 +250,7 @@ def main(argv=None) -> None:
     p.add_argument("--static-batch", action="store_true",
                    help="compile for the first batch size only (no dynamic batch): max-autotune then tunes "
                         "each GEMM for that one shape")
-    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="Inductor options for dense and ATS alike, e.g. benchmark_epilogue_fusion=False")
+    add_inductor_option(p)
     p.add_argument("--no-patch-gemm", action="store_true",
                    help="keep the patch-embedding conv (backend option patch_gemm=False; the same-compile dense "
                         "baseline keeps it too)")
@@ -249,7 +261,7 @@ def main(argv=None) -> None:
                         "'no PDL:pdl.ENABLED=False' (rows labelled '<config> <LABEL>')")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
-    args.inductor = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.inductor)}
+    args.inductor = parse_inductor_options(args.inductor)
     run_and_report(args, run, table)
 
 

@@ -20,7 +20,6 @@ call has (default: the largest timed; ``benchmarks.compiled`` makes it at the fi
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import statistics
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compiled import DENSE_SAME_COMPILE, compile_model, flops_of
+from benchmarks.compiled import DENSE_SAME_COMPILE, add_inductor_option, compile_model, flops_of, parse_inductor_options
 from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment, run_and_report
 
 
@@ -125,11 +124,10 @@ def main(argv=None) -> None:
     p.add_argument("--rep", type=int, default=200, help="do_bench time per measurement, ms")
     p.add_argument("--warmup-batch", type=int, default=None,
                    help="batch of the first call, where Inductor autotunes (default: the largest of --batches)")
-    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="Inductor options for every configuration, e.g. triton.autotune_pointwise=False")
+    add_inductor_option(p)
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
-    args.inductor = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.inductor)}
+    args.inductor = parse_inductor_options(args.inductor)
     unknown = set(args.configs) - {q[0] for q in OPERATING_POINTS}
     if unknown:
         raise SystemExit(f"unknown configs {sorted(unknown)}: one of {[q[0] for q in OPERATING_POINTS]}")

@@ -11,14 +11,13 @@ kernels themselves. The gap between the wall time and the kernel sum is launch/s
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from benchmarks.compiled import DENSE_SAME_COMPILE, compile_model
+from benchmarks.compiled import DENSE_SAME_COMPILE, add_inductor_option, compile_model, parse_inductor_options
 from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment
 
 CALLS = 5
@@ -56,11 +55,10 @@ def main(argv=None) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1])
     p.add_argument("--dtype", default="float16")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
-    p.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="Inductor options for every configuration, e.g. triton.autotune_pointwise=False")
+    add_inductor_option(p)
     p.add_argument("--out", help="JSON path; a text listing is written beside it (.txt)")
     args = p.parse_args(argv)
-    inductor = {k: ast.literal_eval(v) for k, v in (kv.split("=", 1) for kv in args.inductor)}
+    inductor = parse_inductor_options(args.inductor)
     torch.backends.cudnn.benchmark = True
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
