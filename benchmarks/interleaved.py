@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compiled import DENSE_SAME_COMPILE, add_inductor_option, compile_model, flops_of, parse_inductor_options
+from benchmarks.compiled import (DENSE_SAME_COMPILE, add_inductor_option, compile_model, flops_of,
+                                 parse_inductor_options, set_switches)
 from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment, run_and_report
 
 
@@ -46,27 +47,40 @@ def run(args) -> dict:
         torch.manual_seed(0)
         base = timm.create_model(name, pretrained=False).eval().cuda().to(dtype)
         inputs = {b: torch.randn(b, 3, 224, 224, device="cuda", dtype=dtype) for b in args.batches}
-        labels = ["dense", DENSE_SAME_COMPILE, *args.configs]
+        # (label, operating point, --variant): a variant's switches are set while it compiles and
+        # records, and around each of its timed calls (so a re-recording would see them too).
+        entries = [(label, label, None) for label in ["dense", DENSE_SAME_COMPILE, *args.configs]]
+        entries += [(f"{c} {v.split(':')[0]}", c, v) for c in args.configs for v in args.variant]
+        labels = [label for label, _, _ in entries]
+        variant_of = {label: variant for label, _, variant in entries}
         models, compile_s, flops = {}, {}, {}
         warmup = args.warmup_batch or max(args.batches)
-        for label in labels:
-            model = compile_model(base, label, args.mode, inductor=args.inductor)
-            first = torch.randn(warmup, 3, 224, 224, device="cuda", dtype=dtype)
-            torch._dynamo.mark_dynamic(first, 0)
-            t0 = time.time()
-            with torch.no_grad():
-                model(first)
-                for x in inputs.values():  # record every batch size's CUDA graph before timing
-                    model(x)
-            torch.cuda.synchronize()
+        for label, point, variant in entries:
+            restore = set_switches(variant)
+            try:
+                model = compile_model(base, point, args.mode, inductor=args.inductor)
+                first = torch.randn(warmup, 3, 224, 224, device="cuda", dtype=dtype)
+                torch._dynamo.mark_dynamic(first, 0)
+                t0 = time.time()
+                with torch.no_grad():
+                    model(first)
+                    for x in inputs.values():  # record every batch size's CUDA graph before timing
+                        model(x)
+                torch.cuda.synchronize()
+            finally:
+                restore()
             models[label], compile_s[label] = model, time.time() - t0
-            flops[label] = flops_of(base, label, inputs[args.batches[-1]])
+            flops[label] = flops_of(base, point, inputs[args.batches[-1]])
         times = {(label, b): [] for label in labels for b in args.batches}
         for r in range(args.rounds):
             order = labels[r % len(labels):] + labels[: r % len(labels)]
             for label in order:
-                for b, x in inputs.items():
-                    times[label, b].append(bench_ms(lambda: models[label](x), args.rep))
+                restore = set_switches(variant_of[label])
+                try:
+                    for b, x in inputs.items():
+                        times[label, b].append(bench_ms(lambda: models[label](x), args.rep))
+                finally:
+                    restore()
         for label in labels:
             for b in args.batches:
                 ms = times[label, b]
@@ -124,6 +138,8 @@ def main(argv=None) -> None:
     p.add_argument("--rep", type=int, default=200, help="do_bench time per measurement, ms")
     p.add_argument("--warmup-batch", type=int, default=None,
                    help="batch of the first call, where Inductor autotunes (default: the largest of --batches)")
+    p.add_argument("--variant", action="append", default=[],
+                   help='each config again with ats_fx.kernels switches set, "name:stage.ENABLED=False,..."')
     add_inductor_option(p)
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)

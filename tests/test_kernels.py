@@ -6,6 +6,8 @@ q, k, v leave a fused qkv projection.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -559,3 +561,144 @@ def test_pdl_chain_in_a_cuda_graph_matches_eager_launches():
         torch.cuda.synchronize()
         for a, b in zip(out, want):
             assert torch.equal(a, b)
+
+
+# The one-launch stage (kernels/stage.py). Shapes whose grid fits in one wave of a 132-SM GPU.
+STAGE_SHAPES = [  # B, H, T, dh, prefix
+    (1, 6, 197, 64, 1),
+    (2, 3, 65, 24, 1),
+    (2, 5, 50, 32, 2),
+]
+
+
+def _three_launches(q, k, v, mask, p, ratio, k_tokens, score, width):
+    """What the one-launch stage replaces: head logits, sampling (static width), attention."""
+    from ats_fx.kernels.attention_rows import attention_rows
+    from ats_fx.kernels.sample import sample_with_budget
+
+    heads = head_scores(q, k, v, mask, q.shape[-1] ** -0.5, score)
+    index, out_mask, kept, budget, _, bad = sample_with_budget(heads, mask, p, ratio, k_tokens, width, None,
+                                                               stats=False)
+    return attention_rows(q, k, v, index, mask, q.shape[-1] ** -0.5), index, out_mask, kept, budget, bad
+
+
+@pytest.mark.parametrize("shape", STAGE_SHAPES, ids=lambda s: f"B{s[0]}T{s[2]}H{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+@pytest.mark.parametrize("budget", ["rho", "k"])
+def test_one_launch_stage_equals_the_three_kernels(shape, dtype, masked, budget):
+    """Same kept tokens, slots, K', K and flags as head logits -> sampling -> attention, and the same
+    attention (to rounding: the one launch compiles without FMA contraction); on the GPU as one
+    launch with its barrier, on the interpreter as its two phases."""
+    from ats_fx.kernels.stage import launch_stage
+
+    B, H, T, D, p = shape
+    q, k, v = qkv(B, H, T, D, dtype, seed=21)
+    mask = padding_mask(B, T, seed=2) if masked and B > 1 else None
+    ratio, k_tokens = (0.7, None) if budget == "rho" else (None, 9)
+    score = "attn_vnorm" if budget == "rho" else "attn"
+    width = reference.static_budget(T, p, ratio, k_tokens) + p
+    got = launch_stage(q, k, v, mask, p, D**-0.5, ratio, k_tokens, score, width)
+    want = _three_launches(q, k, v, mask, p, ratio, k_tokens, score, width)
+    assert got[0].shape == (B, H, width, D) and got[0].dtype == dtype
+    for name, a, b in zip(["index", "mask", "kept", "budget", "bad"], got[1:], want[1:]):
+        assert torch.equal(a, b), name
+    torch.testing.assert_close(got[0].float(), want[0].float(), atol=TOL[dtype], rtol=TOL[dtype])
+    want_ref = reference.attention_rows(q.double(), k.double(), v.double(), got[1], mask, D**-0.5)
+    torch.testing.assert_close(got[0].double(), want_ref, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_one_launch_stage_flags_a_nan_image_and_checks_its_width():
+    """An image whose scores are NaN falls back to uniform scores and is flagged, as in the sampling
+    kernel; a width outside [1, T] is refused before anything launches."""
+    from ats_fx.kernels.stage import launch_stage
+
+    B, H, T, D, p = 2, 3, 40, 16, 1
+    q, k, v = qkv(B, H, T, D, torch.float32, seed=22)
+    q = q.clone()
+    q[1, 2, 0, 0] = float("nan")
+    width = reference.static_budget(T, p, 0.5, None) + p
+    got = launch_stage(q, k, v, None, p, D**-0.5, 0.5, None, "attn_vnorm", width)
+    want = _three_launches(q, k, v, None, p, 0.5, None, "attn_vnorm", width)
+    assert got[5].tolist() == [0, 1]
+    for a, b in zip(got[1:], want[1:]):
+        assert torch.equal(a, b)
+    for bad_width in (0, T + 1):
+        with pytest.raises(ValueError, match="width"):
+            launch_stage(q, k, v, None, p, D**-0.5, 0.5, None, "attn_vnorm", bad_width)
+
+
+def test_one_launch_stage_only_where_one_wave_holds_the_grid():
+    from ats_fx.kernels import stage
+
+    # Off unless asked for: it measured no faster than the three kernels (kernels/stage.py).
+    assert stage.ENABLED == (os.environ.get("ATS_FX_ONE_LAUNCH") == "1")
+    cpu = torch.device("cpu")
+    assert not stage.fits_one_wave(1, 6, 172, cpu)  # no SMs to count: the three kernels
+    assert stage.programs(1, 6, 172) == 11 * 6
+    if torch.cuda.is_available():
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        dev = torch.device("cuda")
+        assert stage.fits_one_wave(1, 1, 16 * sms, dev) and not stage.fits_one_wave(1, 1, 16 * sms + 1, dev)
+        q = torch.zeros(1, 1, 16 * sms + 1, 16, device=dev)
+        with pytest.raises(ValueError, match="one wave"):
+            stage.launch_stage(q, q, q, None, 1, 0.25, None, 8, "attn", 16 * sms + 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the barrier runs on the GPU only")
+def test_one_launch_stage_barrier_is_reusable_and_replays_in_a_cuda_graph():
+    """The barrier buffer is left with zero counters and one more generation per launch, so launches
+    (and CUDA graph replays) reuse it without a fill; the results stay those of the three kernels."""
+    from ats_fx.kernels.stage import launch_stage, new_sync
+
+    B, H, T, D, p = 1, 6, 197, 64, 1
+    width = reference.static_budget(T, p, 0.87, None) + p
+    static = [t.contiguous() for t in qkv(B, H, T, D, torch.float16, seed=30)]
+    sync = new_sync(B, static[0].device)
+    for n in range(1, 6):
+        launch_stage(*static, None, p, D**-0.5, 0.87, None, "attn_vnorm", width, sync)
+        torch.cuda.synchronize()
+        assert sync[:, 0].tolist() == [0] and sync[:, 1].tolist() == [n]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = launch_stage(*static, None, p, D**-0.5, 0.87, None, "attn_vnorm", width, sync)
+    for seed in (31, 32, 33):
+        for s, f in zip(static, qkv(B, H, T, D, torch.float16, seed=seed)):
+            s.copy_(f)
+        graph.replay()
+        want = _three_launches(*static, None, p, 0.87, None, "attn_vnorm", width)
+        torch.cuda.synchronize()
+        for a, b in zip(out[1:], want[1:]):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(out[0], want[0], atol=2e-3, rtol=2e-3)
+    assert sync[:, 0].tolist() == [0]
+
+
+def test_static_stage_at_inference_takes_one_launch_where_the_grid_fits(monkeypatch):
+    """Switched on, the library's static path is one ``sample_attend`` op; where the grid fits in
+    one wave (forced here on the interpreter) it runs the one-launch stage, with the kept tokens and
+    logits of the three-kernel path and of the reference. Switched off (the default) it never runs."""
+    import timm
+
+    from ats_fx.kernels import stage
+
+    calls = []
+    launch = stage.launch_stage
+    monkeypatch.setattr(stage, "launch_stage", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        base = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=3).eval().to(DEVICE)
+        x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    outs, kept = {}, {}
+    for name, kernels, enabled, fits in [("reference", "reference", True, True), ("three", "triton", True, False),
+                                         ("one", "triton", True, True), ("off", "triton", False, True)]:
+        monkeypatch.setattr(stage, "ENABLED", enabled)
+        monkeypatch.setattr(stage, "fits_one_wave", lambda *a, f=fits: f)
+        ats = ats_fx.transform(base, "1-2", ratio=0.6, padding="static", kernels=kernels)
+        with torch.no_grad():
+            outs[name] = ats(x)
+        kept[name] = [t.positions for t in ats_fx.kept_tokens(ats)]
+    assert len(calls) == 2  # one per stage, on the switched-on, forced run only
+    for name in ("three", "one", "off"):
+        assert all(torch.equal(a, b) for a, b in zip(kept[name], kept["reference"])), name
+        torch.testing.assert_close(outs[name], outs["reference"], atol=1e-4, rtol=1e-4)
