@@ -702,3 +702,25 @@ def test_static_stage_at_inference_takes_one_launch_where_the_grid_fits(monkeypa
     for name in ("three", "one", "off"):
         assert all(torch.equal(a, b) for a, b in zip(kept[name], kept["reference"])), name
         torch.testing.assert_close(outs[name], outs["reference"], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_one_launch_stage_equals_reference(monkeypatch):
+    """Switched on, ``ats_fx::sample_attend`` inside Inductor (its fake implementation gives the
+    shapes and strides): the compiled model equals the reference path, with the one launch forced."""
+    import timm
+
+    from ats_fx.kernels import stage
+
+    calls = []
+    launch = stage.launch_stage
+    monkeypatch.setattr(stage, "launch_stage", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    monkeypatch.setattr(stage, "ENABLED", True)
+    monkeypatch.setattr(stage, "fits_one_wave", lambda *a: True)
+    base = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8).eval().to(DEVICE)
+    ref = ats_fx.transform(base, "1-2", ratio=0.7, kernels="reference", padding="static")
+    compiled = torch.compile(base, backend="ats",
+                             options={"stages": "1-2", "ratio": 0.7, "kernels": "triton", "padding": "static"})
+    x = torch.randn(3, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert len(calls) == 2  # both stages, in the compiled graph
