@@ -16,7 +16,11 @@ LIMIT=${1:-500}
 CONFIG=${2:-multi rho=0.87}
 CACHE=/tmp/inductor_max_autotune
 mkdir -p "$CACHE"
-if [ -f .device_carry/max_autotune_cache.tgz ]; then tar -xzf .device_carry/max_autotune_cache.tgz -C "$CACHE"; fi
+# The committed cache: every choice of DeiT-S dense and multi rho=0.87 at a static batch of 256 on the
+# H200 with torch 2.11 / triton 3.6 (session 12; Inductor keys them by GPU and versions, so another
+# stack autotunes afresh). A carried one from the call before wins.
+if [ -f .device_carry/max_autotune_cache.tgz ]; then tar -xzf .device_carry/max_autotune_cache.tgz -C "$CACHE"
+elif [ -f benchmarks/sessions/max_autotune_cache_s12.tgz ]; then tar -xzf benchmarks/sessions/max_autotune_cache_s12.tgz -C "$CACHE"; fi
 extra=(benchmark_epilogue_fusion=False)
 if python3 -c "import torch._inductor.config as c, sys; sys.exit(0 if hasattr(c, 'max_autotune_prune_choices_based_on_shared_mem') else 1)"; then
   extra+=(max_autotune_prune_choices_based_on_shared_mem=True)
