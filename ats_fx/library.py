@@ -263,7 +263,7 @@ sample_attend_op = torch.library.custom_op("ats_fx::sample_attend", mutates_args
 def _sample_attend_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width):
     index, mask, kept, budget = _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score,
                                                     width, False, "triton")
-    B, H, _, D = q.shape
+    B, H = q.shape[:2]
     return q.new_empty((B, width, H, v.shape[-1])).transpose(1, 2), index, mask, kept, budget
 
 
