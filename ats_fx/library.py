@@ -11,10 +11,6 @@ inputs and needs no backward.
 (without an index) for the layers after it, over the key-padding mask; it is used only when
 nothing needs its gradient (inference), otherwise ``scaled_dot_product_attention`` does that step
 and autograd goes through it.
-
-``ats_fx::sample_attend`` is both for a static-width stage at inference on the Triton kernels:
-one launch where the grid fits in one wave of the GPU (batch 1), else the three kernels. It is
-used only where ``kernels.stage.ENABLED`` is set (off by default: no faster, kernels/stage.py).
 """
 from __future__ import annotations
 
@@ -225,63 +221,6 @@ def attention_rows_op(q: Tensor, k: Tensor, v: Tensor, index: Optional[Tensor], 
 def _attention_rows_fake(q, k, v, index, key_mask, scale):
     B, H, T, D = q.shape
     return q.new_empty((B, T if index is None else index.shape[1], H, v.shape[-1])).transpose(1, 2)
-
-
-def sample_attend_impl(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_mask: Optional[Tensor],
-    num_prefix: int,
-    scale: float,
-    ratio: Optional[float],
-    k_tokens: Optional[int],
-    score: str,
-    width: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """A static-width stage on the Triton kernels, forward only: ``(out, index, mask, kept,
-    budget)``, ``out`` the attention (B, H, width, dh) of the kept rows. Where the grid fits in one
-    wave of the GPU (batch 1) the stage is one launch (``kernels/stage.py``); otherwise head logits,
-    sampling and attention, three launches. Chosen here at run time, so a graph with a dynamic
-    batch takes the one launch at batch 1 and the three elsewhere."""
-    from .kernels import stage
-
-    B, H, _, D = q.shape
-    if stage.ENABLED and v.shape[-1] == D and stage.fits_one_wave(B, H, width, q.device):
-        out, index, mask, kept, budget, _ = stage.launch_stage(q, k, v, key_mask, num_prefix, scale, ratio,
-                                                               k_tokens, score, width)
-        return out, index, mask, kept, budget
-    index, mask, kept, budget, _ = _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width,
-                                           False, "triton")
-    return _launch(q, k, v, index, key_mask, scale), index, mask, kept, budget
-
-
-sample_attend_op = torch.library.custom_op("ats_fx::sample_attend", mutates_args=())(sample_attend_impl)
-
-
-@sample_attend_op.register_fake
-def _sample_attend_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width):
-    index, mask, kept, budget = _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score,
-                                                    width, False, "triton")
-    B, H = q.shape[:2]
-    return q.new_empty((B, width, H, v.shape[-1])).transpose(1, 2), index, mask, kept, budget
-
-
-def one_launch_stage(q: Tensor, k: Tensor, v: Tensor, width: int, dropout_p: float, kernels: str) -> bool:
-    """``sample_attend`` applies: the one-launch stage is switched on (``kernels.stage.ENABLED``,
-    off by default), a static width, the Triton kernels, and nothing needing a gradient or dropout
-    (its kernels have no backward)."""
-    from .kernels import stage
-
-    return (stage.ENABLED and width > 0 and dropout_p == 0.0 and use_triton(q, kernels)
-            and not needs_grad(q, k, v))
-
-
-def sample_attend(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *args) -> tuple:
-    """``ats_fx::sample_attend`` (see ``sample_attend_impl``), called directly in plain eager."""
-    if tracing(q):
-        return torch.ops.ats_fx.sample_attend(q, k, v, key_mask, *args)
-    return sample_attend_impl(q, k, v, key_mask, *args)
 
 
 def attention(

@@ -93,23 +93,16 @@ class ATSStage(nn.Module):
             out, index, mask, kept, budget, padded = self._from_weights(q, k, v, key_mask, width, strict, bias, mix,
                                                                         dropout_p)
         else:
-            out = None
-            if self.selection == "ats" and bias is None and library.one_launch_stage(q, k, v, width, dropout_p,
-                                                                                   self.kernels):
-                # Static width at inference on the Triton kernels: scores, sampling and attention as one op.
-                out, index, mask, kept, budget = library.sample_attend(
-                    q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width)
-                padded = None
-            elif self.selection == "ats":
+            if self.selection == "ats":
                 index, mask, kept, budget, padded = library.sample(
                     q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
                     self.kernels, bias,
                 )
             else:
                 index, mask, kept, budget, padded = self._reference_select(q, k, v, key_mask, width, bias)
-            if out is None and bias is None:
+            if bias is None:
                 out = library.attention(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
-            elif out is None:
+            else:
                 out = reference.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, bias)
         # Original positions of the kept rows; at the first stage the rows' positions are the index.
         source = index if positions is None else positions.gather(1, index)

@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup-batch", type=int, default=None,
                    help="batch of the first call, where Inductor autotunes (default: the largest of --batches)")
     p.add_argument("--variant", action="append", default=[],
-                   help='each config again with ats_fx.kernels switches set, "name:stage.ENABLED=False,..."')
+                   help='each config again with ats_fx.kernels switches set, "name:pdl.ENABLED=False,..."')
     add_inductor_option(p)
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)

@@ -32,15 +32,6 @@ SHAPES = [(1, 6, 197), (1, 12, 197), (1, 6, 114), (64, 6, 197), (256, 6, 197), (
 SWITCHES = [(pdl, "ENABLED"), (scores, "LAST_IMAGE_FIRST")]
 
 
-def projection_inputs(B: int, H: int, T: int):
-    """Seeded fp16 tokens (B, T, 64 H) and a qkv projection's weight and bias."""
-    torch.manual_seed(0)
-    C = 64 * H
-    x = torch.randn(B, T, C, device="cuda", dtype=torch.float16)
-    w = torch.randn(3 * C, C, device="cuda", dtype=torch.float16) * C**-0.5
-    return x, w, torch.zeros(3 * C, device="cuda", dtype=torch.float16)
-
-
 def stage_front(x, w, bias, H: int, ratio: float):
     B, T, C = x.shape
     q, k, v = F.linear(x, w, bias).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
@@ -56,7 +47,11 @@ def run(args) -> dict:
                "rows": []}
     try:
         for B, H, T in SHAPES:
-            x, w, bias = projection_inputs(B, H, T)
+            torch.manual_seed(0)
+            C = 64 * H
+            x = torch.randn(B, T, C, device="cuda", dtype=torch.float16)
+            w = torch.randn(3 * C, C, device="cuda", dtype=torch.float16) * C**-0.5
+            bias = torch.zeros(3 * C, device="cuda", dtype=torch.float16)
             qkv_us = time_us(lambda: F.linear(x, w, bias), args.rep)
             for values in itertools.product((True, False), repeat=len(SWITCHES)):
                 for (m, a), value in zip(SWITCHES, values):

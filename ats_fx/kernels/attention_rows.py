@@ -99,24 +99,11 @@ def _attention_kernel(
         if SELF:  # a tile of padding rows only: no keys to visit, zeros out
             n_end = tl.where(pid_m * BLOCK_M < n_end, n_end, 0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    src = rows
-    if HAS_INDEX:
-        src = tl.load(IDX + b * sib + rows * sit, mask=rows < R, other=0)
-    attend_rows(Q, K, V, MASK, O, b, h, rows, src, R, n_end, one_run,
-                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smt, sob, soh, sot, sod,
-                D, qk_scale, HAS_MASK, IEEE, UPCAST, ONE_RUN_LOOP, BLOCK_M, BLOCK_N, BLOCK_D)
-
-
-@triton.jit
-def attend_rows(Q, K, V, MASK, O, b, h, rows, src, R, n_end, one_run,
-                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smt, sob, soh, sot, sod,
-                D, qk_scale, HAS_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-                ONE_RUN_LOOP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Output rows ``rows`` (< R) of head ``h`` of image ``b``: the queries at token rows ``src``
-    over keys [0, n_end), with the mask-free key loop where ``one_run`` says the real keys are
-    exactly those."""
     d = tl.arange(0, BLOCK_D)
     in_rows, in_d = rows < R, d < D
+    src = rows
+    if HAS_INDEX:
+        src = tl.load(IDX + b * sib + rows * sit, mask=in_rows, other=0)
     q = tl.load(Q + b * sqb + h * sqh + src[:, None] * sqt + d[None, :] * sqd,
                 mask=in_rows[:, None] & in_d[None, :], other=0.0)
     if UPCAST:

@@ -30,25 +30,39 @@ def _quantile(i, K):
 
 
 @triton.jit
-def budget_in_kernel(real, num_prefix, k_fixed, min_tokens, RATIO_BITS):
-    """K of one image: ATS-NOTES §3, as reference.token_budget: K = max(floor(rho * N_in + 1/2), 8)
-    in float64 (no FMA: the launch sets enable_fp_fusion=False), or k; capped at the scored tokens.
-    ``real``: the image's real tokens (BLOCK_T,); ``RATIO_BITS``: rho's float64 bit pattern."""
-    n_in = tl.sum(real.to(tl.int32), axis=0)
-    if k_fixed >= 0:
-        K = tl.zeros([], dtype=tl.int32) + k_fixed
+def _sample_kernel(
+    S, VN, BUDGET, MASK, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
+    smb, smt,
+    T, W, H, num_prefix, k_fixed, min_tokens,
+    HAS_MASK: tl.constexpr, BUDGET_GIVEN: tl.constexpr, HAS_STATS: tl.constexpr, FROM_HEADS: tl.constexpr,
+    PDL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    wait_for_previous_kernel(PDL)
+    b = tl.program_id(0).to(tl.int64)
+    t = tl.arange(0, BLOCK_T)
+    inside = t < T
+    real = inside
+    if HAS_MASK:
+        real &= tl.load(MASK + b * smb + t * smt, mask=inside, other=0) != 0
+    if FROM_HEADS:  # S, VN: the per-head logits and value norms of scores.head_scores
+        s, bad = combine_heads(S, VN, b, t, T, H, real & (t >= num_prefix), BLOCK_H)
+        tl.store(BAD + b, bad.to(tl.int8))
     else:
-        rho = RATIO_BITS.to(tl.int64).to(tl.float64, bitcast=True)
-        K = tl.floor(n_in.to(tl.float64) * rho + 0.5).to(tl.int32)
-        K = tl.maximum(K, min_tokens)
-    return tl.minimum(K, n_in - num_prefix)
-
-
-@triton.jit
-def sample_image(s, real, inside, t, K, num_prefix):
-    """Inverse-transform sampling of one image's scores ``s`` (BLOCK_T,) with budget K:
-    ``(keep, slot, total)``, the kept tokens, each token's output slot (kept ones first, in
-    order; the slots are a permutation of the tokens) and how many are kept (prefix included)."""
+        s = tl.load(S + b * T + t, mask=inside, other=0.0)
+    if BUDGET_GIVEN:
+        K = tl.load(BUDGET + b).to(tl.int32)
+    else:
+        # ATS-NOTES §3, as reference.token_budget: K = max(floor(rho * N_in + 1/2), 8) in float64
+        # (no FMA: the launch sets enable_fp_fusion=False), or k; capped at the scored tokens.
+        n_in = tl.sum(real.to(tl.int32), axis=0)
+        if k_fixed >= 0:
+            K = tl.zeros([], dtype=tl.int32) + k_fixed
+        else:
+            rho = RATIO_BITS.to(tl.int64).to(tl.float64, bitcast=True)
+            K = tl.floor(n_in.to(tl.float64) * rho + 0.5).to(tl.int32)
+            K = tl.maximum(K, min_tokens)
+        K = tl.minimum(K, n_in - num_prefix)
+        tl.store(BUDGET + b, K.to(tl.int64))
     cdf = tl.cumsum(s, axis=0)
     # C[j-1] must be the very value the scan gave token j-1 (not cdf - s, which rounds
     # differently), so every quantile is claimed by exactly one token: move it one lane over.
@@ -68,35 +82,6 @@ def sample_image(s, real, inside, t, K, num_prefix):
     rank = tl.cumsum(keep_i, axis=0)
     total = tl.sum(keep_i, axis=0)
     slot = tl.where(keep, rank - 1, total + t - rank)
-    return keep, slot, total
-
-
-@triton.jit
-def _sample_kernel(
-    S, VN, BUDGET, MASK, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
-    smb, smt,
-    T, W, H, num_prefix, k_fixed, min_tokens,
-    HAS_MASK: tl.constexpr, BUDGET_GIVEN: tl.constexpr, HAS_STATS: tl.constexpr, FROM_HEADS: tl.constexpr,
-    PDL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    wait_for_previous_kernel(PDL)
-    b = tl.program_id(0).to(tl.int64)
-    t = tl.arange(0, BLOCK_T)
-    inside = t < T
-    real = inside
-    if HAS_MASK:
-        real &= tl.load(MASK + b * smb + t * smt, mask=inside, other=0) != 0
-    if FROM_HEADS:  # S, VN: the per-head logits and value norms of scores.head_scores
-        s, bad = combine_heads(S, VN, b, t, T, H, real & (t >= num_prefix), BLOCK_H, False)
-        tl.store(BAD + b, bad.to(tl.int8))
-    else:
-        s = tl.load(S + b * T + t, mask=inside, other=0.0)
-    if BUDGET_GIVEN:
-        K = tl.load(BUDGET + b).to(tl.int32)
-    else:
-        K = budget_in_kernel(real, num_prefix, k_fixed, min_tokens, RATIO_BITS)
-        tl.store(BUDGET + b, K.to(tl.int64))
-    keep, slot, total = sample_image(s, real, inside, t, K, num_prefix)
     store = inside & (slot < W)
     tl.store(INDEX + b * W + slot, tl.where(keep, t, 0).to(tl.int64), mask=store)
     tl.store(OUT_MASK + b * W + slot, keep.to(tl.int8), mask=store)

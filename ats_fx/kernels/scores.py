@@ -26,14 +26,23 @@ from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 
 
 @triton.jit
-def head_logits_chunk(
-    Q, K, V, MASK, LOGITS, VNORM, b, h, t,
-    sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smt,
+def _head_logits_kernel(
+    Q, K, V, MASK, LOGITS, VNORM,
+    sqb, sqh, sqd,
+    skb, skh, skt, skd,
+    svb, svh, svt, svd,
+    smb, smt,
     T, H, D, scale,
     HAS_MASK: tl.constexpr, USE_VNORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    LAST_IMAGE_FIRST: tl.constexpr, PDL: tl.constexpr,
 ):
-    """The class row's logits (-inf at padded keys) and ||V_j|| of head ``h`` of image ``b`` at the
-    tokens ``t`` (a BLOCK_T range), written to LOGITS and VNORM ((B, H, T) float32)."""
+    """One (head, token chunk, image): the class row's logits (-inf at padded keys) and ||V_j||."""
+    wait_for_previous_kernel(PDL)
+    h = tl.program_id(0).to(tl.int64)  # heads fastest: neighbouring programs read neighbouring bytes
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.program_id(2).to(tl.int64)
+    if LAST_IMAGE_FIRST:
+        b = tl.num_programs(2) - 1 - b
     inside = t < T
     real = inside
     if HAS_MASK:
@@ -56,49 +65,20 @@ def head_logits_chunk(
 
 
 @triton.jit
-def _head_logits_kernel(
-    Q, K, V, MASK, LOGITS, VNORM,
-    sqb, sqh, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    smb, smt,
-    T, H, D, scale,
-    HAS_MASK: tl.constexpr, USE_VNORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    LAST_IMAGE_FIRST: tl.constexpr, PDL: tl.constexpr,
-):
-    """One (head, token chunk, image): the class row's logits (-inf at padded keys) and ||V_j||."""
-    wait_for_previous_kernel(PDL)
-    h = tl.program_id(0).to(tl.int64)  # heads fastest: neighbouring programs read neighbouring bytes
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    b = tl.program_id(2).to(tl.int64)
-    if LAST_IMAGE_FIRST:
-        b = tl.num_programs(2) - 1 - b
-    head_logits_chunk(Q, K, V, MASK, LOGITS, VNORM, b, h, t,
-                      sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smt,
-                      T, H, D, scale, HAS_MASK, USE_VNORM, BLOCK_T, BLOCK_D)
-
-
-@triton.jit
-def combine_heads(LOGITS, VNORM, b, t, T, H, scored, BLOCK_H: tl.constexpr, FROM_L2: tl.constexpr):
+def combine_heads(LOGITS, VNORM, b, t, T, H, scored, BLOCK_H: tl.constexpr):
     """(S, bad) of image ``b``: each head's softmax over its logits row times ||V_j||, summed over
     the heads and normalised over the scored tokens; uniform over them (bad = True) when the sum
-    is 0 or not finite. ``t`` is the (BLOCK_T,) token range, ``scored`` its mask. ``FROM_L2``: load
-    past L1, for logits other programs of the same kernel wrote (``stage.py``)."""
+    is 0 or not finite. ``t`` is the (BLOCK_T,) token range, ``scored`` its mask."""
     h = tl.arange(0, BLOCK_H)
     at = (b * H + h[:, None]) * T + t[None, :]
     tile = (h[:, None] < H) & (t[None, :] < T)
-    if FROM_L2:
-        logits = tl.load(LOGITS + at, mask=tile, other=float("-inf"), cache_modifier=".cg")
-        norms = tl.load(VNORM + at, mask=tile, other=0.0, cache_modifier=".cg")
-    else:
-        logits = tl.load(LOGITS + at, mask=tile, other=float("-inf"))
-        norms = tl.load(VNORM + at, mask=tile, other=0.0)
+    logits = tl.load(LOGITS + at, mask=tile, other=float("-inf"))
     peak = tl.max(logits, axis=1)
     peak = tl.where(h < H, peak, 0.0)  # padding head rows: -inf - 0, weight 0, no NaN
     p = tl.exp(logits - peak[:, None])
     total = tl.sum(p, axis=1)
     p = p / tl.where(h < H, total, 1.0)[:, None]
-    p = p * norms
+    p = p * tl.load(VNORM + at, mask=tile, other=0.0)
     s = tl.where(scored, tl.sum(p, axis=0), 0.0)
     denom = tl.sum(s, axis=0)
     # Not (denom > 0) catches 0 and NaN; denom * 0 != 0 catches inf.
@@ -117,7 +97,7 @@ def _normalise_kernel(LOGITS, VNORM, MASK, S, BAD, smb, smt, T, H, num_prefix,
     scored = (t < T) & (t >= num_prefix)
     if HAS_MASK:
         scored &= tl.load(MASK + b * smb + t * smt, mask=t < T, other=0) != 0
-    s, bad = combine_heads(LOGITS, VNORM, b, t, T, H, scored, BLOCK_H, False)
+    s, bad = combine_heads(LOGITS, VNORM, b, t, T, H, scored, BLOCK_H)
     tl.store(S + b * T + t, s, mask=t < T)
     tl.store(BAD + b, bad.to(tl.int8))
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Session 12, one device run (H200): the one-launch stage (kernels/stage.py).
+# Session 12, one device run (H200): the one-launch stage (kernels/stage.py). Ran at commit 104b472;
+# the stage kernel, its tests and benchmarks/one_launch_stage.py were removed later in session 12 (slower; last present at bc38683).
 #   1. its GPU tests (the barrier path runs only there) and the kernel tests no H200 run reached;
 #   2. its micro-benchmark against the three kernels at batch-1 stage shapes;
 #   3. DeiT-S rho=0.87 compiled (reduce-overhead) with it and without it (variant "three"), in
