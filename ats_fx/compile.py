@@ -167,16 +167,41 @@ def _has_option(config, key: str) -> bool:
     return hasattr(config, name)
 
 
+# mode="max-autotune" replays CUDA graphs, but Inductor times each GEMM choice by launching it in a
+# loop, host dispatch included. cuBLAS(Lt) does more host work per call than a Triton launch, so its
+# timings came out 1.5-8x what it takes in the graph, the more the shorter the GEMM (DeiT-S at batch 256:
+# 36 of the ATS model's GEMMs went to Triton templates that then ran 15-35% slower than cuBLAS at the
+# same place under reduce-overhead, and the model 9.5% slower; busy CPUs make it worse:
+# benchmarks/results/trace_s13_ma.txt, autotune_bias_proj.md). Where this torch can time choices as
+# CUDA-graph replays, backend='ats' asks for it in the CUDA-graph mode only.
+CUDA_GRAPH_AUTOTUNE_OPTIONS = {"autotune_cudagraph_benchmarking": True}
+
+
 def inductor_patches(mode: Optional[str], inductor_options: Optional[dict] = None) -> dict:
     """The Inductor config patches backend='ats' compiles with: the mode's, then
-    ``DEFAULT_INDUCTOR_OPTIONS`` (where this torch has them), then the user's ``inductor_options``."""
+    ``DEFAULT_INDUCTOR_OPTIONS`` (where this torch has them; under ``mode="max-autotune"`` also
+    ``CUDA_GRAPH_AUTOTUNE_OPTIONS``), then the user's ``inductor_options``."""
     import torch._inductor.config as inductor_config
     from torch._inductor import list_mode_options
 
     patches = dict(list_mode_options(mode)) if mode else {}
-    patches.update({k: v for k, v in DEFAULT_INDUCTOR_OPTIONS.items() if _has_option(inductor_config, k)})
+    defaults = dict(DEFAULT_INDUCTOR_OPTIONS)
+    if mode == "max-autotune":
+        defaults.update(CUDA_GRAPH_AUTOTUNE_OPTIONS)
+    patches.update({k: v for k, v in defaults.items() if _has_option(inductor_config, k)})
     patches.update(inductor_options or {})
     return patches
+
+
+def cuda_graph_autotune_missing(mode: Optional[str], inductor_options: Optional[dict] = None) -> list[str]:
+    """The ``CUDA_GRAPH_AUTOTUNE_OPTIONS`` that ``mode`` wants and this torch's Inductor lacks (the user
+    did not set them either): under max-autotune its GEMM picks then favour Triton templates."""
+    import torch._inductor.config as inductor_config
+
+    if mode != "max-autotune":
+        return []
+    return [k for k in CUDA_GRAPH_AUTOTUNE_OPTIONS
+            if not _has_option(inductor_config, k) and k not in (inductor_options or {})]
 
 
 def _inner_compiler(name: str, mode: Optional[str], inductor_options: Optional[dict]) -> Callable:
@@ -268,6 +293,12 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
             "torch 2.11, where max-autotune also ran the dense model 19-32%% slower than 'reduce-overhead'). "
             "One stage, or mode='reduce-overhead', compiles in seconds.", options_mode or mode, stages,
             4 * stages)
+    if backend == "inductor" and stages and cuda_graph_autotune_missing(options_mode or mode, inductor_options):
+        log.warning(
+            "backend='ats' with mode='max-autotune': this torch's Inductor cannot time GEMM choices as CUDA-graph "
+            "replays (no autotune_cudagraph_benchmarking), so it counts cuBLAS's host dispatch and picks Triton "
+            "templates that run slower in the graph (ATS DeiT-S at batch 256, H200, torch 2.11: 9.5%% slower than "
+            "mode='reduce-overhead'). Prefer mode='reduce-overhead', or a torch that has the option.")
     # batch_max gives the ATS op a data-dependent output width: let this compile's shape
     # environment allocate it (Dynamo leaves that off unless capture_dynamic_output_shape_ops).
     fake_mode = torch._guards.detect_fake_mode()

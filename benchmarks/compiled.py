@@ -77,6 +77,24 @@ def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = Fa
     return torch.compile(model, backend=ats_backend, options=options)
 
 
+def add_autotune_options(parser: argparse.ArgumentParser) -> None:
+    """``--autotune-rep MS`` and ``--no-coordinate-descent``: max-autotune's compile-time savers."""
+    parser.add_argument("--autotune-rep", type=int, default=None,
+                        help="Inductor's autotune benchmark time per choice, ms (its default 100; warm-up a quarter)")
+    parser.add_argument("--no-coordinate-descent", action="store_true",
+                        help="max-autotune without its coordinate-descent tuning of pointwise kernels "
+                             "(dense and ATS alike)")
+
+
+def set_autotune_rep(rep: Optional[int]) -> None:
+    """max-autotune: ``rep`` ms benchmarking each GEMM choice (warm-up a quarter); None keeps Inductor's."""
+    if rep is not None:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.inductor_default_autotune_rep = rep
+        inductor_config.inductor_default_autotune_warmup = max(1, rep // 4)
+
+
 def add_inductor_option(parser: argparse.ArgumentParser) -> None:
     """``--inductor KEY=VALUE ...``: Inductor options for every configuration (dense and ATS alike)."""
     parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
@@ -139,11 +157,7 @@ def run(args) -> dict:
     import timm
 
     torch.backends.cudnn.benchmark = True
-    if args.autotune_rep is not None:  # max-autotune: less time benchmarking each GEMM choice
-        import torch._inductor.config as inductor_config
-
-        inductor_config.inductor_default_autotune_rep = args.autotune_rep
-        inductor_config.inductor_default_autotune_warmup = max(1, args.autotune_rep // 4)
+    set_autotune_rep(args.autotune_rep)
     results = {"env": environment(), "rows": []}
     start = time.time()
     dtype = getattr(torch, args.dtype)
@@ -243,10 +257,7 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float16")
     p.add_argument("--rep", type=int, default=200)
     p.add_argument("--budget-s", type=float, default=540, help="stop starting new compiles after this")
-    p.add_argument("--autotune-rep", type=int, default=None,
-                   help="Inductor's autotune benchmark time per choice, ms (its default 100; warm-up a quarter)")
-    p.add_argument("--no-coordinate-descent", action="store_true",
-                   help="max-autotune without its coordinate-descent tuning of pointwise kernels (dense and ATS alike)")
+    add_autotune_options(p)
     p.add_argument("--static-batch", action="store_true",
                    help="compile for the first batch size only (no dynamic batch): max-autotune then tunes "
                         "each GEMM for that one shape")

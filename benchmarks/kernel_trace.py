@@ -1,7 +1,9 @@
 """The CUDA kernels of one forward pass of a compiled model, in launch order, with their times:
 where a compiled ATS model spends the time a compiled dense model does not (issue 4, batch 1).
 
-    python -m benchmarks.kernel_trace --model deit_small_patch16_224 --batch 1 --mode reduce-overhead
+    python -m benchmarks.kernel_trace --model deit_small_patch16_224 --batches 1 --mode reduce-overhead
+    python -m benchmarks.kernel_trace --configs "dense same-compile" "multi rho=0.87" --batches 256 \
+        --mode max-autotune --no-coordinate-descent --autotune-rep 10   # session 13 (trace_s13_ma.txt)
 
 For each configuration: compile (``benchmarks.compiled.compile_model``), time with ``do_bench``
 (median), then record 5 forward passes under ``torch.profiler`` (kernels inside CUDA graphs are
@@ -12,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
-from benchmarks.compiled import DENSE_SAME_COMPILE, add_inductor_option, compile_model, parse_inductor_options
+from benchmarks.compiled import (DENSE_SAME_COMPILE, add_autotune_options, add_inductor_option, compile_model,
+                                 parse_inductor_options, set_autotune_rep)
 from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment
 
 CALLS = 5
@@ -55,11 +59,13 @@ def main(argv=None) -> None:
     p.add_argument("--batches", nargs="+", type=int, default=[1])
     p.add_argument("--dtype", default="float16")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
+    add_autotune_options(p)
     add_inductor_option(p)
     p.add_argument("--out", help="JSON path; a text listing is written beside it (.txt)")
     args = p.parse_args(argv)
     inductor = parse_inductor_options(args.inductor)
     torch.backends.cudnn.benchmark = True
+    set_autotune_rep(args.autotune_rep)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     base = timm.create_model(args.model, pretrained=False).eval().cuda().to(dtype)
@@ -72,21 +78,27 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown config {label!r}: one of {sorted(labels)}")
         for batch in args.batches:
             torch._dynamo.reset()
-            model = compile_model(base, label, args.mode, inductor=inductor)
+            model = compile_model(base, label, args.mode, args.no_coordinate_descent, inductor=inductor)
             x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype).contiguous(memory_format=layout)
+            t0 = time.time()
             with torch.no_grad():
                 model(x)
+            torch.cuda.synchronize()
+            compile_s = time.time() - t0
             ms = bench_ms(lambda: model(x), 200)
             kernels = kernels_per_forward(model, x)
             busy = sum(us for _, us in kernels)
-            row = dict(config=label, batch=batch, mode=args.mode, channels_last=args.channels_last, ms=ms,
-                       kernels=len(kernels), kernel_us=busy,
-                       trace=kernels)
+            row = dict(config=label, batch=batch, mode=args.mode, inductor=args.inductor,
+                       channels_last=args.channels_last, ms=ms, compile_s=compile_s,
+                       kernels=len(kernels), kernel_us=busy, trace=kernels)
             results["rows"].append(row)
             lines.append(f"== {args.model} {label} batch {batch} {args.mode}: {ms * 1e3:.1f} us per forward, "
-                         f"{len(kernels)} kernels, {busy:.1f} us of kernel time")
+                         f"{len(kernels)} kernels, {busy:.1f} us of kernel time, compiled in {compile_s:.0f} s")
             lines += [f"  {us:8.2f}  {name[:110]}" for name, us in kernels]
             print(lines[-len(kernels) - 1], flush=True)
+            if args.out:  # after every row: a run cut short by a time limit keeps what it measured
+                Path(args.out).write_text(json.dumps(results, indent=1))
+                Path(args.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
             del model
     text = "\n".join(lines)
     print(text)

@@ -233,6 +233,33 @@ def test_max_autotune_with_many_stages_warns_of_a_long_compile(caplog):
             compiled(torch.randn(2, *chw))  # Inductor's max-autotune on the CPU: a few seconds here
     messages = [r.getMessage() for r in caplog.records]
     assert any("3 stages give ~12 new GEMM shapes" in m for m in messages), messages
+    assert not any("CUDA-graph replays" in m for m in messages) or not hasattr(
+        torch._inductor.config, "autotune_cudagraph_benchmarking"), messages
+
+
+def test_max_autotune_without_cuda_graph_timing_warns_that_gemm_picks_favour_templates(caplog, monkeypatch):
+    """On a torch whose Inductor cannot time GEMM choices as CUDA-graph replays, max-autotune's picks
+    lose in the graph (session 13): the backend says so and names the fix; it still compiles."""
+    import logging
+
+    import ats_fx.compile as ats_compile
+
+    has_option = ats_compile._has_option
+    monkeypatch.setattr(ats_compile, "_has_option",
+                        lambda config, key: key != "autotune_cudagraph_benchmarking" and has_option(config, key))
+    factory, _, chw = MODELS["timm_deit_small"]
+    model = factory().eval()
+    x = torch.randn(2, *chw)
+    with caplog.at_level(logging.WARNING, logger="ats_fx.compile"):
+        compiled = torch.compile(model, backend=ats_compile.ats_backend, options={**OPTIONS, "mode": "max-autotune"})
+        with torch.no_grad():
+            out = compiled(x)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cannot time GEMM choices as CUDA-graph replays" in m and "mode='reduce-overhead'" in m
+               for m in messages), messages
+    with torch.no_grad():
+        eager = ats_fx.transform(model, padding="static", **OPTIONS)(x)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
 
 
 def test_inductor_patches_realize_the_residual_stream_unless_the_user_says_otherwise():
@@ -261,3 +288,22 @@ def test_inductor_patches_fix_pointwise_configs_unless_the_user_says_otherwise()
     assert inductor_patches(None, {"triton.autotune_pointwise": True})["triton.autotune_pointwise"] is True
     with torch._inductor.config.patch(inductor_patches(None)):
         assert inductor_config.triton.autotune_pointwise is False
+
+
+def test_max_autotune_times_gemm_choices_as_cuda_graph_replays_where_torch_can():
+    """mode='max-autotune' replays CUDA graphs, so backend='ats' asks Inductor to time GEMM choices as
+    graph replays (host dispatch out of the timing) where this torch has the option; the other modes
+    launch kernels from the host and keep Inductor's timing; the user's inductor_options win."""
+    import torch._inductor.config as inductor_config
+
+    from ats_fx.compile import cuda_graph_autotune_missing, inductor_patches
+
+    key = "autotune_cudagraph_benchmarking"
+    has = hasattr(inductor_config, key)
+    assert (inductor_patches("max-autotune").get(key) is True) == has
+    for mode in (None, "reduce-overhead", "max-autotune-no-cudagraphs"):
+        assert key not in inductor_patches(mode), mode
+        assert cuda_graph_autotune_missing(mode) == []
+    assert inductor_patches("max-autotune", {key: False})[key] is False
+    assert cuda_graph_autotune_missing("max-autotune") == ([] if has else [key])
+    assert cuda_graph_autotune_missing("max-autotune", {key: False}) == []

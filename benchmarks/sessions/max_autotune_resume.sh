@@ -10,6 +10,10 @@
 # Inductor's options: no coordinate descent, no epilogue-fusion benchmarking, 10 ms per choice, and,
 # where this torch has it, pruning of GEMM configs over the shared-memory limit (session 8 saw most
 # Triton choices compile and then fail with "out of resource: shared memory").
+# Environment: SEED_CACHE, the committed choices to start from when nothing is carried (default
+# session 12's; "none" for a cold start); EXTRA_INDUCTOR, more Inductor KEY=VALUE options (session 13:
+# autotune_cudagraph_benchmarking=True, which times each choice as a CUDA graph replay; choices timed
+# without it must not be reused, so pair it with SEED_CACHE=none or a cache it made).
 #   device run: bash benchmarks/sessions/max_autotune_resume.sh [LIMIT_S] [CONFIG]
 set -u
 LIMIT=${1:-500}
@@ -20,8 +24,9 @@ mkdir -p "$CACHE"
 # H200 with torch 2.11 / triton 3.6 (session 12; Inductor keys them by GPU and versions, so another
 # stack autotunes afresh). A carried one from the call before wins.
 if [ -f .device_carry/max_autotune_cache.tgz ]; then tar -xzf .device_carry/max_autotune_cache.tgz -C "$CACHE"
-elif [ -f benchmarks/sessions/max_autotune_cache_s12.tgz ]; then tar -xzf benchmarks/sessions/max_autotune_cache_s12.tgz -C "$CACHE"; fi
-extra=(benchmark_epilogue_fusion=False)
+elif [ "${SEED_CACHE:-}" != none ] && [ -f "${SEED_CACHE:=benchmarks/sessions/max_autotune_cache_s12.tgz}" ]; then
+  tar -xzf "$SEED_CACHE" -C "$CACHE"; fi
+extra=(benchmark_epilogue_fusion=False ${EXTRA_INDUCTOR:-})
 if python3 -c "import torch._inductor.config as c, sys; sys.exit(0 if hasattr(c, 'max_autotune_prune_choices_based_on_shared_mem') else 1)"; then
   extra+=(max_autotune_prune_choices_based_on_shared_mem=True)
 fi
