@@ -196,12 +196,10 @@ def inductor_patches(mode: Optional[str], inductor_options: Optional[dict] = Non
 def cuda_graph_autotune_missing(mode: Optional[str], inductor_options: Optional[dict] = None) -> list[str]:
     """The ``CUDA_GRAPH_AUTOTUNE_OPTIONS`` that ``mode`` wants and this torch's Inductor lacks (the user
     did not set them either): under max-autotune its GEMM picks then favour Triton templates."""
-    import torch._inductor.config as inductor_config
-
     if mode != "max-autotune":
         return []
-    return [k for k in CUDA_GRAPH_AUTOTUNE_OPTIONS
-            if not _has_option(inductor_config, k) and k not in (inductor_options or {})]
+    patches = inductor_patches(mode, inductor_options)
+    return [k for k in CUDA_GRAPH_AUTOTUNE_OPTIONS if k not in patches]
 
 
 def _inner_compiler(name: str, mode: Optional[str], inductor_options: Optional[dict]) -> Callable:

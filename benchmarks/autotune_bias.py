@@ -6,10 +6,11 @@ Session 13 (kernel_trace.py under max-autotune vs reduce-overhead, DeiT-S multi 
 256) found that every one of the 36 GEMMs where max-autotune picked a Triton template ran 15-35%
 slower in the graph than the cuBLAS kernel reduce-overhead used at the same place. Session 12's
 autotune log had cuBLAS at 0.109 ms against a template's 0.092 ms for one of those shapes, while
-cuBLAS runs it in ~60 us in the graph. A suspect: the benchmarks shortened Inductor's per-choice
-benchmark (``inductor_default_autotune_rep=10`` ms, warm-up 2 ms) to save compile time, and the
-extern (cuBLAS) choices are timed first, right after seconds of CPU-only compiling with the GPU
-idle at low clocks.
+cuBLAS runs it in ~60 us in the graph. The first suspect was the benchmarks' shortened per-choice
+timing (``inductor_default_autotune_rep=10`` ms, warm-up 2 ms); the settings below ruled it out
+(autotune_bias_fc1.md, autotune_bias_qkv.md). What it showed instead: Inductor's own timing of the
+extern (cuBLAS) choices carries per-call host work that a CUDA graph replay does not pay, more so
+with busy CPUs (autotune_bias_proj.md, autotune_graph_*.md; max_autotune_s13_diagnosis.md).
 
 For one such GEMM (bias + [M, K] @ [K, N], fp16), each setting compiles ``torch.addmm`` under
 ``max-autotune-no-cudagraphs`` in a fresh process with a fresh Inductor cache, then records:

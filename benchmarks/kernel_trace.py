@@ -1,5 +1,5 @@
 """The CUDA kernels of one forward pass of a compiled model, in launch order, with their times:
-where a compiled ATS model spends the time a compiled dense model does not (issue 4, batch 1).
+where a compiled ATS model spends the time a compiled dense model does not (issue 4).
 
     python -m benchmarks.kernel_trace --model deit_small_patch16_224 --batches 1 --mode reduce-overhead
     python -m benchmarks.kernel_trace --configs "dense same-compile" "multi rho=0.87" --batches 256 \
@@ -100,11 +100,7 @@ def main(argv=None) -> None:
                 Path(args.out).write_text(json.dumps(results, indent=1))
                 Path(args.out).with_suffix(".txt").write_text("\n".join(lines) + "\n")
             del model
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        Path(args.out).with_suffix(".txt").write_text(text + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -233,8 +233,8 @@ def test_max_autotune_with_many_stages_warns_of_a_long_compile(caplog):
             compiled(torch.randn(2, *chw))  # Inductor's max-autotune on the CPU: a few seconds here
     messages = [r.getMessage() for r in caplog.records]
     assert any("3 stages give ~12 new GEMM shapes" in m for m in messages), messages
-    assert not any("CUDA-graph replays" in m for m in messages) or not hasattr(
-        torch._inductor.config, "autotune_cudagraph_benchmarking"), messages
+    if hasattr(torch._inductor.config, "autotune_cudagraph_benchmarking"):  # no warning where torch has it
+        assert not any("CUDA-graph replays" in m for m in messages), messages
 
 
 def test_max_autotune_without_cuda_graph_timing_warns_that_gemm_picks_favour_templates(caplog, monkeypatch):

@@ -9,6 +9,9 @@
 #      (autotune_cudagraph_benchmarking, where this torch has it);
 #   2. with what time is left: a cold max-autotune compile of DeiT-S (dense, then multi rho=0.87) at a
 #      static batch of 256 with CUDA-graph timing, its choices written back for the next call/session.
+# Result: torch 2.11 has no autotune_cudagraph_benchmarking, so part 2 did not run; part 1 timed cuBLAS
+# at 52.5 us alone and 76.4 us beside 16 busy processes (it takes 36 us), the template at 40 us both
+# times (autotune_bias_proj.md). Across all calls the inflation is 1.5-8x (max_autotune_s13_diagnosis.md).
 #   device run: bash benchmarks/sessions/s13_cudagraph_bench.sh
 set -u
 export PYTHONUNBUFFERED=1

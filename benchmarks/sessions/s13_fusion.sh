@@ -6,6 +6,8 @@
 # at a static batch of 256, max-autotune with session 12's cached GEMM choices:
 #   1. "bench-fusion": Inductor's default, each template fusion timed against the unfused kernels;
 #   2. "no-template-fusion": prologue_fusion=False, epilogue_fusion=False (templates are plain GEMMs).
+# Result: the same 138 kernels in both runs, as in call 1. No fusion had taken place: the LayerNorm and
+# GELU in the template kernels' names are the origins of their inputs (max_autotune_s13_diagnosis.md).
 #   device run: bash benchmarks/sessions/s13_fusion.sh
 set -u
 export PYTHONUNBUFFERED=1
