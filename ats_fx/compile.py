@@ -295,7 +295,7 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
         log.warning(
             "backend='ats' with mode='max-autotune': this torch's Inductor cannot time GEMM choices as CUDA-graph "
             "replays (no autotune_cudagraph_benchmarking), so it counts cuBLAS's host dispatch and picks Triton "
-            "templates that run slower in the graph (ATS DeiT-S at batch 256, H200, torch 2.11: 9.5%% slower than "
+            "templates that run slower in the graph (ATS DeiT-S at batch 256, H200, torch 2.11: 9.5% slower than "
             "mode='reduce-overhead'). Prefer mode='reduce-overhead', or a torch that has the option.")
     # batch_max gives the ATS op a data-dependent output width: let this compile's shape
     # environment allocate it (Dynamo leaves that off unless capture_dynamic_output_shape_ops).

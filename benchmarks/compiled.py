@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from typing import Optional
 import torch
 
 import ats_fx
+from benchmarks.graph_replay_autotune import graph_replay_autotune
 from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment, run_and_report
 
 log = logging.getLogger("benchmarks.compiled")
@@ -114,6 +116,8 @@ def mode_label(mode: str, args) -> str:
         extra.append(" channels-last")
     if args.autotune_rep is not None:
         extra.append(f" autotune_rep={args.autotune_rep}")
+    if getattr(args, "graph_replay_autotune", False) and "max-autotune" in mode:
+        extra.append(" graph-replay-autotune")
     return mode + "".join(extra)
 
 
@@ -170,7 +174,8 @@ def run(args) -> dict:
             inputs = {b: x.contiguous(memory_format=torch.channels_last) for b, x in inputs.items()}
         dense_ms, inductor_ms = {}, {}
         baselines = ["dense", DENSE_SAME_COMPILE]
-        runs = [(label, None) for label in [*baselines, *args.configs]]
+        runs = [(label, None) for label in [*baselines, *args.configs]
+                if not (label == "dense" and args.no_plain_dense)]
         runs += [(label, variant) for label in args.configs for variant in args.variant]
         for label, variant in runs:
             for mode in args.modes:
@@ -184,39 +189,46 @@ def run(args) -> dict:
                 first = inputs[args.batches[0]].clone(memory_format=torch.preserve_format)
                 if not args.static_batch:
                     torch._dynamo.mark_dynamic(first, 0)
-                t0 = time.time()
-                try:
-                    with torch.no_grad():
-                        model(first)
-                    torch.cuda.synchronize()
-                except Exception as err:  # record and go on: one failure must not void the run
-                    log.exception("compile failed: %s %s %s", name, mode, label)
-                    results["rows"].append(dict(model=name, dtype=args.dtype, mode=mode, config=label,
-                                                error=f"{type(err).__name__}: {str(err)[:300]}"))
-                    restore()
-                    continue
-                compile_s = time.time() - t0
-                flops = flops_of(base, label, inputs[args.batches[-1]])
-                for batch, x in inputs.items():
-                    ms = bench_ms(lambda: model(x), args.rep)
-                    row = dict(model=name, dtype=args.dtype, mode=mode_label(mode, args),
-                               config=label if variant is None else f"{label} {variant.split(':')[0]}",
-                               batch=batch, ms=ms,
-                               img_s=batch / ms * 1e3, gflops=flops, compile_s=compile_s)
-                    # Speed-ups are against the dense model compiled the same way (with the
-                    # patch-embedding GEMM when ATS has it); also against plain Inductor dense.
-                    if label == "dense":
-                        inductor_ms[mode, batch] = ms
-                    if label == baselines[-1]:
-                        dense_ms[mode, batch] = (ms, flops)
-                    elif label not in baselines and (mode, batch) in dense_ms:
-                        row["speedup"] = dense_ms[mode, batch][0] / ms
-                        row["flops_ratio"] = dense_ms[mode, batch][1] / flops
-                        row["efficiency"] = row["speedup"] / row["flops_ratio"]
-                    if label != "dense" and (mode, batch) in inductor_ms:
-                        row["speedup_vs_inductor_dense"] = inductor_ms[mode, batch] / ms
-                    results["rows"].append(row)
-                    log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+                # The first call compiles and, under max-autotune, times the GEMM choices; so may a
+                # recompile for another batch size while timing: the graph-replay timing covers both.
+                with contextlib.ExitStack() as scope:
+                    autotune_timing = (scope.enter_context(graph_replay_autotune())
+                                       if args.graph_replay_autotune and "max-autotune" in mode else None)
+                    t0 = time.time()
+                    try:
+                        with torch.no_grad():
+                            model(first)
+                        torch.cuda.synchronize()
+                    except Exception as err:  # record and go on: one failure must not void the run
+                        log.exception("compile failed: %s %s %s", name, mode, label)
+                        results["rows"].append(dict(model=name, dtype=args.dtype, mode=mode, config=label,
+                                                    error=f"{type(err).__name__}: {str(err)[:300]}"))
+                        restore()
+                        continue
+                    compile_s = time.time() - t0
+                    flops = flops_of(base, label, inputs[args.batches[-1]])
+                    for batch, x in inputs.items():
+                        ms = bench_ms(lambda: model(x), args.rep)
+                        row = dict(model=name, dtype=args.dtype, mode=mode_label(mode, args),
+                                   config=label if variant is None else f"{label} {variant.split(':')[0]}",
+                                   batch=batch, ms=ms,
+                                   img_s=batch / ms * 1e3, gflops=flops, compile_s=compile_s)
+                        if autotune_timing is not None:  # its own option, or the stand-in's counts
+                            row["graph_replay_autotune"] = str(autotune_timing)
+                        # Speed-ups are against the dense model compiled the same way (with the
+                        # patch-embedding GEMM when ATS has it); also against plain Inductor dense.
+                        if label == "dense":
+                            inductor_ms[mode, batch] = ms
+                        if label == baselines[-1]:
+                            dense_ms[mode, batch] = (ms, flops)
+                        elif label not in baselines and (mode, batch) in dense_ms:
+                            row["speedup"] = dense_ms[mode, batch][0] / ms
+                            row["flops_ratio"] = dense_ms[mode, batch][1] / flops
+                            row["efficiency"] = row["speedup"] / row["flops_ratio"]
+                        if label != "dense" and (mode, batch) in inductor_ms:
+                            row["speedup_vs_inductor_dense"] = inductor_ms[mode, batch] / ms
+                        results["rows"].append(row)
+                        log.info("%s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
                 if args.out:
                     Path(args.out).write_text(json.dumps(results, indent=1))
                 del model
@@ -270,6 +282,12 @@ def main(argv=None) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:MODULE.ATTR=VALUE,...",
                    help="also run every ATS config with these ats_fx.kernels switches set, e.g. "
                         "'no PDL:pdl.ENABLED=False' (rows labelled '<config> <LABEL>')")
+    p.add_argument("--graph-replay-autotune", action="store_true",
+                   help="max-autotune: time the GEMM choices as CUDA graph replays, as the compiled model runs "
+                        "them (Inductor's autotune_cudagraph_benchmarking, or benchmarks/graph_replay_autotune.py's "
+                        "scoped stand-in on a torch without it); dense and ATS alike")
+    p.add_argument("--no-plain-dense", action="store_true",
+                   help="skip the plain-Inductor dense row ('vs Inductor'): saves its compile")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
     args.inductor = parse_inductor_options(args.inductor)
