@@ -44,7 +44,8 @@ UPSTREAM_OPTION = "autotune_cudagraph_benchmarking"
 def capture_replay(fn: Callable[[], Any]) -> Optional[Callable[[], Any]]:
     """``fn`` captured in a CUDA graph, as torch 2.14's ``benchmark_gpu_with_cuda_graph`` does (a
     warm-up call, one on a side stream, then the capture on it); returns the graph's ``replay``, or
-    None where ``fn`` cannot be captured (it syncs with the host, or a capture is already running)."""
+    None where ``fn`` cannot be captured (it syncs with the host, or a capture is already running) or
+    its capture recorded nothing (its launches went to another stream)."""
     if torch.cuda.is_current_stream_capturing():
         return None
     torch.cuda.synchronize()
