@@ -62,19 +62,14 @@ def parse_autotune_report(text: str) -> list[tuple[str, float]]:
 def graph_replay_us(fn) -> float:
     """do_bench (median, us) of ``fn`` captured in a CUDA graph: its GPU time without host dispatch,
     as a compiled model under mode='max-autotune' or 'reduce-overhead' runs it."""
-    import torch
     from triton.testing import do_bench
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return do_bench(graph.replay, rep=200) * 1e3
+    from benchmarks.graph_replay_autotune import capture_replay
+
+    replay = capture_replay(fn)
+    if replay is None:
+        raise RuntimeError("the GEMM could not be captured in a CUDA graph")
+    return do_bench(replay, rep=200) * 1e3
 
 
 def child(m: int, k: int, n: int, setting: str) -> dict:
@@ -96,11 +91,9 @@ def child(m: int, k: int, n: int, setting: str) -> dict:
     b = torch.randn(n, device="cuda", dtype=torch.float16)
     gemm = torch.compile(lambda x, w, b: torch.addmm(b, x, w.t()), mode="max-autotune-no-cudagraphs")
     report = io.StringIO()
-    if setting == GRAPH_REPLAY:
-        from benchmarks.graph_replay_autotune import graph_replay_autotune
-        timing = graph_replay_autotune()
-    else:
-        timing = contextlib.nullcontext()
+    from benchmarks.graph_replay_autotune import graph_replay_autotune
+
+    timing = graph_replay_autotune() if setting == GRAPH_REPLAY else contextlib.nullcontext()
     with contextlib.redirect_stderr(report), timing as how:
         gemm(x, w, b)
     torch.cuda.synchronize()

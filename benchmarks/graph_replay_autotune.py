@@ -36,9 +36,12 @@ from unittest import mock
 
 import torch
 
+from ats_fx.compile import CUDA_GRAPH_AUTOTUNE_OPTIONS
+
 log = logging.getLogger("benchmarks.graph_replay_autotune")
 
-UPSTREAM_OPTION = "autotune_cudagraph_benchmarking"
+# The option backend='ats' asks Inductor for under max-autotune; the stand-in is for torches without it.
+(UPSTREAM_OPTION,) = CUDA_GRAPH_AUTOTUNE_OPTIONS
 
 
 def capture_replay(fn: Callable[[], Any]) -> Optional[Callable[[], Any]]:
