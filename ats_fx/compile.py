@@ -287,9 +287,10 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
         # Each stage gives the token axis a new width, so every GEMM after it is a new shape to tune.
         log.warning(
             "backend='ats' with mode=%r: %d stages give ~%d new GEMM shapes to autotune; the first compile "
-            "can take tens of minutes (DeiT-S, 9 stages, dynamic batch: not done after 26 min on an H100 with "
-            "torch 2.11, where max-autotune also ran the dense model 19-32%% slower than 'reduce-overhead'). "
-            "One stage, or mode='reduce-overhead', compiles in seconds.", options_mode or mode, stages,
+            "can take tens of minutes (DeiT-S, 9 stages, static batch, H200, torch 2.11: ~15 min, dense ~2.5; "
+            "with a dynamic batch not done after 26 min). Measured there, it ran no faster than "
+            "mode='reduce-overhead' (rho=0.87: 1.37x dense at batch 256 against 1.39x, 0.92x at batch 1 against "
+            "1.01x). One stage, or mode='reduce-overhead', compiles in seconds.", options_mode or mode, stages,
             4 * stages)
     if backend == "inductor" and stages and cuda_graph_autotune_missing(options_mode or mode, inductor_options):
         log.warning(

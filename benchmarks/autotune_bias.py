@@ -17,6 +17,9 @@ For one such GEMM (bias + [M, K] @ [K, N], fp16), each setting compiles ``torch.
 Inductor's own timings of the cuBLAS choices and of its best template (from its AUTOTUNE report),
 the choice it made, and do_bench (median, warm GPU) of the compiled GEMM and of eager cuBLAS, each
 launched from the host and as a CUDA graph replay (how a CUDA-graph mode runs it).
+The "back to back" columns time the GEMM 20 times in one graph, per call: at batch 1 (session 15,
+autotune_bias_b1_*.md) one replay's own launch costs about what the GEMM does, so they are the
+ground truth there, and the setting "graph replay, 20 calls per graph" times the choices that way.
 ``--cpu-load N`` repeats each setting with N busy CPU processes beside it, as a model's compile has
 its compile workers busy while it autotunes.
 """
@@ -32,6 +35,8 @@ import tempfile
 from pathlib import Path
 
 GRAPH_REPLAY = "graph replay (graph_replay_autotune)"
+BACK_TO_BACK = 20  # calls per graph for the batch-1 setting and the back-to-back columns
+GRAPH_REPLAY_MANY = f"graph replay, {BACK_TO_BACK} calls per graph"
 SETTINGS = {  # label: Inductor config for the compile
     "rep=10 warmup=2 (sessions 6-12)": dict(inductor_default_autotune_rep=10, inductor_default_autotune_warmup=2),
     "rep=10 warmup=25": dict(inductor_default_autotune_rep=10, inductor_default_autotune_warmup=25),
@@ -41,6 +46,9 @@ SETTINGS = {  # label: Inductor config for the compile
     # The same through benchmarks/graph_replay_autotune.py: the torch's own option where it has it,
     # else a scoped stand-in for it (torch 2.11).
     GRAPH_REPLAY: {},
+    # The stand-in with the calls back to back in one graph, the replay's time divided by them: at
+    # batch 1 a GEMM takes about what a replay's own launch does (session 15).
+    GRAPH_REPLAY_MANY: {},
 }
 
 
@@ -59,17 +67,19 @@ def parse_autotune_report(text: str) -> list[tuple[str, float]]:
     return [(name, float(ms)) for name, ms in re.findall(r"^\s+(\S+) (\d+\.\d+) ms [\d.]+%", text, flags=re.M)]
 
 
-def graph_replay_us(fn) -> float:
-    """do_bench (median, us) of ``fn`` captured in a CUDA graph: its GPU time without host dispatch,
-    as a compiled model under mode='max-autotune' or 'reduce-overhead' runs it."""
+def graph_replay_us(fn, calls: int = 1) -> float:
+    """do_bench (median, us) of ``fn`` captured in a CUDA graph, per call of the ``calls`` the graph
+    holds back to back: its GPU time without host dispatch, as a compiled model under
+    mode='max-autotune' or 'reduce-overhead' runs it (with ``calls`` > 1, also without the replay's
+    own launch, which a model's graph shares among its kernels)."""
     from triton.testing import do_bench
 
     from benchmarks.graph_replay_autotune import capture_replay
 
-    replay = capture_replay(fn)
+    replay = capture_replay(fn, calls)
     if replay is None:
         raise RuntimeError("the GEMM could not be captured in a CUDA graph")
-    return do_bench(replay, rep=200) * 1e3
+    return do_bench(replay, rep=200) * 1e3 / calls
 
 
 def child(m: int, k: int, n: int, setting: str) -> dict:
@@ -93,7 +103,9 @@ def child(m: int, k: int, n: int, setting: str) -> dict:
     report = io.StringIO()
     from benchmarks.graph_replay_autotune import graph_replay_autotune
 
-    timing = graph_replay_autotune() if setting == GRAPH_REPLAY else contextlib.nullcontext()
+    timing = (graph_replay_autotune() if setting == GRAPH_REPLAY else
+              graph_replay_autotune(calls_per_graph=BACK_TO_BACK) if setting == GRAPH_REPLAY_MANY else
+              contextlib.nullcontext())
     with contextlib.redirect_stderr(report), timing as how:
         gemm(x, w, b)
     torch.cuda.synchronize()
@@ -108,6 +120,8 @@ def child(m: int, k: int, n: int, setting: str) -> dict:
         eager_cublas_us=do_bench(lambda: torch.addmm(b, x, w.t()), rep=200) * 1e3,
         compiled_graph_us=graph_replay_us(lambda: gemm(x, w, b)),
         eager_cublas_graph_us=graph_replay_us(lambda: torch.addmm(b, x, w.t())),
+        compiled_back_to_back_us=graph_replay_us(lambda: gemm(x, w, b), BACK_TO_BACK),
+        eager_cublas_back_to_back_us=graph_replay_us(lambda: torch.addmm(b, x, w.t()), BACK_TO_BACK),
         autotune_report=text[-3000:],
     )
 
@@ -146,18 +160,21 @@ def main(argv=None) -> None:
             rows.append({**json.loads(run.stdout.strip().splitlines()[-1]), "setting": label})
     lines = [f"bias + [{args.shape[0]}, {args.shape[1]}] @ [{args.shape[1]}, {args.shape[2]}], fp16; times in us",
              "", "| setting | Inductor's cuBLAS timing | Inductor's best template timing | chosen | "
-             "compiled, warm | eager cuBLAS, warm | compiled, graph replay | eager cuBLAS, graph replay |",
-             "|---|---|---|---|---|---|---|---|"]
+             "compiled, warm | eager cuBLAS, warm | compiled, graph replay | eager cuBLAS, graph replay | "
+             f"compiled, {BACK_TO_BACK} back to back in a graph | eager cuBLAS, {BACK_TO_BACK} back to back |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['setting']} | failed: {r['error'].strip().splitlines()[-1][:80]} | | | | | | |")
+            lines.append(f"| {r['setting']} | failed: {r['error'].strip().splitlines()[-1][:80]} | | | | | | | | |")
             continue
         extern = [ms for name, ms in r["report"] if "addmm" in name and not name.startswith("triton")]
         tem = [ms for name, ms in r["report"] if name.startswith("triton")]
         lines.append(f"| {r['setting']} | {min(extern) * 1e3 if extern else float('nan'):.1f} | "
                      f"{min(tem) * 1e3 if tem else float('nan'):.1f} | {r['chosen']} | {r['compiled_us']:.1f} | "
                      f"{r['eager_cublas_us']:.1f} | {r.get('compiled_graph_us', float('nan')):.1f} | "
-                     f"{r.get('eager_cublas_graph_us', float('nan')):.1f} |")
+                     f"{r.get('eager_cublas_graph_us', float('nan')):.1f} | "
+                     f"{r.get('compiled_back_to_back_us', float('nan')):.1f} | "
+                     f"{r.get('eager_cublas_back_to_back_us', float('nan')):.1f} |")
     print("\n".join(lines))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -88,6 +88,21 @@ def add_autotune_options(parser: argparse.ArgumentParser) -> None:
                              "(dense and ATS alike)")
 
 
+def add_graph_replay_options(parser: argparse.ArgumentParser) -> None:
+    """``--graph-replay-autotune``, ``--calls-per-graph N`` (N calls back to back in each timed graph) and
+    ``--no-plain-dense``: how the max-autotune runs time their GEMM choices, and the compile they skip."""
+    parser.add_argument("--graph-replay-autotune", action="store_true",
+                        help="max-autotune: time the GEMM choices as CUDA graph replays, as the compiled model runs "
+                             "them (Inductor's autotune_cudagraph_benchmarking, or benchmarks/graph_replay_autotune.py's "
+                             "scoped stand-in on a torch without it); dense and ATS alike")
+    parser.add_argument("--no-plain-dense", action="store_true",
+                        help="skip the plain-Inductor dense model ('vs Inductor'): saves its compile")
+    parser.add_argument("--calls-per-graph", type=int, default=1, metavar="N",
+                        help="with --graph-replay-autotune: record each choice N times in its graph and divide "
+                             "the replay's time by N (batch 1: a GEMM takes about what one replay's launch "
+                             "does; session 15 timed single GEMMs with 20). N > 1 always uses the stand-in")
+
+
 def set_autotune_rep(rep: Optional[int]) -> None:
     """max-autotune: ``rep`` ms benchmarking each GEMM choice (warm-up a quarter); None keeps Inductor's."""
     if rep is not None:
@@ -117,7 +132,8 @@ def mode_label(mode: str, args) -> str:
     if args.autotune_rep is not None:
         extra.append(f" autotune_rep={args.autotune_rep}")
     if getattr(args, "graph_replay_autotune", False) and "max-autotune" in mode:
-        extra.append(" graph-replay-autotune")
+        calls = getattr(args, "calls_per_graph", 1)
+        extra.append(" graph-replay-autotune" + (f" x{calls}" if calls != 1 else ""))
     return mode + "".join(extra)
 
 
@@ -192,7 +208,7 @@ def run(args) -> dict:
                 # The first call compiles and, under max-autotune, times the GEMM choices; so may a
                 # recompile for another batch size while timing: the graph-replay timing covers both.
                 with contextlib.ExitStack() as scope:
-                    autotune_timing = (scope.enter_context(graph_replay_autotune())
+                    autotune_timing = (scope.enter_context(graph_replay_autotune(calls_per_graph=args.calls_per_graph))
                                        if args.graph_replay_autotune and "max-autotune" in mode else None)
                     t0 = time.time()
                     try:
@@ -282,12 +298,7 @@ def main(argv=None) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="LABEL:MODULE.ATTR=VALUE,...",
                    help="also run every ATS config with these ats_fx.kernels switches set, e.g. "
                         "'no PDL:pdl.ENABLED=False' (rows labelled '<config> <LABEL>')")
-    p.add_argument("--graph-replay-autotune", action="store_true",
-                   help="max-autotune: time the GEMM choices as CUDA graph replays, as the compiled model runs "
-                        "them (Inductor's autotune_cudagraph_benchmarking, or benchmarks/graph_replay_autotune.py's "
-                        "scoped stand-in on a torch without it); dense and ATS alike")
-    p.add_argument("--no-plain-dense", action="store_true",
-                   help="skip the plain-Inductor dense row ('vs Inductor'): saves its compile")
+    add_graph_replay_options(p)
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
     args.inductor = parse_inductor_options(args.inductor)

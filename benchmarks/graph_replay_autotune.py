@@ -22,7 +22,13 @@ the graph comes out empty: timing its replay would credit the template with noth
 first call did, and picked 3-us "templates"). An empty capture therefore falls back to Inductor's
 own host-launched timing, which session 13 found right for the templates; the extern (cuBLAS)
 choices, whose host-launched timing was the wrong one, run on the current stream and are timed as
-replays. The yielded ``GraphReplayTiming`` counts both. This is not in the library: it patches an
+replays. The yielded ``GraphReplayTiming`` counts both.
+
+``calls_per_graph`` (default 1, as upstream) records the callable that many times in one graph and
+divides the replay's time by it. At batch 1 a GEMM takes 3-5 us in the model's graph, about what one
+replay's own launch costs on the GPU: a graph of one call then times the launch as much as the GEMM
+(session 15 saw cuBLAS timed at ~6 us, where it runs in 3.3). Back to back in one graph, that
+cost is shared. This is not in the library: it patches an
 Inductor internal, which a library must not do behind its users' back.
 """
 from __future__ import annotations
@@ -44,11 +50,14 @@ log = logging.getLogger("benchmarks.graph_replay_autotune")
 (UPSTREAM_OPTION,) = CUDA_GRAPH_AUTOTUNE_OPTIONS
 
 
-def capture_replay(fn: Callable[[], Any]) -> Optional[Callable[[], Any]]:
+def capture_replay(fn: Callable[[], Any], calls: int = 1) -> Optional[Callable[[], Any]]:
     """``fn`` captured in a CUDA graph, as torch 2.14's ``benchmark_gpu_with_cuda_graph`` does (a
-    warm-up call, one on a side stream, then the capture on it); returns the graph's ``replay``, or
-    None where ``fn`` cannot be captured (it syncs with the host, or a capture is already running) or
-    its capture recorded nothing (its launches went to another stream)."""
+    warm-up call, one on a side stream, then the capture on it; ``calls`` times back to back in the
+    graph); returns the graph's ``replay``, or None where ``fn`` cannot be captured (it syncs with the
+    host, or a capture is already running) or its capture recorded nothing (its launches went to
+    another stream)."""
+    if calls < 1:
+        raise ValueError(f"calls={calls}: a graph records the callable at least once")
     if torch.cuda.is_current_stream_capturing():
         return None
     torch.cuda.synchronize()
@@ -64,7 +73,8 @@ def capture_replay(fn: Callable[[], Any]) -> Optional[Callable[[], Any]]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
-                fn()
+                for _ in range(calls):
+                    fn()
     except RuntimeError:
         log.warning("CUDA graph capture failed; timing this choice launched from the host", exc_info=True)
         torch.cuda.synchronize()
@@ -97,22 +107,27 @@ class GraphReplayTiming:
     how: str
     replayed: int = 0
     host_launched: int = 0
+    calls_per_graph: int = 1
 
     def __str__(self) -> str:
         if self.how == "inductor":
             return "inductor"
-        return f"patched: {self.replayed} replayed, {self.host_launched} host-launched"
+        per_graph = f", {self.calls_per_graph} calls per graph" if self.calls_per_graph != 1 else ""
+        return f"patched: {self.replayed} replayed, {self.host_launched} host-launched{per_graph}"
 
 
 @contextlib.contextmanager
 def graph_replay_autotune(benchmarker: Any = None,
-                          capture: Callable[[Callable[[], Any]], Optional[Callable[[], Any]]] = capture_replay,
-                          ) -> Iterator[GraphReplayTiming]:
+                          capture: Callable[..., Optional[Callable[[], Any]]] = capture_replay,
+                          calls_per_graph: int = 1) -> Iterator[GraphReplayTiming]:
     """Within the block, Inductor times autotune choices as CUDA graph replays: with this torch's own
-    option where it has one, else by wrapping ``benchmark_gpu`` of ``benchmarker`` (Inductor's by
-    default; put back on exit). ``benchmarker`` and ``capture`` are for the tests, which run without
-    a GPU."""
-    if benchmarker is None and has_upstream_option():
+    option where it has one (and ``calls_per_graph`` 1), else by wrapping ``benchmark_gpu`` of
+    ``benchmarker`` (Inductor's by default; put back on exit), each replay holding ``calls_per_graph``
+    calls and its time divided by them. ``benchmarker`` and ``capture`` are for the tests, which run
+    without a GPU."""
+    if calls_per_graph < 1:
+        raise ValueError(f"calls_per_graph={calls_per_graph}: at least 1")
+    if benchmarker is None and calls_per_graph == 1 and has_upstream_option():
         import torch._inductor.config as inductor_config
 
         with inductor_config.patch({UPSTREAM_OPTION: True}):
@@ -121,15 +136,16 @@ def graph_replay_autotune(benchmarker: Any = None,
     if benchmarker is None:
         from torch._inductor.runtime.benchmarking import benchmarker
     timed_as_host_launch = benchmarker.benchmark_gpu  # bound method: Inductor's timing loop
-    timing = GraphReplayTiming("patched")
+    timing = GraphReplayTiming("patched", calls_per_graph=calls_per_graph)
 
     def benchmark_gpu(_callable: Callable[[], Any], *args: Any, **kwargs: Any) -> Any:
-        replay = capture(_callable)
+        replay = capture(_callable, calls_per_graph)
         if replay is None:
             timing.host_launched += 1
             return timed_as_host_launch(_callable, *args, **kwargs)
         timing.replayed += 1
-        return timed_as_host_launch(replay, *args, **kwargs)
+        ms = timed_as_host_launch(replay, *args, **kwargs)  # a float, or a list (return_mode="all")
+        return [t / calls_per_graph for t in ms] if isinstance(ms, list) else ms / calls_per_graph
 
     with mock.patch.object(benchmarker, "benchmark_gpu", benchmark_gpu):
         yield timing

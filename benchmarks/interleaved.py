@@ -16,10 +16,18 @@ batch size: cuDNN's algorithms (``cudnn.benchmark``) and, where Inductor autotun
 pointwise kernels' configs, which Inductor also writes to its on-disk cache: run variants in separate
 processes with their own ``TORCHINDUCTOR_CACHE_DIR``. ``--warmup-batch`` says which batch that first
 call has (default: the largest timed; ``benchmarks.compiled`` makes it at the first batch).
+
+``--mode max-autotune`` wants ``--static-batch`` (a dynamic batch made its multi-stage compile outlast
+26 minutes, session 8) and takes ``benchmarks.compiled``'s autotune flags (``--no-coordinate-descent``,
+``--autotune-rep``, ``--graph-replay-autotune``), so its cached GEMM choices are the same:
+
+    python -m benchmarks.interleaved --mode max-autotune --static-batch --batches 256 --configs "multi rho=0.87" \
+        --no-coordinate-descent --autotune-rep 10 --graph-replay-autotune --no-plain-dense
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -27,8 +35,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.compiled import (DENSE_SAME_COMPILE, add_inductor_option, compile_model, flops_of,
-                                 parse_inductor_options, set_switches)
+from benchmarks.compiled import (DENSE_SAME_COMPILE, add_autotune_options, add_graph_replay_options,
+                                 add_inductor_option, compile_model, flops_of, parse_inductor_options,
+                                 set_autotune_rep, set_switches)
+from benchmarks.graph_replay_autotune import graph_replay_autotune
 from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment, run_and_report
 
 
@@ -41,6 +51,9 @@ def run(args) -> dict:
     # eagerly. Raise the limit, and make hitting it an error.
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.fail_on_recompile_limit_hit = True
+    if args.static_batch:  # one static graph per batch size: no dynamic batch after the first recompile
+        torch._dynamo.config.automatic_dynamic_shapes = False
+    set_autotune_rep(args.autotune_rep)
     dtype = getattr(torch, args.dtype)
     results = {"env": environment(), "args": vars(args), "rows": []}
     for name in args.models:
@@ -49,27 +62,34 @@ def run(args) -> dict:
         inputs = {b: torch.randn(b, 3, 224, 224, device="cuda", dtype=dtype) for b in args.batches}
         # (label, operating point, --variant): a variant's switches are set while it compiles and
         # records, and around each of its timed calls (so a re-recording would see them too).
-        entries = [(label, label, None) for label in ["dense", DENSE_SAME_COMPILE, *args.configs]]
+        baselines = [DENSE_SAME_COMPILE] if args.no_plain_dense else ["dense", DENSE_SAME_COMPILE]
+        entries = [(label, label, None) for label in [*baselines, *args.configs]]
         entries += [(f"{c} {v.split(':')[0]}", c, v) for c in args.configs for v in args.variant]
         labels = [label for label, _, _ in entries]
         variant_of = {label: variant for label, _, variant in entries}
-        models, compile_s, flops = {}, {}, {}
+        models, compile_s, flops, autotune_timing = {}, {}, {}, {}
         warmup = args.warmup_batch or max(args.batches)
         for label, point, variant in entries:
             restore = set_switches(variant)
             try:
-                model = compile_model(base, point, args.mode, inductor=args.inductor)
+                model = compile_model(base, point, args.mode, args.no_coordinate_descent, args.inductor)
                 first = torch.randn(warmup, 3, 224, 224, device="cuda", dtype=dtype)
-                torch._dynamo.mark_dynamic(first, 0)
-                t0 = time.time()
-                with torch.no_grad():
-                    model(first)
-                    for x in inputs.values():  # record every batch size's CUDA graph before timing
-                        model(x)
-                torch.cuda.synchronize()
+                if not args.static_batch:
+                    torch._dynamo.mark_dynamic(first, 0)
+                with contextlib.ExitStack() as scope:  # the GEMM choices are timed during these calls
+                    timing = (scope.enter_context(graph_replay_autotune(calls_per_graph=args.calls_per_graph))
+                              if args.graph_replay_autotune and "max-autotune" in args.mode else None)
+                    t0 = time.time()
+                    with torch.no_grad():
+                        model(first)
+                        for x in inputs.values():  # record every batch size's CUDA graph before timing
+                            model(x)
+                    torch.cuda.synchronize()
             finally:
                 restore()
             models[label], compile_s[label] = model, time.time() - t0
+            if timing is not None:
+                autotune_timing[label] = str(timing)
             flops[label] = flops_of(base, point, inputs[args.batches[-1]])
         times = {(label, b): [] for label in labels for b in args.batches}
         for r in range(args.rounds):
@@ -87,14 +107,17 @@ def run(args) -> dict:
                 row = dict(model=name, mode=args.mode, dtype=args.dtype, config=label, batch=b, rounds=len(ms),
                            ms_median=statistics.median(ms), ms_all=ms, img_s=b / statistics.median(ms) * 1e3,
                            gflops=flops[label], compile_s=compile_s[label])
-                if label not in ("dense", DENSE_SAME_COMPILE):
+                if label in autotune_timing:
+                    row["graph_replay_autotune"] = autotune_timing[label]
+                if label not in baselines:
                     per_round = [d / a for d, a in zip(times[DENSE_SAME_COMPILE, b], ms)]
                     ratio = flops[DENSE_SAME_COMPILE] / flops[label]
                     row.update(speedup_median=statistics.median(per_round), speedup_min=min(per_round),
                                speedup_max=max(per_round), flops_ratio=ratio,
-                               efficiency=statistics.median(per_round) / ratio,
-                               speedup_vs_inductor_dense=statistics.median(
-                                   [d / a for d, a in zip(times["dense", b], ms)]))
+                               efficiency=statistics.median(per_round) / ratio)
+                    if "dense" in models:
+                        row["speedup_vs_inductor_dense"] = statistics.median(
+                            [d / a for d, a in zip(times["dense", b], ms)])
                 results["rows"].append(row)
         if args.out:  # partial results survive a timeout
             Path(args.out).write_text(json.dumps(results, indent=1))
@@ -107,6 +130,13 @@ def table(results: dict) -> str:
     env = results["env"]
     a = results["args"]
     extra = "".join(f", {k}={v}" for k, v in a.get("inductor", {}).items())
+    extra += ", static batch" if a.get("static_batch") else ""
+    extra += ", no coordinate descent" if a.get("no_coordinate_descent") else ""
+    extra += f", autotune rep {a['autotune_rep']} ms" if a.get("autotune_rep") is not None else ""
+    if a.get("graph_replay_autotune") and "max-autotune" in a["mode"]:
+        calls = a.get("calls_per_graph", 1)
+        extra += (", GEMM choices timed as CUDA graph replays (graph_replay_autotune"
+                  + (f", {calls} calls per graph)" if calls != 1 else ")"))
     lines = [f"Device: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}. "
              f"{a['mode']}{extra}, {a['dtype']}, first (autotuning) call at batch "
              f"{a.get('warmup_batch') or max(a['batches'])}, {a['rounds']} interleaved rounds (do_bench median, "
@@ -141,6 +171,11 @@ def main(argv=None) -> None:
     p.add_argument("--variant", action="append", default=[],
                    help='each config again with ats_fx.kernels switches set, "name:pdl.ENABLED=False,..."')
     add_inductor_option(p)
+    add_autotune_options(p)
+    p.add_argument("--static-batch", action="store_true",
+                   help="no dynamic batch: one static graph per batch size (max-autotune then tunes each GEMM "
+                        "for one shape; give one --batches value to compile once)")
+    add_graph_replay_options(p)
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
     args.inductor = parse_inductor_options(args.inductor)

@@ -10,8 +10,8 @@
 # What happened (max_autotune_s14.md): call 1's stand-in captured Triton templates as empty graphs
 # (torch 2.11 binds their launch stream early) and picked 3-us "templates"; fixed (empty captures
 # fall back to host-launched timing), calls 2-3 tuned 40 of the 41 GEMM shapes (left: the last stage's fc2), then the device time
-# ran out. Their choices are committed: the next session finishes in one call (~3-5 min) with
-#   SEED_CACHE=benchmarks/sessions/max_autotune_cache_s14.tgz bash benchmarks/sessions/s14_run.sh 560
+# ran out. Their choices are committed (max_autotune_cache_s14.tgz); session 15 finished the ATS row from
+# them with s15_run.sh (interleaved rounds; max_autotune_s15.md).
 #   device run: bash benchmarks/sessions/s14_run.sh [LIMIT_S]
 set -u
 export PYTHONUNBUFFERED=1
