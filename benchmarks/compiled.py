@@ -103,6 +103,14 @@ def add_graph_replay_options(parser: argparse.ArgumentParser) -> None:
                              "does; session 15 timed single GEMMs with 20). N > 1 always uses the stand-in")
 
 
+def graph_replay_scope(args, mode: str):
+    """The block that times this compile's GEMM choices as CUDA graph replays (``--graph-replay-autotune``
+    under max-autotune; it yields the ``GraphReplayTiming``), or one that changes nothing and yields None."""
+    if getattr(args, "graph_replay_autotune", False) and "max-autotune" in mode:
+        return graph_replay_autotune(calls_per_graph=args.calls_per_graph)
+    return contextlib.nullcontext()
+
+
 def set_autotune_rep(rep: Optional[int]) -> None:
     """max-autotune: ``rep`` ms benchmarking each GEMM choice (warm-up a quarter); None keeps Inductor's."""
     if rep is not None:
@@ -207,9 +215,7 @@ def run(args) -> dict:
                     torch._dynamo.mark_dynamic(first, 0)
                 # The first call compiles and, under max-autotune, times the GEMM choices; so may a
                 # recompile for another batch size while timing: the graph-replay timing covers both.
-                with contextlib.ExitStack() as scope:
-                    autotune_timing = (scope.enter_context(graph_replay_autotune(calls_per_graph=args.calls_per_graph))
-                                       if args.graph_replay_autotune and "max-autotune" in mode else None)
+                with graph_replay_scope(args, mode) as autotune_timing:
                     t0 = time.time()
                     try:
                         with torch.no_grad():

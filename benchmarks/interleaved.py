@@ -27,7 +27,6 @@ call has (default: the largest timed; ``benchmarks.compiled`` makes it at the fi
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import time
@@ -36,9 +35,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.compiled import (DENSE_SAME_COMPILE, add_autotune_options, add_graph_replay_options,
-                                 add_inductor_option, compile_model, flops_of, parse_inductor_options,
-                                 set_autotune_rep, set_switches)
-from benchmarks.graph_replay_autotune import graph_replay_autotune
+                                 add_inductor_option, compile_model, flops_of, graph_replay_scope,
+                                 parse_inductor_options, set_autotune_rep, set_switches)
 from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment, run_and_report
 
 
@@ -76,9 +74,7 @@ def run(args) -> dict:
                 first = torch.randn(warmup, 3, 224, 224, device="cuda", dtype=dtype)
                 if not args.static_batch:
                     torch._dynamo.mark_dynamic(first, 0)
-                with contextlib.ExitStack() as scope:  # the GEMM choices are timed during these calls
-                    timing = (scope.enter_context(graph_replay_autotune(calls_per_graph=args.calls_per_graph))
-                              if args.graph_replay_autotune and "max-autotune" in args.mode else None)
+                with graph_replay_scope(args, args.mode) as timing:  # the GEMM choices are timed in here
                     t0 = time.time()
                     with torch.no_grad():
                         model(first)

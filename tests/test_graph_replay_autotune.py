@@ -208,3 +208,17 @@ def test_both_benchmarks_take_the_graph_replay_flags(module, monkeypatch):
     (args,) = got
     assert (args.graph_replay_autotune, args.calls_per_graph, args.no_plain_dense, args.static_batch) == (True, 20, True, True)
     assert (args.no_coordinate_descent, args.autotune_rep, args.inductor) == (True, 10, {"benchmark_epilogue_fusion": False})
+
+
+def test_the_benchmarks_time_graph_replays_only_when_asked_and_under_max_autotune():
+    import argparse
+
+    from benchmarks.compiled import graph_replay_scope
+
+    asked = argparse.Namespace(graph_replay_autotune=True, calls_per_graph=20)
+    with graph_replay_scope(asked, "reduce-overhead") as timing:
+        assert timing is None
+    with graph_replay_scope(argparse.Namespace(graph_replay_autotune=False, calls_per_graph=1), "max-autotune") as timing:
+        assert timing is None
+    with graph_replay_scope(asked, "max-autotune") as timing:
+        assert str(timing) == "patched: 0 replayed, 0 host-launched, 20 calls per graph"
