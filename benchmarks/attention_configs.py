@@ -13,6 +13,7 @@ checked against the default config's output first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
@@ -88,10 +89,25 @@ def floors(q, k, v, mask, qkv, rows):
     return out
 
 
+@contextlib.contextmanager
+def flipped(switches: str):
+    """Within the block, the boolean ``ats_fx.kernels`` switches named in ``switches`` (one, or several
+    joined by "+", e.g. "attention_rows.Q_FIRST+attention_rows.ONE_RUN_LOOP") are negated."""
+    targets = [kernel_switch(one) for one in switches.split("+")]
+    for module, attr in targets:
+        setattr(module, attr, not getattr(module, attr))
+    try:
+        yield
+    finally:
+        for module, attr in targets:
+            setattr(module, attr, not getattr(module, attr))
+
+
 def run(args) -> dict:
     from ats_fx.kernels.attention_rows import default_config, launch_attention, multiprocessors
 
-    results = {"env": environment(), "graphs": args.graphs, "compare": args.compare, "rows": []}
+    results = {"env": environment(), "graphs": args.graphs, "compare": args.compare, "unmasked": args.unmasked,
+               "rows": []}
     for B, H, T, R, masked in SHAPES:
         if args.batches and B not in args.batches:
             continue
@@ -114,16 +130,15 @@ def run(args) -> dict:
         row = dict(batch=B, heads=H, tokens=T, rows=rows, stage=R is not None, masked=masked, default=base,
                    default_ms=default_ms, best_ms=timings[0][0], best=timings[0][1], top5=timings[:5],
                    all=[(ms, c) for ms, c in timings])
-        for switch in args.compare:  # the default config again with a kernel switch flipped
-            module, attr = kernel_switch(switch)
-            setattr(module, attr, not getattr(module, attr))
-            try:
+        for switch in args.compare:  # the default config again with kernel switches flipped ("a+b": both)
+            with flipped(switch):
                 got = launch_attention(q, k, v, index, mask, 0.125, rows)
                 torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
                 row[f"default, {switch} flipped"] = time_ms(
                     lambda: launch_attention(q, k, v, index, mask, 0.125, rows), args.graphs)
-            finally:
-                setattr(module, attr, not getattr(module, attr))
+        if args.unmasked and mask is not None:  # the same tiles without the mask: what the mask costs
+            row["default, no mask"] = time_ms(lambda: launch_attention(q, k, v, index, None, 0.125, rows),
+                                              args.graphs)
         for name, fn in (floors(q, k, v, mask, qkv, rows) if args.floors else {}).items():
             try:
                 row[name] = time_ms(fn, args.graphs)
@@ -144,8 +159,10 @@ def table(results: dict) -> str:
     lines = [f"Device: {env['device']}, torch {env['torch']}, triton {env['triton']}, {env['date']}; fp16, "
              f"head size 64, median us ({how}).", "",
              "| B | H | keys | rows | mask | default | us | best | us | SDPA no mask us |"
-             + "".join(f" {s} flipped us |" for s in results.get("compare", [])),
-             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(results.get("compare", []))]
+             + "".join(f" {s} flipped us |" for s in results.get("compare", []))
+             + (" default without the mask us |" if results.get("unmasked") else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(results.get("compare", []))
+             + ("---|" if results.get("unmasked") else "")]
 
     def short(c):
         return f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}"
@@ -156,7 +173,9 @@ def table(results: dict) -> str:
         lines.append(f"| {r['batch']} | {r['heads']} | {r['tokens']} | {r['rows']} | {r['masked']} | "
                      f"{short(r['default'])} | {r['default_ms'] * 1e3:.2f} | {short(r['best'])} | "
                      f"{r['best_ms'] * 1e3:.2f} | {sdpa} |"
-                     + "".join(f" {r[f'default, {s} flipped'] * 1e3:.2f} |" for s in results.get("compare", [])))
+                     + "".join(f" {r[f'default, {s} flipped'] * 1e3:.2f} |" for s in results.get("compare", []))
+                     + (f" {r['default, no mask'] * 1e3:.2f} |" if "default, no mask" in r
+                        else " |" if results.get("unmasked") else ""))
     return "\n".join(lines)
 
 
@@ -169,7 +188,9 @@ def main(argv=None) -> None:
     p.add_argument("--batches", nargs="*", type=int, default=None, help="only the shapes of these batch sizes")
     p.add_argument("--compare", nargs="*", default=[], metavar="MODULE.ATTR",
                    help="also time the default config with this boolean ats_fx.kernels switch flipped, "
-                        "e.g. attention_rows.ONE_RUN_LOOP")
+                        "e.g. attention_rows.ONE_RUN_LOOP; 'a+b' flips both in one timing")
+    p.add_argument("--unmasked", action="store_true",
+                   help="also time each masked shape's default config without its mask (the same tiles)")
     p.add_argument("--out")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="time with do_bench, not in CUDA graphs")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

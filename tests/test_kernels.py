@@ -232,6 +232,33 @@ def test_attention_kernel_both_tile_configs(sms, mask_kind):
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("q_first", [True, False], ids=["q-first", "mask-first"])
+@pytest.mark.parametrize("one_run_loop", [True, False], ids=["one-run-loop", "mask-every-tile"])
+def test_attention_kernel_loop_switches_honour_any_mask(monkeypatch, q_first, one_run_loop):
+    """Every combination of the kernel's switches (query loads before or after the mask reduction,
+    the key loop without mask loads for one-run masks) matches the reference on one-run masks,
+    masks with holes and a lone last real key, with and without a row index."""
+    from ats_fx.kernels import attention_rows as kernel
+
+    monkeypatch.setattr(kernel, "Q_FIRST", q_first)
+    monkeypatch.setattr(kernel, "ONE_RUN_LOOP", one_run_loop)
+    B, H, T, D = 4, 2, 90, 16
+    q, k, v = qkv(B, H, T, D, torch.float32, sharp=1.0)
+    mask = padding_mask(B, T, seed=7)
+    mask[1, 10:40] = False  # holes
+    mask[2, 1:-1] = False  # only the first and the last key are real
+    index = torch.stack([torch.arange(0, 2 * 40, 2, device=DEVICE)] * B)
+    for idx in (index, None):
+        rows = T if idx is None else idx.shape[1]
+        got = kernel.launch_attention(q, k, v, idx, mask, D**-0.5, rows)
+        gathered = q if idx is None else q.gather(2, idx[:, None, :, None].expand(B, H, rows, D))
+        want = reference.masked_attention(gathered.double(), k.double(), v.double(), mask, D**-0.5)
+        if idx is None:  # self-attention: rows of padded tokens are never read (tiles of them are zeros)
+            real = mask[:, None, :, None].expand_as(want)
+            got, want = got.double()[real], want[real]
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
 def test_attention_rows_output_reshapes_to_tokens_without_a_copy():
     q, k, v = qkv(2, 3, 50, 16, torch.float32)
     index = torch.arange(20, device=DEVICE).expand(2, 20)
@@ -492,7 +519,8 @@ def _stage_front(q, k, v, mask, p, width):
     return index, out_mask, kept, attention_rows(q, k, v, index, mask, q.shape[-1] ** -0.5)
 
 
-@pytest.mark.parametrize("switch", ["scores.LAST_IMAGE_FIRST", "pdl.ENABLED", "attention_rows.ONE_RUN_LOOP"])
+@pytest.mark.parametrize("switch", ["scores.LAST_IMAGE_FIRST", "pdl.ENABLED", "attention_rows.ONE_RUN_LOOP",
+                                    "attention_rows.Q_FIRST"])
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
 def test_kernel_switches_change_nothing_but_speed(monkeypatch, switch, masked):
     """Each kernel switch (image order of the head logits, PDL, the attention's key loop without
