@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .compiled import kernel_switch
+from .compiled import kernel_switch, set_switches
 from .throughput import bench_ms, environment
 
 log = logging.getLogger(__name__)
@@ -93,14 +93,12 @@ def floors(q, k, v, mask, qkv, rows):
 def flipped(switches: str):
     """Within the block, the boolean ``ats_fx.kernels`` switches named in ``switches`` (one, or several
     joined by "+", e.g. "attention_rows.Q_FIRST+attention_rows.ONE_RUN_LOOP") are negated."""
-    targets = [kernel_switch(one) for one in switches.split("+")]
-    for module, attr in targets:
-        setattr(module, attr, not getattr(module, attr))
+    names = switches.split("+")
+    restore = set_switches("flipped:" + ",".join(f"{n}={not getattr(*kernel_switch(n))}" for n in names))
     try:
         yield
     finally:
-        for module, attr in targets:
-            setattr(module, attr, not getattr(module, attr))
+        restore()
 
 
 def run(args) -> dict:
