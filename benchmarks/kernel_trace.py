@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.compiled import (DENSE_SAME_COMPILE, add_autotune_options, add_inductor_option, compile_model,
-                                 parse_inductor_options, set_autotune_rep)
+                                 parse_inductor_options, set_autotune_rep, set_switches)
 from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment
 
 CALLS = 5
@@ -61,6 +61,9 @@ def main(argv=None) -> None:
     p.add_argument("--channels-last", action="store_true", help="model and input in channels-last memory format")
     add_autotune_options(p)
     add_inductor_option(p)
+    p.add_argument("--variant", action="append", default=[],
+                   help="also trace each config with these kernel switches set, as benchmarks.interleaved's "
+                        "--variant ('label:module.SWITCH=value,...')")
     p.add_argument("--out", help="JSON path; a text listing is written beside it (.txt)")
     args = p.parse_args(argv)
     inductor = parse_inductor_options(args.inductor)
@@ -76,25 +79,31 @@ def main(argv=None) -> None:
     for label in args.configs:
         if label not in labels:
             raise SystemExit(f"unknown config {label!r}: one of {sorted(labels)}")
+    for label, variant in [(c, v) for c in args.configs for v in [None, *args.variant]]:
+        name = label if variant is None else f"{label} {variant.split(':')[0]}"
         for batch in args.batches:
-            torch._dynamo.reset()
-            model = compile_model(base, label, args.mode, args.no_coordinate_descent, inductor=inductor)
-            x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype).contiguous(memory_format=layout)
-            t0 = time.time()
-            with torch.no_grad():
-                model(x)
-            torch.cuda.synchronize()
-            compile_s = time.time() - t0
-            ms = bench_ms(lambda: model(x), 200)
-            kernels = kernels_per_forward(model, x)
+            restore = set_switches(variant)  # set through compile, recording and the traced calls
+            try:
+                torch._dynamo.reset()
+                model = compile_model(base, label, args.mode, args.no_coordinate_descent, inductor=inductor)
+                x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype).contiguous(memory_format=layout)
+                t0 = time.time()
+                with torch.no_grad():
+                    model(x)
+                torch.cuda.synchronize()
+                compile_s = time.time() - t0
+                ms = bench_ms(lambda: model(x), 200)
+                kernels = kernels_per_forward(model, x)
+            finally:
+                restore()
             busy = sum(us for _, us in kernels)
-            row = dict(config=label, batch=batch, mode=args.mode, inductor=args.inductor,
+            row = dict(config=name, variant=variant, batch=batch, mode=args.mode, inductor=args.inductor,
                        channels_last=args.channels_last, ms=ms, compile_s=compile_s,
                        kernels=len(kernels), kernel_us=busy, trace=kernels)
             results["rows"].append(row)
-            lines.append(f"== {args.model} {label} batch {batch} {args.mode}: {ms * 1e3:.1f} us per forward, "
+            lines.append(f"== {args.model} {name} batch {batch} {args.mode}: {ms * 1e3:.1f} us per forward, "
                          f"{len(kernels)} kernels, {busy:.1f} us of kernel time, compiled in {compile_s:.0f} s")
-            lines += [f"  {us:8.2f}  {name[:110]}" for name, us in kernels]
+            lines += [f"  {us:8.2f}  {kname[:110]}" for kname, us in kernels]
             print(lines[-len(kernels) - 1], flush=True)
             if args.out:  # after every row: a run cut short by a time limit keeps what it measured
                 Path(args.out).write_text(json.dumps(results, indent=1))
