@@ -76,7 +76,16 @@ def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = Fa
     # machine runs from a source tree without the entry point).
     from ats_fx.compile import ats_backend
 
-    return torch.compile(model, backend=ats_backend, options=options)
+    def backend(gm, example_inputs):
+        return ats_backend(gm, example_inputs, options=options)
+
+    # A fresh backend function per call, not torch.compile(backend=ats_backend, options=...): Dynamo
+    # keeps its compiled graphs per code object and reuses one whose backend compares equal, and two
+    # torch.compile wrappers of one backend with equal options do. So a second compile of the same
+    # point (a --variant of benchmarks.interleaved) ran the first one's graph and CUDA graphs: in
+    # session 17 both replayed the same kernels whatever the variant's switches said
+    # (benchmarks/sessions/s17_variant_check.py), as in sessions 12 and 16.
+    return torch.compile(model, backend=backend)
 
 
 def add_autotune_options(parser: argparse.ArgumentParser) -> None:

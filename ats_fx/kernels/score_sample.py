@@ -62,7 +62,7 @@ def _score_sample_kernel(
 
 # The library's switch: one launch (this kernel) for the stage front, or the two kernels. Decided
 # on the H200 (benchmarks/results/session17.md).
-ENABLED = True
+ENABLED = False
 # Fewest images for one launch; below, the two kernels. At batch 1 the memset of the counters is a
 # graph node of its own, which costs about what the sampling launch it saves does (session17.md).
 MIN_BATCH = 1

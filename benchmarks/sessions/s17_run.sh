@@ -7,6 +7,9 @@
 #     interleaved rounds of MODEL (default DeiT-S): dense same-compile, multi rho=0.87 and rho=0.72,
 #     each also as "two", reduce-overhead, batches 1 64 256.
 #   PART=MODEL (a timm name): the interleaved rounds only.
+#   PART=recheck: after the fix of benchmarks.compiled.compile_model (a variant ran the first compile's
+#     graph, s17_variant_check.py): DeiT-S multi rho=0.87 against "two" and against session 15's
+#     attention kernel ("s15": attention_rows.Q_FIRST=False), batches 1 and 256.
 #   device run: PART=... bash benchmarks/sessions/s17_run.sh
 set -u
 export PYTHONUNBUFFERED=1
@@ -14,6 +17,13 @@ PART=${PART:-front}
 { nvidia-smi --query-gpu=name,clocks.sm --format=csv; date
   python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } 2>&1
 MODEL=$PART
+if [ "$PART" = recheck ]; then
+  timeout 400 python3 -m benchmarks.interleaved --models deit_small_patch16_224 --batches 1 256 \
+    --configs "multi rho=0.87" --variant "two:score_sample.ENABLED=False" --variant "s15:attention_rows.Q_FIRST=False" \
+    --rounds 7 --no-plain-dense --out "$OUT/interleaved_s17_recheck.json" 2>&1 | grep -v "^W\|Warning" | tail -12
+  echo "interleaved exit ${PIPESTATUS[0]}"
+  exit 0
+fi
 if [ "$PART" = front ]; then
   MODEL=deit_small_patch16_224
   timeout 150 python3 -m pytest -q -x tests/test_score_sample.py tests/test_kernels.py -k \
