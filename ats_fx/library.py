@@ -115,13 +115,6 @@ def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width,
     """``sample_tokens_impl`` plus ``padded``: False when the host already knows that no image has
     padding rows (batch_max on the Triton path), None when it does not know."""
     if use_triton(q, kernels) and bias is None:
-        from .kernels import score_sample
-
-        if score_sample.use_score_sample(q.shape[0]):  # head logits and sampling in one launch
-            read = width < 0 or strict
-            index, mask, kept, budget, stats, bad = score_sample.score_and_sample(
-                q, k, v, key_mask, scale, score, num_prefix, ratio, k_tokens, None if width < 0 else width, read)
-            return _finish_sampling(index, mask, kept, budget, stats, bad, read, width, strict, k.shape[2])
         # Per-head scores; the sampling kernel sums and normalises them (two launches a stage).
         from .kernels.scores import head_scores
 
@@ -156,12 +149,6 @@ def _sample_scores(s, bad, key_mask, num_prefix, ratio, k_tokens, width, strict,
         s.float(), key_mask, num_prefix, ratio, k_tokens, None if width < 0 else width,
         None if bad is None else bad.to(torch.int8), stats=read,
     )
-    return _finish_sampling(index, mask, kept, budget, stats, bad, read, width, strict, T)
-
-
-def _finish_sampling(index, mask, kept, budget, stats, bad, read: bool, width: int, strict: bool, T: int):
-    """After a sampling kernel: ``(index, mask, kept, budget, padded)``, with the host read of
-    ``stats`` (batch width, NaN flag, narrowest image) where ``read``."""
     padded = None
     if read:
         # One host read: the batch width, the NaN check, and whether any image is padded.

@@ -4,11 +4,9 @@ kept rows), for each setting of the kernels' launch switches.
 
     python -m benchmarks.stage_kernels --out benchmarks/results/stage_kernels.json
 
-Switches (module attributes of ``ats_fx.kernels``): ``score_sample.ENABLED`` (head logits and
-sampling in one launch, ``kernels/score_sample.py``, whatever ``score_sample.MIN_BATCH`` says) and
-``pdl.ENABLED`` (programmatic dependent launch of the kernels). (Sessions 9-16 switched
-``scores.LAST_IMAGE_FIRST`` here too: head logits read the images the projection wrote last first,
-while they are in L2; results/stage_kernels.md has those rows. Session 9 also switched
+Switches (module attributes of ``ats_fx.kernels``): ``pdl.ENABLED`` (programmatic dependent
+launch of the three kernels) and ``scores.LAST_IMAGE_FIRST`` (head logits read the images the
+projection wrote last first, while they are in L2). (Session 9 also switched
 ``sample.CDF_IN_REGISTERS``, C[j-1] by ``tl.gather`` or through memory: no difference; the gather
 stayed and the switch went. results/stage_kernels.md has those rows.) Each row also times the
 projection alone,
@@ -22,29 +20,24 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ats_fx.kernels import pdl, reference, sample, score_sample, scores
+from ats_fx.kernels import pdl, reference, sample, scores
 from ats_fx.kernels.attention_rows import attention_rows
 from benchmarks.scores_configs import graph_bench_main, time_us
 from benchmarks.throughput import environment
 
 log = logging.getLogger("benchmarks.stage_kernels")
 
-# (batch, heads, tokens in): DeiT-S and ViT-B first stages, and later DeiT-S stages.
-SHAPES = [(1, 6, 197), (1, 12, 197), (1, 6, 114), (1, 6, 65), (64, 6, 197), (64, 6, 114), (256, 6, 197),
-          (256, 6, 114), (256, 6, 65), (256, 12, 197), (256, 12, 114)]
-SWITCHES = [(score_sample, "ENABLED"), (pdl, "ENABLED")]
+# (batch, heads, tokens in): DeiT-S and ViT-B first stages, and a later DeiT-S stage.
+SHAPES = [(1, 6, 197), (1, 12, 197), (1, 6, 114), (64, 6, 197), (256, 6, 197), (256, 6, 114), (256, 12, 197)]
+SWITCHES = [(pdl, "ENABLED"), (scores, "LAST_IMAGE_FIRST")]
 
 
 def stage_front(x, w, bias, H: int, ratio: float):
     B, T, C = x.shape
     q, k, v = F.linear(x, w, bias).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
     K = reference.static_budget(T, 1, ratio, None)
-    if score_sample.ENABLED:
-        index = score_sample.score_and_sample(q, k, v, None, (C // H) ** -0.5, "attn_vnorm", 1, ratio, None, K + 1,
-                                              stats=False)[0]
-    else:
-        heads = scores.head_scores(q, k, v, None, (C // H) ** -0.5)
-        index = sample.sample_with_budget(heads, None, 1, ratio, None, K + 1, None, stats=False)[0]
+    heads = scores.head_scores(q, k, v, None, (C // H) ** -0.5)
+    index, _, _, _, _, _ = sample.sample_with_budget(heads, None, 1, ratio, None, K + 1, None, stats=False)
     return attention_rows(q, k, v, index, None, (C // H) ** -0.5)
 
 

@@ -502,10 +502,10 @@ def test_cuda_graph_mode_with_triton_kernels_equals_reference():
 
 
 def test_rho_reaches_the_sampling_kernel_as_exact_float64_bits():
-    from ats_fx.kernels.sample import float64_bits
+    from ats_fx.kernels.sample import _float64_bits
 
     for rho in (0.7, 0.87, 1.0, 1 / 3):
-        bits = torch.tensor([float64_bits(rho)], dtype=torch.int64)
+        bits = torch.tensor([_float64_bits(rho)], dtype=torch.int64)
         assert bits.view(torch.float64).item() == rho
 
 

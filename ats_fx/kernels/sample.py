@@ -38,21 +38,7 @@ def _sample_kernel(
     PDL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
-    sample_image(tl.program_id(0).to(tl.int64), S, VN, BUDGET, MASK, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
-                 smb, smt, T, W, H, num_prefix, k_fixed, min_tokens,
-                 HAS_MASK, BUDGET_GIVEN, HAS_STATS, FROM_HEADS, BLOCK_T, BLOCK_H)
-
-
-@triton.jit
-def sample_image(
-    b, S, VN, BUDGET, MASK, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
-    smb, smt,
-    T, W, H, num_prefix, k_fixed, min_tokens,
-    HAS_MASK: tl.constexpr, BUDGET_GIVEN: tl.constexpr, HAS_STATS: tl.constexpr, FROM_HEADS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    """Score (``FROM_HEADS``), budget and sample image ``b``: the whole of one sampling program,
-    also the tail of ``score_sample``'s last program of each image."""
+    b = tl.program_id(0).to(tl.int64)
     t = tl.arange(0, BLOCK_T)
     inside = t < T
     real = inside
@@ -155,23 +141,8 @@ NUM_WARPS: Optional[int] = None
 # products (65 x 0.7 = 45.5 -> K = 45, not 46) on the GPU; the CPU interpreter keeps float64 and
 # hid it. (A cached float64 device tensor did the same, but a tensor created while CUDA graphs
 # record stays in their memory pool untracked, which CUDA graph trees refuse.)
-def float64_bits(x: float) -> int:
+def _float64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
-
-
-def outputs(B: int, W: int, device, budget=None, from_heads: bool = True, bad=None, want_stats: bool = False):
-    """The sampling outputs ``(index, out_mask, kept, budget, stats, bad)`` for ``B`` images and ``W``
-    slots, empty: every slot below min(W, T) is written (the slots are a permutation of the tokens)."""
-    index = torch.empty(B, W, device=device, dtype=torch.int64)
-    out_mask = torch.empty(B, W, device=device, dtype=torch.int8)
-    kept = torch.empty(B, device=device, dtype=torch.int64)
-    if budget is None:
-        budget = torch.empty(B, device=device, dtype=torch.int64)
-    if from_heads:
-        bad = torch.empty(B, device=device, dtype=torch.int8)
-    # The stats buffer needs a fill (one more launch): only when the caller reads it.
-    stats = torch.full((3,), -(2**30), device=device, dtype=torch.int32) if want_stats else None
-    return index, out_mask, kept, budget, stats, bad
 
 
 def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None, bad=None, want_stats=False):
@@ -180,13 +151,23 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     H = scores.shape[2] if from_heads else 1
     W = T if width is None else width
     scores = scores.contiguous().float()
+    device = scores.device
+    # Every slot below min(W, T) is written (the slots are a permutation of the tokens).
+    index = torch.empty(B, W, device=device, dtype=torch.int64)
+    out_mask = torch.empty(B, W, device=device, dtype=torch.int8)
+    kept = torch.empty(B, device=device, dtype=torch.int64)
     given = budget is not None
-    index, out_mask, kept, budget, stats, bad = outputs(B, W, scores.device, budget, from_heads, bad, want_stats)
+    if not given:
+        budget = torch.empty(B, device=device, dtype=torch.int64)
+    if from_heads:
+        bad = torch.empty(B, device=device, dtype=torch.int8)
+    # The stats buffer needs a fill (one more launch): only when the caller reads it.
+    stats = torch.full((3,), -(2**30), device=device, dtype=torch.int32) if want_stats else None
     mask = key_mask if key_mask is not None else scores
     pdl = use_pdl(scores)
     _sample_kernel[(B,)](
         scores, scores[1] if from_heads else scores, budget, mask, index, out_mask, kept,
-        bad if bad is not None else kept, stats if stats is not None else kept, float64_bits(ratio or 0.0),
+        bad if bad is not None else kept, stats if stats is not None else kept, _float64_bits(ratio or 0.0),
         mask.stride(0), mask.stride(-1),
         T, W, H, num_prefix, -1 if k is None else int(k), MIN_TOKENS,
         HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=stats is not None, FROM_HEADS=from_heads,

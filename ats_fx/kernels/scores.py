@@ -38,31 +38,11 @@ def _head_logits_kernel(
 ):
     """One (head, token chunk, image): the class row's logits (-inf at padded keys) and ||V_j||."""
     wait_for_previous_kernel(PDL)
-    h, b = grid_head_image(LAST_IMAGE_FIRST)
-    head_logits_chunk(Q, K, V, MASK, LOGITS, VNORM, sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smt,
-                      T, H, D, scale, h, tl.program_id(1), b, HAS_MASK, USE_VNORM, BLOCK_T, BLOCK_D)
-
-
-@triton.jit
-def grid_head_image(LAST_IMAGE_FIRST: tl.constexpr):
-    """(head, image) of a (H, chunks, B) program; heads fastest, so neighbouring programs read
-    neighbouring bytes."""
-    h = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(0).to(tl.int64)  # heads fastest: neighbouring programs read neighbouring bytes
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     b = tl.program_id(2).to(tl.int64)
     if LAST_IMAGE_FIRST:
         b = tl.num_programs(2) - 1 - b
-    return h, b
-
-
-@triton.jit
-def head_logits_chunk(
-    Q, K, V, MASK, LOGITS, VNORM,
-    sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, smt,
-    T, H, D, scale, h, chunk, b,
-    HAS_MASK: tl.constexpr, USE_VNORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Head ``h``, tokens [chunk * BLOCK_T, +BLOCK_T) of image ``b``: logits and ||V_j|| stored."""
-    t = chunk * BLOCK_T + tl.arange(0, BLOCK_T)
     inside = t < T
     real = inside
     if HAS_MASK:
@@ -92,14 +72,13 @@ def combine_heads(LOGITS, VNORM, b, t, T, H, scored, BLOCK_H: tl.constexpr):
     h = tl.arange(0, BLOCK_H)
     at = (b * H + h[:, None]) * T + t[None, :]
     tile = (h[:, None] < H) & (t[None, :] < T)
-    # .cg (at L2, not L1): in score_sample these are other programs' stores of the same launch.
-    logits = tl.load(LOGITS + at, mask=tile, other=float("-inf"), cache_modifier=".cg")
+    logits = tl.load(LOGITS + at, mask=tile, other=float("-inf"))
     peak = tl.max(logits, axis=1)
     peak = tl.where(h < H, peak, 0.0)  # padding head rows: -inf - 0, weight 0, no NaN
     p = tl.exp(logits - peak[:, None])
     total = tl.sum(p, axis=1)
     p = p / tl.where(h < H, total, 1.0)[:, None]
-    p = p * tl.load(VNORM + at, mask=tile, other=0.0, cache_modifier=".cg")
+    p = p * tl.load(VNORM + at, mask=tile, other=0.0)
     s = tl.where(scored, tl.sum(p, axis=0), 0.0)
     denom = tl.sum(s, axis=0)
     # Not (denom > 0) catches 0 and NaN; denom * 0 != 0 catches inf.
@@ -162,9 +141,7 @@ def head_scores(
         T, H, D, float(scale),
         HAS_MASK=key_mask is not None, USE_VNORM=score == "attn_vnorm",
         BLOCK_T=block_t, BLOCK_D=block_d, LAST_IMAGE_FIRST=LAST_IMAGE_FIRST, PDL=pdl,
-        # No FMA, as in score_sample's one launch (which must not contract the sampling's float64
-        # budget): the two fronts then compute bit-identical logits on a GPU too.
-        num_warps=NUM_WARPS, enable_fp_fusion=False, **launch_options(pdl),
+        num_warps=NUM_WARPS, **launch_options(pdl),
     )
     return out
 

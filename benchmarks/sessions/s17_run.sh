@@ -2,6 +2,10 @@
 # Session 17 (H200, torch 2.11): the one-launch stage front (ats_fx/kernels/score_sample.py: head
 # logits, then each image's sampling in its last program) against the two launches it replaces
 # ("two" below: score_sample.ENABLED=False).
+# What happened (session17.md, session17_device_log.txt): the one launch was slower everywhere and was
+# removed after commit b50520a; run PART=front or PART=recheck from that commit (git checkout b50520a).
+# PART=front's interleaved rounds were void (the --variant bug fixed in benchmarks.compiled.compile_model);
+# PART=recheck is the valid A/B.
 #   PART=front: the GPU tests of the kernels (the one launch raced at batch 256, in a CUDA graph), then
 #     the stage front alone in CUDA graphs (benchmarks.stage_kernels, both switches), then the
 #     interleaved rounds of MODEL (default DeiT-S): dense same-compile, multi rho=0.87 and rho=0.72,

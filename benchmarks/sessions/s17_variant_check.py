@@ -9,7 +9,10 @@ counts which stage kernels each model's replays launch, and how often the Python
 
     PYTHONPATH=. python benchmarks/sessions/s17_variant_check.py [--copy]
 
-With --copy each model compiles its own deep copy of the base module (the fix under test).
+With --copy each model compiles its own deep copy of the base module (tried as a fix: no help).
+Ran at commit 5681c5a plus the score_sample switch; ``kernels/score_sample.py`` was removed after
+b50520a, so run it from there (git checkout b50520a). The fix (a fresh backend function per
+compile_model call) is tested on the CPU in tests/test_benchmark_compile.py.
 """
 from __future__ import annotations
 
