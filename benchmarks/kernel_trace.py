@@ -4,6 +4,8 @@ where a compiled ATS model spends the time a compiled dense model does not (issu
     python -m benchmarks.kernel_trace --model deit_small_patch16_224 --batches 1 --mode reduce-overhead
     python -m benchmarks.kernel_trace --configs "dense same-compile" "multi rho=0.87" --batches 256 \
         --mode max-autotune --no-coordinate-descent --autotune-rep 10   # session 13 (trace_s13_ma.txt)
+    python -m benchmarks.kernel_trace --configs "multi rho=0.87" --batches 1 256 \
+        --variant "two:score_sample.ENABLED=False"   # session 17 at b50520a (trace_s17_front.txt)
 
 For each configuration: compile (``benchmarks.compiled.compile_model``), time with ``do_bench``
 (median), then record 5 forward passes under ``torch.profiler`` (kernels inside CUDA graphs are
