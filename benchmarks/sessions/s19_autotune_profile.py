@@ -1,0 +1,74 @@
+"""Session 19: where max-autotune's per-shape benchmarking time goes (session 18: 6-10 s a GEMM shape of 21
+choices, 44 s for fc2, against ~25 ms of timing asked per choice).
+
+One fp16 GEMM ``x @ w.T + b`` compiled with max-autotune (no coordinate descent, autotune rep 10 ms, no
+epilogue-fusion benchmarking, as the benchmarks compile) from an empty Inductor cache, under cProfile,
+with or without ``benchmarks/graph_replay_autotune.py``'s stand-in. Prints Inductor's AUTOTUNE lines, the
+compile's wall time and the profile's top functions (cumulative and own time). Run each variant in its
+own process and cache directory:
+
+    TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m benchmarks.sessions.s19_autotune_profile \
+        --m 11008 --k 384 --n 384 --graph-replay
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--m", type=int, default=11008)
+    p.add_argument("--k", type=int, default=384)
+    p.add_argument("--n", type=int, default=384)
+    p.add_argument("--graph-replay", action="store_true")
+    p.add_argument("--top", type=int, default=30)
+    a = p.parse_args()
+    try:
+        torch._logging.set_logs(autotuning=True)  # per-choice load / bench times, where this torch logs them
+    except Exception as e:  # noqa: BLE001 -- an artifact this torch does not know
+        print("no autotuning log:", e)
+    import torch._inductor.config as cfg
+    from torch._inductor import list_mode_options
+
+    from benchmarks.compiled import set_autotune_rep
+    from benchmarks.graph_replay_autotune import graph_replay_autotune
+
+    set_autotune_rep(10)
+    opts = {**list_mode_options("max-autotune-no-cudagraphs"), "coordinate_descent_tuning": False,
+            "benchmark_epilogue_fusion": False}
+    if hasattr(cfg, "max_autotune_prune_choices_based_on_shared_mem"):
+        opts["max_autotune_prune_choices_based_on_shared_mem"] = True
+    x = torch.randn(a.m, a.k, device="cuda", dtype=torch.float16)
+    w = torch.randn(a.n, a.k, device="cuda", dtype=torch.float16)
+    b = torch.randn(a.n, device="cuda", dtype=torch.float16)
+    fn = torch.compile(lambda x: torch.nn.functional.linear(x, w, b), options=opts, dynamic=False)
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    if a.graph_replay:
+        with graph_replay_autotune() as timing:
+            prof.enable()
+            fn(x)
+            torch.cuda.synchronize()
+            prof.disable()
+        print("stand-in:", timing)
+    else:
+        prof.enable()
+        fn(x)
+        torch.cuda.synchronize()
+        prof.disable()
+    print(f"compile+first call {time.perf_counter() - t0:.1f} s, graph_replay={a.graph_replay}, "
+          f"GEMM {a.m}x{a.k}x{a.n}")
+    for key in ("cumulative", "tottime"):
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats(key).print_stats(a.top)
+        print(s.getvalue())
+
+
+if __name__ == "__main__":
+    main()
