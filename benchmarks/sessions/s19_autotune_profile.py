@@ -28,6 +28,9 @@ def main() -> None:
     p.add_argument("--n", type=int, default=384)
     p.add_argument("--graph-replay", action="store_true")
     p.add_argument("--top", type=int, default=30)
+    p.add_argument("--chain", action="store_true",
+                   help="a DeiT-S MLP-and-attention chain of four GEMMs (qkv, proj, fc1, fc2) at --m rows instead "
+                        "of one: whether the second and later shapes of one compile are the slow ones")
     a = p.parse_args()
     try:
         torch._logging.set_logs(autotuning=True)  # per-choice load / bench times, where this torch logs them
@@ -47,7 +50,21 @@ def main() -> None:
     x = torch.randn(a.m, a.k, device="cuda", dtype=torch.float16)
     w = torch.randn(a.n, a.k, device="cuda", dtype=torch.float16)
     b = torch.randn(a.n, device="cuda", dtype=torch.float16)
-    fn = torch.compile(lambda x: torch.nn.functional.linear(x, w, b), options=opts, dynamic=False)
+    F = torch.nn.functional
+    if a.chain:
+        d = a.k
+        ws = {n: (torch.randn(o, i, device="cuda", dtype=torch.float16) / i ** 0.5,
+                  torch.randn(o, device="cuda", dtype=torch.float16))
+              for n, (o, i) in {"qkv": (3 * d, d), "proj": (d, d), "fc1": (4 * d, d), "fc2": (d, 4 * d)}.items()}
+
+        def chain(x):
+            h = F.linear(x, *ws["qkv"])[:, :d].contiguous()
+            h = x + F.linear(h, *ws["proj"])
+            return h + F.linear(F.gelu(F.linear(h, *ws["fc1"])), *ws["fc2"])
+
+        fn = torch.compile(chain, options=opts, dynamic=False)
+    else:
+        fn = torch.compile(lambda x: F.linear(x, w, b), options=opts, dynamic=False)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     if a.graph_replay:
@@ -63,7 +80,7 @@ def main() -> None:
         torch.cuda.synchronize()
         prof.disable()
     print(f"compile+first call {time.perf_counter() - t0:.1f} s, graph_replay={a.graph_replay}, "
-          f"GEMM {a.m}x{a.k}x{a.n}")
+          f"GEMM {a.m}x{a.k}x{a.n}{' chain' if a.chain else ''}")
     for key in ("cumulative", "tottime"):
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats(key).print_stats(a.top)
