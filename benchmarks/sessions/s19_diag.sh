@@ -1,18 +1,42 @@
 #!/usr/bin/env bash
-# Session 19, device call 1: benchmarks/sessions/s19_autotune_profile.py on session 18's slow shapes, each
-# variant from its own empty Inductor cache: proj (11008x384x384, 9 s of benchmarking in session 18) with
-# and without the graph-replay stand-in, then fc2 (11008x1536x384, 45 s) without it.
+# Sessions 19-20: why max-autotune's GEMM benchmarking is slow inside a compile, with
+# benchmarks/sessions/s19_autotune_profile.py, each run in its own process from an empty Inductor cache.
+#   PART=single (session 19, call 1): session 18's slow shapes alone. proj (11008x384x384, 9 s of
+#     benchmarking in session 18) with and without the graph-replay stand-in, fc2 (11008x1536x384, 45 s)
+#     without. Result: 0.7 s each.
+#   PART=chain (session 19, call 3): the block's four GEMMs at 11008 rows in one compile, with and without
+#     the stand-in. Result: fc1 10 s and fc2 50 s in both.
+#   PART=next (written in session 19, not run yet, ~5 min): the chain without the stand-in three ways:
+#     stacks      every thread's Python stacks each second (benchmarks/stack_dump.py): which thread tunes
+#                 fc1/fc2 (cProfile of the main thread saw only qkv and proj) and what it waits on;
+#     threads1    TORCHINDUCTOR_COMPILE_THREADS=1: no compile worker pool;
+#     noprologue  TORCHINDUCTOR_PROLOGUE_FUSION=0: fc1 and fc2 are the GEMMs beside the gelu.
+#   Compare each run's "benchmarking takes" lines with PART=chain's (session19.md, section 3).
+#   device run: PART=single|chain|next bash benchmarks/sessions/s19_diag.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
-run() {  # NAME ARGS...
+PROFILE=benchmarks/sessions/s19_autotune_profile.py
+run() {  # NAME [ENV=VALUE ...] -- COMMAND ARGS...
   local name=$1; shift
+  local envs=(); while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
   echo "== $name at $SECONDS s"
-  TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) timeout 150 python3 benchmarks/sessions/s19_autotune_profile.py "$@" \
-    >"$OUT/$name.txt" 2>&1
-  echo "$name exit $?"; grep "benchmarking takes\|compile+first\|stand-in:" "$OUT/$name.txt"
+  env ${envs[@]+"${envs[@]}"} TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" timeout 200 python3 "$@" >"$OUT/$name.txt" 2>&1
+  echo "$name exit $?"; grep "^AUTOTUNE\|benchmarking takes\|compile+first\|stand-in:" "$OUT/$name.txt"
 }
 nvidia-smi --query-gpu=name --format=csv,noheader; python3 -c "import torch; print(torch.__version__)"
-run proj_replay --m 11008 --k 384 --n 384 --graph-replay
-run proj_host --m 11008 --k 384 --n 384
-run fc2_host --m 11008 --k 1536 --n 384
+CHAIN=(--m 11008 --k 384 --chain --top 45)
+case ${PART:-next} in
+  single)
+    run proj_replay -- "$PROFILE" --m 11008 --k 384 --n 384 --graph-replay
+    run proj_host -- "$PROFILE" --m 11008 --k 384 --n 384
+    run fc2_host -- "$PROFILE" --m 11008 --k 1536 --n 384 ;;
+  chain)
+    run chain_replay -- "$PROFILE" "${CHAIN[@]}" --graph-replay
+    run chain_host -- "$PROFILE" "${CHAIN[@]}" ;;
+  next)
+    run stacks -- -m benchmarks.stack_dump "$OUT/stacks_dump.txt" 1 benchmarks.sessions.s19_autotune_profile "${CHAIN[@]}"
+    run threads1 TORCHINDUCTOR_COMPILE_THREADS=1 -- "$PROFILE" "${CHAIN[@]}"
+    run noprologue TORCHINDUCTOR_PROLOGUE_FUSION=0 -- "$PROFILE" "${CHAIN[@]}" ;;
+  *) echo "PART=${PART}: single, chain or next"; exit 2 ;;
+esac
 echo "end at $SECONDS s"
