@@ -17,6 +17,8 @@
 # (two calls, carrying .device_carry/max_autotune_cache.tgz; do not seed it with
 # max_autotune_cache_s15.tgz, whose batch-1 choices are the one-call ones: Inductor's cache keys do not
 # say how a choice was timed).
+#   INDUCTOR_EXTRA (default none): more KEY=VALUE Inductor options for dense and ATS alike, e.g.
+#   compile_threads=1 if s19_diag.sh PART=cure shows it shortens the cold compile (session 20).
 #   device run: POINTS="..." bash benchmarks/sessions/s15_run.sh [LIMIT_S]
 set -u
 export PYTHONUNBUFFERED=1
@@ -29,11 +31,17 @@ LOG=$OUT/log.txt
 mkdir -p "$CACHE"
 { nvidia-smi --query-gpu=name,clocks.sm --format=csv; date
   python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } >"$LOG" 2>&1
+# Merged, not untarred over: on a machine still warm from the call before, a carried copy of the one
+# JSON benchmark file is older than the one here (session 20 lost 7 shapes that way).
+merge_in() {
+  local d; d=$(mktemp -d); tar -xzf "$1" -C "$d"
+  python3 benchmarks/sessions/merge_inductor_cache.py "$d" "$CACHE" >>"$LOG" 2>&1
+}
 if [ "$SEED" != none ]; then
   [ -f "$SEED" ] || { echo "SEED_CACHE=$SEED: no such file"; exit 2; }
-  tar -xzf "$SEED" -C "$CACHE"; fi
-[ -f .device_carry/max_autotune_cache.tgz ] && tar -xzf .device_carry/max_autotune_cache.tgz -C "$CACHE"
-extra=(benchmark_epilogue_fusion=False)
+  merge_in "$SEED"; fi
+[ -f .device_carry/max_autotune_cache.tgz ] && merge_in .device_carry/max_autotune_cache.tgz
+extra=(benchmark_epilogue_fusion=False ${INDUCTOR_EXTRA:-})
 if python3 -c "import torch._inductor.config as c, sys; sys.exit(0 if hasattr(c, 'max_autotune_prune_choices_based_on_shared_mem') else 1)"; then
   extra+=(max_autotune_prune_choices_based_on_shared_mem=True)
 fi

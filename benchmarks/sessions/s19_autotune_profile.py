@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from benchmarks.compiled import add_inductor_option, compile_model, parse_inductor_options, set_autotune_rep
+
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -32,6 +34,7 @@ def main() -> None:
     p.add_argument("--chain", action="store_true",
                    help="a DeiT-S MLP-and-attention chain of four GEMMs (qkv, proj, fc1, fc2) at --m rows instead "
                         "of one: whether the second and later shapes of one compile are the slow ones")
+    add_inductor_option(p)  # e.g. compile_threads=1: Inductor's worker pool off, autotune precompile on threads
     a = p.parse_args()
     try:
         torch._logging.set_logs(autotuning=True)  # per-choice load / bench times, where this torch logs them
@@ -39,13 +42,13 @@ def main() -> None:
         print("no autotuning log:", e)
     import torch._inductor.config as cfg
 
-    from benchmarks.compiled import compile_model, set_autotune_rep
     from benchmarks.graph_replay_autotune import graph_replay_autotune
 
     set_autotune_rep(10)
     inductor = {"benchmark_epilogue_fusion": False}  # as benchmarks/sessions/s15_run.sh compiles
     if hasattr(cfg, "max_autotune_prune_choices_based_on_shared_mem"):
         inductor["max_autotune_prune_choices_based_on_shared_mem"] = True
+    inductor.update(parse_inductor_options(a.inductor))
     x = torch.randn(a.m, a.k, device="cuda", dtype=torch.float16)
     F = torch.nn.functional
     if a.chain:

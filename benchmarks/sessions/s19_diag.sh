@@ -12,7 +12,14 @@
 #     threads1    TORCHINDUCTOR_COMPILE_THREADS=1: no compile worker pool;
 #     noprologue  TORCHINDUCTOR_PROLOGUE_FUSION=0: fc1 and fc2 are the GEMMs beside the gelu.
 #   Compare each run's "benchmarking takes" lines with PART=chain's (session19.md, section 3).
-#   device run: PART=single|chain|next bash benchmarks/sessions/s19_diag.sh
+#   Session 20 ran PART=next (session20.md): with the env var at 1, fc2's 21 choices take 0.3 s of benchmarking
+#   and 42.7 s of "precompiling" (80 ptxas runs, 56 s, all in the main process), so the time is template
+#   compilation, not timing. With the pool on, the compiles seem to be redone serially at the first timed call.
+#   PART=cure (written in session 20, not run yet, ~3 min): the chain with Inductor's config compile_threads=1
+#     (its worker-process pool off) but the env var unset, so select_algorithm precompiles each shape's choices
+#     on one thread per CPU in this process, where the benchmark finds them compiled. If fc2's "precompiling"
+#     drops well under 42 s, s15_run.sh's points get INDUCTOR_EXTRA=compile_threads=1.
+#   device run: PART=single|chain|next|cure bash benchmarks/sessions/s19_diag.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
 PROFILE=benchmarks/sessions/s19_autotune_profile.py
@@ -37,6 +44,9 @@ case ${PART:-next} in
     run stacks -- -m benchmarks.stack_dump "$OUT/stacks_dump.txt" 1 benchmarks.sessions.s19_autotune_profile "${CHAIN[@]}"
     run threads1 TORCHINDUCTOR_COMPILE_THREADS=1 -- "$PROFILE" "${CHAIN[@]}"
     run noprologue TORCHINDUCTOR_PROLOGUE_FUSION=0 -- "$PROFILE" "${CHAIN[@]}" ;;
-  *) echo "PART=${PART}: single, chain or next"; exit 2 ;;
+  cure)
+    run pool_off -- "$PROFILE" "${CHAIN[@]}" --inductor compile_threads=1
+    run pool_off_noprologue TORCHINDUCTOR_PROLOGUE_FUSION=0 -- "$PROFILE" "${CHAIN[@]}" --inductor compile_threads=1 ;;
+  *) echo "PART=${PART}: single, chain, next or cure"; exit 2 ;;
 esac
 echo "end at $SECONDS s"
