@@ -238,11 +238,31 @@ def transform(
     result.register_forward_pre_hook(_check_inputs)
     result.train(model.training)
     validate(result, example, expected)
+    _warn_if_static_keeps_every_row(result, options)
     for stage in result.modules():
         if isinstance(stage, ops.ATSStage):
             stage.last = None  # the validation run is not the user's
     log.info("ATS on %s: stages %s of %d attention layers", type(model).__name__, list(options.layers), n)
     return result
+
+
+def _warn_if_static_keeps_every_row(model: ATSGraphModule, options) -> None:
+    """padding='static' runs K + p rows whatever K' is. Where K + p reaches the stage's input width
+    (ratio=1.0, or k >= N - p), the stage drops no row: it adds ATS's scoring and sampling and removes
+    no computation. Say so once, from the validation run's traces."""
+    if options.padding != "static":
+        return
+    full = [m.layer for m in model.modules() if isinstance(m, ops.ATSStage) and m.last is not None
+            and m.last.positions.shape[1] >= m.last.width_in]
+    if full:
+        log.warning(
+            "padding='static' keeps every row at stage(s) %s: their budget K + prefix reaches the %s input "
+            "tokens (ratio=1.0, or k >= N - prefix), so only the duplicates ATS drops are masked, and those "
+            "stages add scoring and sampling without removing computation (H200, DeiT-S stages 3-11, "
+            "rho=1.0 under CUDA graphs: 0.95x dense). Use a smaller ratio or k, or padding='batch_max', "
+            "which truncates to the batch's largest K' + prefix.",
+            full, "/".join(str(w) for w in sorted({m.last.width_in for m in model.modules()
+                                                    if isinstance(m, ops.ATSStage) and m.layer in full})))
 
 
 def kept_tokens(model: nn.Module) -> list[ops.StageTrace]:

@@ -176,16 +176,26 @@ def _has_option(config, key: str) -> bool:
 # CUDA-graph replays, backend='ats' asks for it in the CUDA-graph mode only.
 CUDA_GRAPH_AUTOTUNE_OPTIONS = {"autotune_cudagraph_benchmarking": True}
 
+# max-autotune with Inductor's compile worker pool on compiled each GEMM template again, one after
+# another, at its first timed call (ptxas in the benchmarking process): 6-45 s a GEMM shape in a DeiT-S
+# compile against 0.7 s tuned alone, ~15 min a cold ATS compile. With the pool off (compile_threads=1,
+# precompiling still in 16 threads) a shape takes 3-5 s and the cold compile ~3.5 min (H200, torch 2.11:
+# ATS DeiT-S at batch 256 191 s, ViT-B/16 at 64 208 s; same GEMM picks, all cuBLAS; session22.md).
+MAX_AUTOTUNE_OPTIONS = {"compile_threads": 1}
+
 
 def inductor_patches(mode: Optional[str], inductor_options: Optional[dict] = None) -> dict:
     """The Inductor config patches backend='ats' compiles with: the mode's, then
-    ``DEFAULT_INDUCTOR_OPTIONS`` (where this torch has them; under ``mode="max-autotune"`` also
-    ``CUDA_GRAPH_AUTOTUNE_OPTIONS``), then the user's ``inductor_options``."""
+    ``DEFAULT_INDUCTOR_OPTIONS`` (where this torch has them; under the max-autotune modes also
+    ``MAX_AUTOTUNE_OPTIONS``, and under ``mode="max-autotune"`` ``CUDA_GRAPH_AUTOTUNE_OPTIONS``), then
+    the user's ``inductor_options``."""
     import torch._inductor.config as inductor_config
     from torch._inductor import list_mode_options
 
     patches = dict(list_mode_options(mode)) if mode else {}
     defaults = dict(DEFAULT_INDUCTOR_OPTIONS)
+    if mode and mode.startswith("max-autotune"):
+        defaults.update(MAX_AUTOTUNE_OPTIONS)
     if mode == "max-autotune":
         defaults.update(CUDA_GRAPH_AUTOTUNE_OPTIONS)
     patches.update({k: v for k, v in defaults.items() if _has_option(inductor_config, k)})
@@ -287,9 +297,9 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
         # Each stage gives the token axis a new width, so every GEMM after it is a new shape to tune.
         log.warning(
             "backend='ats' with mode=%r: %d stages give ~%d new GEMM shapes to autotune; the first compile "
-            "can take tens of minutes (DeiT-S, 9 stages, static batch, H200, torch 2.11: ~15 min, dense ~2.5; "
-            "with a dynamic batch not done after 26 min). Measured there, it ran no faster than "
-            "mode='reduce-overhead' (rho=0.87: 1.37x dense at batch 256 against 1.39x, 0.92x at batch 1 against "
+            "takes minutes (DeiT-S, 9 stages, static batch 256, H200, torch 2.11: ~3.5 min with the worker pool "
+            "off, as backend='ats' sets it; ~15 min with it on). Measured there, it ran no faster than "
+            "mode='reduce-overhead' (rho=0.87: 1.37x dense at batch 256 against 1.39x, 1.02x at batch 1 against "
             "1.01x). One stage, or mode='reduce-overhead', compiles in seconds.", options_mode or mode, stages,
             4 * stages)
     if backend == "inductor" and stages and cuda_graph_autotune_missing(options_mode or mode, inductor_options):

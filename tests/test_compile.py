@@ -291,6 +291,23 @@ def test_inductor_patches_fix_pointwise_configs_unless_the_user_says_otherwise()
         assert inductor_config.triton.autotune_pointwise is False
 
 
+def test_max_autotune_compiles_without_the_worker_pool_unless_the_user_says_otherwise():
+    """Under the max-autotune modes backend='ats' sets compile_threads=1: with the pool on, every GEMM
+    template was compiled again at its first timed call (~15 min cold for ATS DeiT-S; 3.5 min without).
+    The other modes keep Inductor's pool; the user's inductor_options win."""
+    import torch._inductor.config as inductor_config
+
+    from ats_fx.compile import inductor_patches
+
+    assert inductor_patches("max-autotune")["compile_threads"] == 1
+    assert inductor_patches("max-autotune-no-cudagraphs")["compile_threads"] == 1
+    assert "compile_threads" not in inductor_patches("reduce-overhead")
+    assert "compile_threads" not in inductor_patches(None)
+    assert inductor_patches("max-autotune", {"compile_threads": 8})["compile_threads"] == 8
+    with inductor_config.patch(inductor_patches("max-autotune")):
+        assert inductor_config.compile_threads == 1
+
+
 def test_max_autotune_times_gemm_choices_as_cuda_graph_replays_where_torch_can():
     """mode='max-autotune' replays CUDA graphs, so backend='ats' asks Inductor to time GEMM choices as
     graph replays (host dispatch out of the timing) where this torch has the option; the other modes

@@ -215,3 +215,25 @@ def test_unmatched_attention_spellings_are_named(attend, pattern):
     model.proj_l, model.proj_w = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     with pytest.raises(ats_fx.ATSUnsupportedModel, match=pattern):
         ats_fx.transform(model.eval(), 0, example_inputs=torch.randn(2, 8, 4))
+
+
+def test_static_padding_that_keeps_every_row_warns(vit, caplog):
+    """ratio=1.0 with static padding runs every row (K + p = N): a stage that only costs time."""
+    import logging
+
+    wide = timm_model("vit_tiny_patch16_224", img_size=64, depth=4)  # 16 patch tokens
+
+    def warned(*args, **kw) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="ats_fx.api"):
+            ats_fx.transform(*args, **kw)
+        return [r.getMessage() for r in caplog.records if "keeps every row" in r.getMessage()]
+
+    messages = warned(wide, [1, 2], ratio=1.0, padding="static")
+    assert len(messages) == 1 and "stage(s) [1, 2]" in messages[0] and "batch_max" in messages[0], messages
+    assert not warned(wide, [1, 2], ratio=0.5, padding="static")  # K = 9 of 16, then 8 of 9
+    # The third stage sees 9 rows: K = max(round(4.5), 8) = 8 = all its patch tokens.
+    assert "stage(s) [3]" in warned(wide, [1, 2, 3], ratio=0.5, padding="static")[0]
+    assert not warned(wide, [1, 2], ratio=1.0, padding="batch_max")
+    assert not warned(vit, 1, k=3, padding="static")  # K = 3 of 4 patch tokens: one row dropped
+    assert warned(vit, 1, k=4, padding="static")  # K = all 4

@@ -8,6 +8,7 @@
 #   before carried (.device_carry/max_autotune_cache.tgz) or left on a warm machine, and goes back to
 #   $OUT/max_autotune_cache.tgz at the end, also when the time limit stops a compile; carry it again
 #   and the next call resumes there. A point whose results are in .device_carry/ is not run again.
+#   CONFIGS (default "multi rho=0.87"): ";"-separated operating points timed together (session 22).
 #   CALLS_PER_GRAPH (default 1): --calls-per-graph, the calls back to back in each timed graph.
 # What happened (max_autotune_s15.md): three calls. DeiT-S 256 finished (0.883 of the FLOPs ratio);
 # DeiT-S 1 took ~13 min cold and ran 0.924x dense: its stages' GEMMs went to Triton templates, their
@@ -18,13 +19,18 @@
 # max_autotune_cache_s15.tgz, whose batch-1 choices are the one-call ones: Inductor's cache keys do not
 # say how a choice was timed).
 #   INDUCTOR_EXTRA (default none): more KEY=VALUE Inductor options for dense and ATS alike, e.g.
-#   compile_threads=1 if s19_diag.sh PART=cure shows it shortens the cold compile (session 20).
+#   compile_threads=1, which cut a cold point to ~3.5 min (session 22: ViT-B 64 1.404x, DeiT-S 256 1.374x;
+#   since then backend='ats' and benchmarks.compiled's dense same-compile set it under max-autotune anyway).
+#   Session 21: CALLS_PER_GRAPH=20 POINTS=deit_small_patch16_224:1 finished, 1.020x (session22.md).
 #   device run: POINTS="..." bash benchmarks/sessions/s15_run.sh [LIMIT_S]
 set -u
 export PYTHONUNBUFFERED=1
 LIMIT=${1:-570}
 POINTS=${POINTS:-deit_small_patch16_224:256 deit_small_patch16_224:1}
 CALLS=${CALLS_PER_GRAPH:-1}
+# CONFIGS: operating points separated by ";" (default "multi rho=0.87"), e.g. "multi rho=0.72;single K=108"
+IFS=';' read -r -a CONFIG_LIST <<<"${CONFIGS:-multi rho=0.87}"
+TAG=$([ -z "${CONFIGS:-}" ] || echo "_$(echo "$CONFIGS" | tr -c 'A-Za-z0-9.\n' '_' | tr -s _)")
 SEED=${SEED_CACHE:-benchmarks/sessions/max_autotune_cache_s14.tgz}
 CACHE=/tmp/inductor_max_autotune
 LOG=$OUT/log.txt
@@ -47,13 +53,13 @@ if python3 -c "import torch._inductor.config as c, sys; sys.exit(0 if hasattr(c,
 fi
 for point in $POINTS; do
   model=${point%:*}; batch=${point#*:}
-  name=interleaved_max_autotune_${model}_b${batch}$([ "$CALLS" = 1 ] || echo "_x$CALLS")
+  name=interleaved_max_autotune_${model}_b${batch}$([ "$CALLS" = 1 ] || echo "_x$CALLS")$TAG
   if [ -f ".device_carry/$name.json" ]; then echo "$name: done in a call before" >>"$LOG"; continue; fi
   LEFT=$((LIMIT - SECONDS - 25))  # 25 s for saving the cache
   [ "$LEFT" -lt 30 ] && { echo "$name: no time left" >>"$LOG"; break; }
   echo "== $name at $SECONDS s, limit $LEFT s" >>"$LOG"
   TORCHINDUCTOR_CACHE_DIR=$CACHE timeout "$LEFT" python3 -m benchmarks.interleaved --models "$model" \
-    --mode max-autotune --static-batch --batches "$batch" --configs "multi rho=0.87" --rounds 7 \
+    --mode max-autotune --static-batch --batches "$batch" --configs "${CONFIG_LIST[@]}" --rounds 7 \
     --no-coordinate-descent --autotune-rep 10 --graph-replay-autotune --calls-per-graph "$CALLS" --no-plain-dense \
     --inductor "${extra[@]}" --out "/tmp/$name.json" 2>&1 | grep -v "^W\|Warning" >>"$OUT/compile_log.txt"
   echo "$name exit ${PIPESTATUS[0]} (124: the time limit)" >>"$LOG"

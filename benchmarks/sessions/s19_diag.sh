@@ -19,6 +19,8 @@
 #     (its worker-process pool off) but the env var unset, so select_algorithm precompiles each shape's choices
 #     on one thread per CPU in this process, where the benchmark finds them compiled. If fc2's "precompiling"
 #     drops well under 42 s, s15_run.sh's points get INDUCTOR_EXTRA=compile_threads=1.
+#   Session 21 ran PART=cure (session22.md, section 1): fc2 0.43 s benchmarking + 7.0 s precompiling, the whole
+#     chain 29.9 s; prologue fusion off changed nothing. The cure is now backend='ats''s max-autotune default.
 #   device run: PART=single|chain|next|cure bash benchmarks/sessions/s19_diag.sh
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=.
