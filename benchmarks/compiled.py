@@ -183,11 +183,14 @@ def set_switches(variant: Optional[str]):
     return restore
 
 
-def flops_of(base, label: str, x) -> float:
+def flops_of(base, label: str, x, padding: str = "batch_max") -> float:
+    """FLOPs per image of ``label`` on the first 4 images of ``x``. ``batch_max`` counts the rows ATS keeps
+    (the method's FLOPs); ``static`` the K + p rows that the CUDA-graph modes run (at rho=1.0 every row)."""
     if label in ("dense", DENSE_SAME_COMPILE):
         return float(ats_fx.count_flops(base, x[:4]).mean())
     _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
-    return float(ats_fx.count_flops(ats_fx.transform(base, stages, ratio=ratio, k=k, check_inputs=False), x[:4]).mean())
+    model = ats_fx.transform(base, stages, ratio=ratio, k=k, padding=padding, check_inputs=False)
+    return float(ats_fx.count_flops(model, x[:4]).mean())
 
 
 def run(args) -> dict:

@@ -1,6 +1,7 @@
 """Batch invariance (ATS-NOTES §5), GFLOPs that fall with rho, and the kept-token trace."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import ats_fx
@@ -88,3 +89,21 @@ def test_flops_of_cait_count_and_fall():
     dense = ats_fx.count_flops(model, x)
     ats = ats_fx.count_flops(ats_fx.transform(model, "0-1", ratio=0.5), x)
     assert (ats < 0.8 * dense).all() and all(p.requires_grad for p in model.parameters())
+
+
+def test_flops_of_static_padding_counts_the_rows_it_runs():
+    """benchmarks.compiled.flops_of: at rho=1.0 static padding runs every row (dense FLOPs), while
+    batch_max counts only the rows ATS keeps; where K + p is under the token count static saves too."""
+    from benchmarks.compiled import DENSE_SAME_COMPILE, flops_of
+    from conftest import timm_model
+
+    base = timm_model("vit_tiny_patch16_224", img_size=64, depth=12)
+    x = torch.randn(4, 3, 64, 64)
+    dense = flops_of(base, DENSE_SAME_COMPILE, x)
+    static = flops_of(base, "multi rho=1.0", x, padding="static")
+    assert static == pytest.approx(dense, rel=0.02)  # plus the class row's scoring
+    assert flops_of(base, "multi rho=1.0", x) < static
+    wide = timm_model("vit_tiny_patch16_224", img_size=128, depth=12)  # 64 patch tokens: K=48 drops rows
+    x = torch.randn(4, 3, 128, 128)
+    static = flops_of(wide, "single K=48", x, padding="static")
+    assert flops_of(wide, "single K=48", x) <= static < 0.9 * flops_of(wide, DENSE_SAME_COMPILE, x)

@@ -222,3 +222,17 @@ def test_the_benchmarks_time_graph_replays_only_when_asked_and_under_max_autotun
         assert timing is None
     with graph_replay_scope(asked, "max-autotune") as timing:
         assert str(timing) == "patched: 0 replayed, 0 host-launched, 20 calls per graph"
+
+
+def test_interleaved_rows_show_what_static_padding_runs_where_it_differs():
+    """At rho=1.0 static padding runs every row: the FLOPs cell says so beside the kept-rows ratio."""
+    from benchmarks.interleaved import table
+
+    args = dict(mode="reduce-overhead", dtype="float16", warmup_batch=None, batches=[256], rounds=7, rep=200)
+    row = dict(model="m", batch=256, config="multi rho=1.0", img_s=100.0, compile_s=30.0, speedup_median=0.95,
+               speedup_min=0.94, speedup_max=0.96, flops_ratio=1.167, efficiency=0.95 / 1.167)
+    env = dict(device="GPU", torch="2.11", triton="3.6", date="today")
+    same = table({"env": env, "args": args, "rows": [{**row, "flops_ratio_static": 1.167}]})
+    assert "| 1.167 | 0.814 |" in same and "static padding runs" not in same
+    full = table({"env": env, "args": args, "rows": [{**row, "flops_ratio_static": 1.0}]})
+    assert "| 1.167 (static padding runs 1.000) | 0.814 |" in full
