@@ -252,7 +252,7 @@ def _warn_if_static_keeps_every_row(model: ATSGraphModule, options) -> None:
     no computation. Say so once, from the validation run's traces."""
     if options.padding != "static":
         return
-    full = [m.layer for m in model.modules() if isinstance(m, ops.ATSStage) and m.last is not None
+    full = [m.last for m in model.modules() if isinstance(m, ops.ATSStage) and m.last is not None
             and m.last.positions.shape[1] >= m.last.width_in]
     if full:
         log.warning(
@@ -261,8 +261,7 @@ def _warn_if_static_keeps_every_row(model: ATSGraphModule, options) -> None:
             "stages add scoring and sampling without removing computation (H200, DeiT-S stages 3-11, "
             "rho=1.0 under CUDA graphs: 0.95x dense). Use a smaller ratio or k, or padding='batch_max', "
             "which truncates to the batch's largest K' + prefix.",
-            full, "/".join(str(w) for w in sorted({m.last.width_in for m in model.modules()
-                                                    if isinstance(m, ops.ATSStage) and m.layer in full})))
+            [t.layer for t in full], "/".join(str(w) for w in sorted({t.width_in for t in full})))
 
 
 def kept_tokens(model: nn.Module) -> list[ops.StageTrace]:
