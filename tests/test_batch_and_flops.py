@@ -107,3 +107,19 @@ def test_flops_of_static_padding_counts_the_rows_it_runs():
     x = torch.randn(4, 3, 128, 128)
     static = flops_of(wide, "single K=48", x, padding="static")
     assert flops_of(wide, "single K=48", x) <= static < 0.9 * flops_of(wide, DENSE_SAME_COMPILE, x)
+
+
+@pytest.mark.parametrize("padding", ["batch_max", "static"])
+def test_flops_of_the_triton_attention_equal_the_reference_count(monkeypatch, padding):
+    """``ats_fx::attention_rows`` (the Triton attention the CUDA path runs, here under the interpreter)
+    carries a FLOP formula, so ``count_flops`` counts what the reference path counts on the CPU.
+    Without it the kept rows' attention counted nothing on CUDA (GPU FLOPs ratios came out high)."""
+    from torch.utils import flop_counter
+
+    model = timm_model("deit_small_patch16_224", img_size=64, depth=4)
+    x = torch.randn(2, 3, 64, 64)
+    ref = ats_fx.count_flops(ats_fx.transform(model, "1-3", ratio=0.7, padding=padding, kernels="reference"), x)
+    fast = ats_fx.transform(model, "1-3", ratio=0.7, padding=padding, kernels="triton")
+    torch.testing.assert_close(ats_fx.count_flops(fast, x), ref, rtol=1e-12, atol=0)
+    monkeypatch.delitem(flop_counter.flop_registry, torch.ops.ats_fx.attention_rows)
+    assert (ats_fx.count_flops(fast, x) < 0.99 * ref).all()  # the count the formula adds is real
