@@ -123,3 +123,23 @@ def test_flops_of_the_triton_attention_equal_the_reference_count(monkeypatch, pa
     torch.testing.assert_close(ats_fx.count_flops(fast, x), ref, rtol=1e-12, atol=0)
     monkeypatch.delitem(flop_counter.flop_registry, torch.ops.ats_fx.attention_rows)
     assert (ats_fx.count_flops(fast, x) < 0.99 * ref).all()  # the count the formula adds is real
+
+
+def test_flops_ratios_table_counts_both_paddings(tmp_path):
+    """benchmarks.flops_ratios: per point the batch_max and static ratios, a table and a JSON beside it;
+    at rho=1.0 static runs every row (ratio 1 up to the class row's scoring) and batch_max saves."""
+    import json
+
+    from benchmarks.flops_ratios import main
+
+    out = tmp_path / "ratios.json"
+    main(["--models", "vit_tiny_patch16_224", "--points", "multi rho=1.0", "single K=48", "--images", "2",
+          "--out", str(out)])
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["multi rho=1.0"]["static"]["ratio"] == pytest.approx(1.0, abs=0.02)
+    assert rows["multi rho=1.0"]["batch_max"]["ratio"] > rows["multi rho=1.0"]["static"]["ratio"]
+    assert rows["single K=48"]["static"]["ratio"] > 1.5
+    for padding in ("batch_max", "static"):
+        r = rows["single K=48"][padding]
+        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
+    assert "| vit_tiny_patch16_224 | single K=48 |" in out.with_suffix(".md").read_text()

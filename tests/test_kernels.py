@@ -68,14 +68,9 @@ def test_scores_kernel(shape, dtype, masked, score):
 
 @pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: f"T{s[2]}H{s[1]}")
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
-@pytest.mark.parametrize("all_heads", [False, True], ids=["per-head", "all-heads"])
-def test_head_scores_kernel(monkeypatch, shape, masked, all_heads):
-    """One program per (head, token chunk, image), or per (token chunk, image) over every head
-    (``scores.ALL_HEADS``): the class row's logits (-inf at padded keys) and ||V_j||, which the
-    sampling kernel combines into scores."""
-    from ats_fx.kernels import scores
-
-    monkeypatch.setattr(scores, "ALL_HEADS", all_heads)
+def test_head_scores_kernel(shape, masked):
+    """One program per (head, token chunk, image): the class row's logits (-inf at padded keys)
+    and ||V_j||, which the sampling kernel combines into scores."""
     B, H, T, D, p = shape
     q, k, v = qkv(B, H, T, D, torch.float16, seed=3)
     mask = padding_mask(B, T) if masked else None
@@ -524,7 +519,7 @@ def _stage_front(q, k, v, mask, p, width):
     return index, out_mask, kept, attention_rows(q, k, v, index, mask, q.shape[-1] ** -0.5)
 
 
-@pytest.mark.parametrize("switch", ["scores.LAST_IMAGE_FIRST", "scores.ALL_HEADS", "pdl.ENABLED", "attention_rows.ONE_RUN_LOOP",
+@pytest.mark.parametrize("switch", ["scores.LAST_IMAGE_FIRST", "pdl.ENABLED", "attention_rows.ONE_RUN_LOOP",
                                     "attention_rows.Q_FIRST"])
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
 def test_kernel_switches_change_nothing_but_speed(monkeypatch, switch, masked):

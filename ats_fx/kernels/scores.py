@@ -65,51 +65,6 @@ def _head_logits_kernel(
 
 
 @triton.jit
-def _head_logits_tokens_kernel(
-    Q, K, V, MASK, LOGITS, VNORM,
-    sqb, sqh, sqd,
-    skb, skh, skt, skd,
-    svb, svh, svt, svd,
-    smb, smt,
-    T, H, D, scale,
-    HAS_MASK: tl.constexpr, USE_VNORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr, LAST_IMAGE_FIRST: tl.constexpr, PDL: tl.constexpr,
-):
-    """One (token chunk, image), every head at once (``ALL_HEADS``): in a fused qkv projection's
-    output a token's keys of all heads are one contiguous run, and so are its values, so each
-    program reads whole runs instead of one head's 2 * dh bytes per token."""
-    wait_for_previous_kernel(PDL)
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    b = tl.program_id(1).to(tl.int64)
-    if LAST_IMAGE_FIRST:
-        b = tl.num_programs(1) - 1 - b
-    h = tl.arange(0, BLOCK_H)
-    inside, head = t < T, h < H
-    real = inside
-    if HAS_MASK:
-        real &= tl.load(MASK + b * smb + t * smt, mask=inside, other=0) != 0
-    logits = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-    vsq = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        q = tl.load(Q + b * sqb + h[:, None] * sqh + d[None, :] * sqd, mask=head[:, None] & (d[None, :] < D),
-                    other=0.0).to(tl.float32)
-        tile = inside[:, None, None] & head[None, :, None] & (d[None, None, :] < D)
-        k = tl.load(K + b * skb + t[:, None, None] * skt + h[None, :, None] * skh + d[None, None, :] * skd,
-                    mask=tile, other=0.0)
-        logits += tl.sum(k.to(tl.float32) * q[None, :, :], axis=2)
-        if USE_VNORM:
-            v = tl.load(V + b * svb + t[:, None, None] * svt + h[None, :, None] * svh + d[None, None, :] * svd,
-                        mask=tile, other=0.0).to(tl.float32)
-            vsq += tl.sum(v * v, axis=2)
-    out = (b * H + h[None, :]) * T + t[:, None]
-    stored = inside[:, None] & head[None, :]
-    tl.store(LOGITS + out, tl.where(real[:, None], logits * scale, float("-inf")), mask=stored)
-    tl.store(VNORM + out, tl.sqrt(vsq) if USE_VNORM else tl.full([BLOCK_T, BLOCK_H], 1.0, tl.float32),
-             mask=stored)
-
-
-@triton.jit
 def combine_heads(LOGITS, VNORM, b, t, T, H, scored, BLOCK_H: tl.constexpr):
     """(S, bad) of image ``b``: each head's softmax over its logits row times ||V_j||, summed over
     the heads and normalised over the scored tokens; uniform over them (bad = True) when the sum
@@ -153,19 +108,14 @@ def _normalise_kernel(LOGITS, VNORM, MASK, S, BAD, smb, smt, T, H, num_prefix,
 # batch 64 (4.3 vs 5.3 us at 172 tokens).
 BLOCK_T = 32
 NUM_WARPS = 8
+# (Session 23 tried one program per (token chunk, image) over every head, reading a token's keys
+# of all heads as one run: 134.9 vs 125.4 us over DeiT-S rho=0.87's nine batch-256 stage widths on
+# the H200, and 2.6 vs 1.9 us at batch 1 (results/head_logits_s23.md, code in commit 005292f). Not adopted.)
 # Images in reverse order. The projection that made q, k and v wrote the last images last, so
 # those are still in L2 (50 MB on H100; K and V of DeiT-S at batch 256 are 77 MB) when this kernel
 # starts; and the attention kernel after it, which goes through the images in order, then starts
 # on the images this one read last.
 LAST_IMAGE_FIRST = True
-# One program per (token chunk, image) reading every head (``_head_logits_tokens_kernel``) instead
-# of one per (head, token chunk, image). Off until timed on a GPU (benchmarks/stage_kernels.py,
-# switch scores.ALL_HEADS): the per-head kernel reads K and V at ~2.9 TB/s at batch 256 (27 us for
-# DeiT-S's 77 MB at 197 tokens, trace_s22_ro_b256.txt).
-ALL_HEADS = False
-# Elements of K (and of V) per program of the all-heads kernel: tokens x padded heads x head dims.
-ALL_HEADS_ELEMENTS = 4096
-ALL_HEADS_WARPS = 4
 
 
 def head_scores(
@@ -185,19 +135,13 @@ def head_scores(
     block_d = min(triton.next_power_of_2(D), 64)
     mask = key_mask if key_mask is not None else out  # dummy pointer when HAS_MASK is False
     pdl = use_pdl(q)
-    strides = (q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), mask.stride(0), mask.stride(-1))
-    if ALL_HEADS:
-        block_h = triton.next_power_of_2(H)
-        tokens = max(2, min(triton.next_power_of_2(T), ALL_HEADS_ELEMENTS // (block_h * block_d)))
-        _head_logits_tokens_kernel[(triton.cdiv(T, tokens), B)](
-            q, k, v, mask, out[0], out[1], *strides, T, H, D, float(scale),
-            HAS_MASK=key_mask is not None, USE_VNORM=score == "attn_vnorm", BLOCK_T=tokens, BLOCK_H=block_h,
-            BLOCK_D=block_d, LAST_IMAGE_FIRST=LAST_IMAGE_FIRST, PDL=pdl, num_warps=ALL_HEADS_WARPS,
-            **launch_options(pdl),
-        )
-        return out
     _head_logits_kernel[(H, triton.cdiv(T, block_t), B)](
-        q, k, v, mask, out[0], out[1], *strides, T, H, D, float(scale),
+        q, k, v, mask, out[0], out[1],
+        q.stride(0), q.stride(1), q.stride(3),
+        k.stride(0), k.stride(1), k.stride(2), k.stride(3),
+        v.stride(0), v.stride(1), v.stride(2), v.stride(3),
+        mask.stride(0), mask.stride(-1),
+        T, H, D, float(scale),
         HAS_MASK=key_mask is not None, USE_VNORM=score == "attn_vnorm",
         BLOCK_T=block_t, BLOCK_D=block_d, LAST_IMAGE_FIRST=LAST_IMAGE_FIRST, PDL=pdl,
         num_warps=NUM_WARPS, **launch_options(pdl),
