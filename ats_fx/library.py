@@ -227,7 +227,7 @@ def _attention_rows_flops(q_shape, k_shape, v_shape, index_shape, mask_shape, sc
     """FlopCounterMode's count for ``ats_fx::attention_rows``: what it counts for SDPA on the
     gathered query rows, the reference path (padded keys included, as SDPA with a mask counts
     them). Without it ``ats_fx.count_flops`` counted no attention on CUDA, where this op runs, and
-    GPU FLOPs ratios came out high (DeiT-S rho=0.87: 1.549 against 1.497 counted on the CPU)."""
+    GPU FLOPs ratios came out high (DeiT-S rho=0.87: 1.549 against 1.496 counted on the CPU)."""
     from torch.utils.flop_counter import sdpa_flop_count
 
     B, H, _, D = q_shape

@@ -12,14 +12,12 @@ Per-image ratios spread because K' is adaptive: min and max are given.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-from pathlib import Path
 
 import torch
 
 import ats_fx
-from benchmarks.throughput import OPERATING_POINTS, environment
+from benchmarks.throughput import OPERATING_POINTS, environment, run_and_report
 
 log = logging.getLogger("benchmarks.flops_ratios")
 
@@ -70,14 +68,7 @@ def main(argv=None) -> None:
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = p.parse_args(argv)
-    results = run(args)
-    text = table(results)
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        Path(args.out).with_suffix(".md").write_text(text + "\n")
-    print(text)
+    run_and_report(p.parse_args(argv), run, table, needs_cuda=False)
 
 
 if __name__ == "__main__":

@@ -173,11 +173,11 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def run_and_report(args, run_fn, table_fn) -> None:
-    """The GPU benchmarks' common ending: run, print the markdown table, and with ``--out`` write
-    the JSON and the table beside it (.md)."""
+def run_and_report(args, run_fn, table_fn, needs_cuda: bool = True) -> None:
+    """The benchmarks' common ending: run, print the markdown table, and with ``--out`` write
+    the JSON and the table beside it (.md). ``needs_cuda``: refuse to start without a GPU."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not torch.cuda.is_available():
+    if needs_cuda and not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
     results = run_fn(args)
     text = table_fn(results)
