@@ -22,6 +22,8 @@
 #   compile_threads=1, which cut a cold point to ~3.5 min (session 22: ViT-B 64 1.404x, DeiT-S 256 1.374x;
 #   since then backend='ats' and benchmarks.compiled's dense same-compile set it under max-autotune anyway).
 #   Session 21: CALLS_PER_GRAPH=20 POINTS=deit_small_patch16_224:1 finished, 1.020x (session22.md).
+#   Session 24: the last 20 cells (batches 64 and 1, CONFIGS of the five other points; commands in
+#   benchmarks/results/session24.md). max_autotune_cache_s24.tgz holds every choice so far, all batches.
 #   device run: POINTS="..." bash benchmarks/sessions/s15_run.sh [LIMIT_S]
 set -u
 export PYTHONUNBUFFERED=1
