@@ -223,6 +223,41 @@ def _attention_rows_fake(q, k, v, index, key_mask, scale):
     return q.new_empty((B, T if index is None else index.shape[1], H, v.shape[-1])).transpose(1, 2)
 
 
+@torch.library.custom_op("ats_fx::overlapped_stage", mutates_args=())
+def overlapped_stage_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
+                        ratio: Optional[float], k_tokens: Optional[int], score: str,
+                        width: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A static-width stage with the sampling beside the attention (``overlap.py``): ``(out, index,
+    mask, kept, budget)``, the outputs of ``sample_tokens`` then ``attention_rows``; forward only."""
+    return _overlapped_direct(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width)
+
+
+@overlapped_stage_op.register_fake
+def _overlapped_stage_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width):
+    index, mask, kept, budget = _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score,
+                                                    width, False, "triton")
+    B, H, T, D = q.shape
+    out = q.new_empty((B, width, H, v.shape[-1])).transpose(1, 2)
+    return out, index, mask, kept, budget
+
+
+def overlapped_stage(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
+                     ratio: Optional[float], k_tokens: Optional[int], score: str, width: int) -> tuple:
+    """``ats_fx::overlapped_stage`` (the registered op when tracing, else a direct call):
+    ``(out, index, mask, kept, budget)``."""
+    args = (q.detach(), k.detach(), v.detach(), key_mask, num_prefix, scale, ratio, k_tokens, score, width)
+    if tracing(q):
+        return torch.ops.ats_fx.overlapped_stage(*args)
+    return _overlapped_direct(*args)  # eager: no dispatcher overhead
+
+
+def _overlapped_direct(*args) -> tuple:
+    from .overlap import overlapped_stage_attention
+
+    out, index, mask, kept, budget = overlapped_stage_attention(*args)
+    return out, index, mask.view(torch.bool), kept, budget
+
+
 def _attention_rows_flops(q_shape, k_shape, v_shape, index_shape, mask_shape, scale, *, out_shape, **kwargs) -> int:
     """FlopCounterMode's count for ``ats_fx::attention_rows``: what it counts for SDPA on the
     gathered query rows, the reference path (padded keys included, as SDPA with a mask counts
@@ -234,11 +269,24 @@ def _attention_rows_flops(q_shape, k_shape, v_shape, index_shape, mask_shape, sc
     return sdpa_flop_count((B, H, out_shape[2], D), k_shape, v_shape)
 
 
+def _overlapped_stage_flops(q_shape, k_shape, v_shape, mask_shape, num_prefix, scale, ratio, k_tokens, score, width,
+                            *, out_shape, **kwargs) -> int:
+    """FlopCounterMode's count for ``ats_fx::overlapped_stage``: the kept rows' attention, as for
+    ``attention_rows``. (It computes every row's, where that costs no more time than the kept
+    rows': the FLOPs ratio stays the method's, not this schedule's.)"""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    B, H, _, D = q_shape
+    return sdpa_flop_count((B, H, width, D), k_shape, v_shape)
+
+
 def _register_flop_formula() -> None:
     from torch.utils import flop_counter
 
     if torch.ops.ats_fx.attention_rows not in flop_counter.flop_registry:  # a re-import registers once
         flop_counter.register_flop_formula(torch.ops.ats_fx.attention_rows)(_attention_rows_flops)
+    if torch.ops.ats_fx.overlapped_stage not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(torch.ops.ats_fx.overlapped_stage)(_overlapped_stage_flops)
 
 
 _register_flop_formula()

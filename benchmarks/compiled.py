@@ -155,12 +155,15 @@ def mode_label(mode: str, args) -> str:
 
 
 def kernel_switch(target: str):
-    """``(module, attribute)`` of a switch named like ``"pdl.ENABLED"`` in ``ats_fx.kernels``; an
-    AttributeError for a misspelt one."""
+    """``(module, attribute)`` of a switch named like ``"pdl.ENABLED"`` in ``ats_fx.kernels`` (or,
+    like ``"overlap.MODE"``, in ``ats_fx``); an AttributeError for a misspelt one."""
     import importlib
 
     module_name, attr = target.strip().rsplit(".", 1)
-    module = importlib.import_module(f"ats_fx.kernels.{module_name}")
+    try:
+        module = importlib.import_module(f"ats_fx.kernels.{module_name}")
+    except ModuleNotFoundError:
+        module = importlib.import_module(f"ats_fx.{module_name}")
     getattr(module, attr)
     return module, attr
 

@@ -286,6 +286,12 @@ def attention_rows(
     return F.scaled_dot_product_attention(rows, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (B, W) of ``x`` (B, H, T, dh) for each image: (B, H, W, dh)."""
+    B, H, _, dh = x.shape
+    return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], dh))
+
+
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -120,6 +120,7 @@ def sample_with_budget(
     width: Optional[int],
     bad: Optional[torch.Tensor],
     stats: bool = True,
+    out: Optional[tuple] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """The library's path: K computed in the kernel. ``scores`` are normalised (B, T) with their
     fallback flags ``bad``, or the per-head logits and value norms (2, B, H, T) of
@@ -127,8 +128,17 @@ def sample_with_budget(
 
     Returns ``(index, mask, kept, budget, stats, bad)``; ``stats`` = [max_b K'_b + p, any(bad),
     -min_b K'_b - p] (int32, on the device; None unless asked for): one host read gives the
-    batch width, the NaN check and whether any image is padded."""
-    return _launch(scores, key_mask, num_prefix, width, ratio=ratio, k=k, bad=bad, want_stats=stats)
+    batch width, the NaN check and whether any image is padded. ``out``: the buffers
+    ``empty_outputs`` made, for a caller that allocates on one stream and launches on another."""
+    return _launch(scores, key_mask, num_prefix, width, ratio=ratio, k=k, bad=bad, want_stats=stats, out=out)
+
+
+def empty_outputs(B: int, T: int, W: int, device: torch.device) -> tuple:
+    """Uninitialised ``(index, mask, kept, budget, bad)`` for ``sample_with_budget(out=...)`` on
+    per-head logits (``bad`` is written by the kernel)."""
+    return (torch.empty(B, W, device=device, dtype=torch.int64), torch.empty(B, W, device=device, dtype=torch.int8),
+            torch.empty(B, device=device, dtype=torch.int64), torch.empty(B, device=device, dtype=torch.int64),
+            torch.empty(B, device=device, dtype=torch.int8))
 
 
 # Warps per program (one program per image); None: 4 up to 256 tokens, else 8. 4 was the fastest
@@ -145,7 +155,8 @@ def _float64_bits(x: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(x)))[0]
 
 
-def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None, bad=None, want_stats=False):
+def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None, bad=None, want_stats=False,
+            out=None):
     from_heads = scores.dim() == 4  # (2, B, H, T): logits and value norms
     B, T = scores.shape[-3 if from_heads else 0], scores.shape[-1]
     H = scores.shape[2] if from_heads else 1
@@ -153,14 +164,18 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     scores = scores.contiguous().float()
     device = scores.device
     # Every slot below min(W, T) is written (the slots are a permutation of the tokens).
-    index = torch.empty(B, W, device=device, dtype=torch.int64)
-    out_mask = torch.empty(B, W, device=device, dtype=torch.int8)
-    kept = torch.empty(B, device=device, dtype=torch.int64)
     given = budget is not None
-    if not given:
-        budget = torch.empty(B, device=device, dtype=torch.int64)
-    if from_heads:
-        bad = torch.empty(B, device=device, dtype=torch.int8)
+    if out is not None:  # the caller's buffers (empty_outputs), for per-head logits and no budget
+        assert from_heads and not given and W <= T
+        index, out_mask, kept, budget, bad = out
+    else:
+        index = torch.empty(B, W, device=device, dtype=torch.int64)
+        out_mask = torch.empty(B, W, device=device, dtype=torch.int8)
+        kept = torch.empty(B, device=device, dtype=torch.int64)
+        if not given:
+            budget = torch.empty(B, device=device, dtype=torch.int64)
+        if from_heads:
+            bad = torch.empty(B, device=device, dtype=torch.int8)
     # The stats buffer needs a fill (one more launch): only when the caller reads it.
     stats = torch.full((3,), -(2**30), device=device, dtype=torch.int32) if want_stats else None
     mask = key_mask if key_mask is not None else scores

@@ -125,12 +125,15 @@ def head_scores(
     key_mask: Optional[torch.Tensor],
     scale: float,
     score: str = "attn_vnorm",
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """(2, B, H, T) float32: each head's class-row logits (``scale`` applied, -inf at padded keys)
     and ‖V_j‖ (1 with ``score="attn"``). ``q, k, v`` are (B, H, T, dh) with any strides; only
-    the class row of q is read. ``combine_heads`` turns them into scores."""
+    the class row of q is read. ``combine_heads`` turns them into scores. ``out``: a contiguous
+    (2, B, H, T) float32 buffer to write instead of a new one."""
     B, H, T, D = k.shape
-    out = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32)
     block_t = BLOCK_T
     block_d = min(triton.next_power_of_2(D), 64)
     mask = key_mask if key_mask is not None else out  # dummy pointer when HAS_MASK is False
