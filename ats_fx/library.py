@@ -236,8 +236,7 @@ def overlapped_stage_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tens
 def _overlapped_stage_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width):
     index, mask, kept, budget = _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score,
                                                     width, False, "triton")
-    B, H, T, D = q.shape
-    out = q.new_empty((B, width, H, v.shape[-1])).transpose(1, 2)
+    out = q.new_empty((q.shape[0], width, q.shape[1], v.shape[-1])).transpose(1, 2)
     return out, index, mask, kept, budget
 
 
@@ -274,10 +273,7 @@ def _overlapped_stage_flops(q_shape, k_shape, v_shape, mask_shape, num_prefix, s
     """FlopCounterMode's count for ``ats_fx::overlapped_stage``: the kept rows' attention, as for
     ``attention_rows``. (It computes every row's, where that costs no more time than the kept
     rows': the FLOPs ratio stays the method's, not this schedule's.)"""
-    from torch.utils.flop_counter import sdpa_flop_count
-
-    B, H, _, D = q_shape
-    return sdpa_flop_count((B, H, width, D), k_shape, v_shape)
+    return _attention_rows_flops(q_shape, k_shape, v_shape, None, mask_shape, scale, out_shape=out_shape[0])
 
 
 def _register_flop_formula() -> None:

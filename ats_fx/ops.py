@@ -92,7 +92,8 @@ class ATSStage(nn.Module):
             # Talking heads (CaiT) or no class token: the whole attention matrix, scored from its rows.
             out, index, mask, kept, budget, padded = self._from_weights(q, k, v, key_mask, width, strict, bias, mix,
                                                                         dropout_p)
-        elif self.selection == "ats" and bias is None and overlap.use_overlap(q, k, v, key_mask, width, self.kernels, dropout_p):
+        elif (self.selection == "ats" and bias is None
+              and overlap.use_overlap(q, k, v, key_mask, width, self.kernels, dropout_p)):
             # A small static batch: sampling on a side stream beside every row's attention.
             out, index, mask, kept, budget = library.overlapped_stage(
                 q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width)

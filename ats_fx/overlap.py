@@ -25,6 +25,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import library
+
 # Overlap when batch x heads is at most this share of the GPU's SMs. On the H200 (132 SMs) the
 # overlapped stage was 3-12% faster than the sequential one at every masked stage shape up to
 # B x H = 96 (ViT-B to batch 8, DeiT-S to 16), mixed at 192 and slower past it
@@ -66,8 +68,6 @@ def use_overlap(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], wid
     """The stage may run overlapped: static width, inference on the Triton kernels, a key mask or
     ``UNMASKED``, and ``overlap_pays``. (The caller has checked: plain ATS selection, a class token,
     no bias.)"""
-    from . import library
-
     return ((key_mask is not None or UNMASKED) and width >= 0 and dropout_p == 0.0 and library.use_triton(q, kernels)
             and not library.needs_grad(q, k, v) and overlap_pays(q))
 
