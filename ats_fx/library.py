@@ -226,25 +226,28 @@ def _attention_rows_fake(q, k, v, index, key_mask, scale):
 @torch.library.custom_op("ats_fx::overlapped_stage", mutates_args=())
 def overlapped_stage_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
                         ratio: Optional[float], k_tokens: Optional[int], score: str,
-                        width: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        width: int, gather: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A static-width stage with the sampling beside the attention (``overlap.py``): ``(out, index,
-    mask, kept, budget)``, the outputs of ``sample_tokens`` then ``attention_rows``; forward only."""
-    return _overlapped_direct(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width)
+    mask, kept, budget)``, the outputs of ``sample_tokens`` then ``attention_rows``; forward only.
+    With ``gather=False`` ``out`` holds every query row (B, H, T, dh), not the kept ones."""
+    return _overlapped_direct(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather)
 
 
 @overlapped_stage_op.register_fake
-def _overlapped_stage_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width):
+def _overlapped_stage_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather=True):
     index, mask, kept, budget = _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score,
                                                     width, False, "triton")
-    out = q.new_empty((q.shape[0], width, q.shape[1], v.shape[-1])).transpose(1, 2)
+    rows = width if gather else q.shape[2]
+    out = q.new_empty((q.shape[0], rows, q.shape[1], v.shape[-1])).transpose(1, 2)
     return out, index, mask, kept, budget
 
 
 def overlapped_stage(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
-                     ratio: Optional[float], k_tokens: Optional[int], score: str, width: int) -> tuple:
+                     ratio: Optional[float], k_tokens: Optional[int], score: str, width: int,
+                     gather: bool = True) -> tuple:
     """``ats_fx::overlapped_stage`` (the registered op when tracing, else a direct call):
-    ``(out, index, mask, kept, budget)``."""
-    args = (q.detach(), k.detach(), v.detach(), key_mask, num_prefix, scale, ratio, k_tokens, score, width)
+    ``(out, index, mask, kept, budget)``; ``gather=False``: ``out`` is every row's attention."""
+    args = (q.detach(), k.detach(), v.detach(), key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather)
     if tracing(q):
         return torch.ops.ats_fx.overlapped_stage(*args)
     return _overlapped_direct(*args)  # eager: no dispatcher overhead
@@ -269,11 +272,12 @@ def _attention_rows_flops(q_shape, k_shape, v_shape, index_shape, mask_shape, sc
 
 
 def _overlapped_stage_flops(q_shape, k_shape, v_shape, mask_shape, num_prefix, scale, ratio, k_tokens, score, width,
-                            *, out_shape, **kwargs) -> int:
-    """FlopCounterMode's count for ``ats_fx::overlapped_stage``: the kept rows' attention, as for
-    ``attention_rows``. (It computes every row's, where that costs no more time than the kept
-    rows': the FLOPs ratio stays the method's, not this schedule's.)"""
-    return _attention_rows_flops(q_shape, k_shape, v_shape, None, mask_shape, scale, out_shape=out_shape[0])
+                            gather=True, *, out_shape, **kwargs) -> int:
+    """FlopCounterMode's count for ``ats_fx::overlapped_stage``: the kept rows' attention (``width``
+    of them), as for ``attention_rows``. (It computes every row's, where that costs no more time
+    than the kept rows': the FLOPs ratio stays the method's, not this schedule's.)"""
+    B, H, _, D = q_shape
+    return _attention_rows_flops(q_shape, k_shape, v_shape, None, mask_shape, scale, out_shape=(B, H, width, D))
 
 
 def _register_flop_formula() -> None:

@@ -65,6 +65,10 @@ class ATSStage(nn.Module):
         self.ratio, self.k, self.score, self.padding, self.dropout_p = ratio, k, score, padding, dropout_p
         self.kernels, self.selection = kernels, selection
         self.compiled = False  # set by the "ats" torch.compile backend
+        # Set by passes/defer.py when only row-wise ops (the output projection) lie between this
+        # stage's output and the residual add: an overlapped stage then returns every row and the
+        # add gathers the kept rows of both sides (its 5th output says which rows ``out`` holds).
+        self.defer_gather = False
         self.last: Optional[StageTrace] = None
 
     def extra_repr(self) -> str:
@@ -88,6 +92,7 @@ class ATSStage(nn.Module):
                 bias = bias.reshape(-1, *bias.shape[-2:])[None]
             bias = bias.expand(q.shape[0], -1, -1, -1)
         dropout_p = self.dropout_p if self.training else 0.0
+        every_row = False  # out holds the kept rows (True: every input row, for a deferred gather)
         if mix is not None or self.num_prefix == 0:
             # Talking heads (CaiT) or no class token: the whole attention matrix, scored from its rows.
             out, index, mask, kept, budget, padded = self._from_weights(q, k, v, key_mask, width, strict, bias, mix,
@@ -96,8 +101,10 @@ class ATSStage(nn.Module):
               and overlap.use_overlap(q, k, v, key_mask, width, self.kernels, dropout_p)):
             # A small static batch: sampling on a side stream beside every row's attention.
             out, index, mask, kept, budget = library.overlapped_stage(
-                q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width)
+                q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width,
+                not self.defer_gather)
             padded = None
+            every_row = self.defer_gather
         else:
             if self.selection == "ats":
                 index, mask, kept, budget, padded = library.sample(
@@ -122,7 +129,7 @@ class ATSStage(nn.Module):
             # Eager, and no image of this batch is padded: later layers need no key mask, which
             # keeps their attention on the flash kernels (a masked SDPA measured ~3x slower).
             mask = None
-        return out, index, mask, new_positions
+        return out, index, mask, new_positions, every_row
 
     def _from_weights(self, q, k, v, key_mask, width: int, strict: bool, bias, mix, dropout_p: float):
         """The stage on a materialised attention matrix A: scores from A's class row, or its mean
@@ -189,19 +196,22 @@ def token_gather(x: torch.Tensor, index: torch.Tensor, batch_dim: int, token_dim
 
 
 def gather_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, batch_dim: int, token_dim: int,
-               kernels: str = "auto") -> torch.Tensor:
+               kernels: str = "auto", every_row: bool = False) -> torch.Tensor:
     """``token_gather(x, index) + y``: the residual add after a stage (``passes/fuse.py`` puts it
-    in). On CUDA at inference one Triton pass over memory; under ``torch.compile`` the two ops,
-    which Inductor fuses itself."""
+    in). With ``every_row`` (a deferred gather, ``passes/defer.py``) ``y`` has the rows of ``x``
+    and is gathered too: ``token_gather(x + y, index)``. On CUDA at inference one Triton pass over
+    memory; under ``torch.compile`` the ops, which Inductor fuses itself."""
     if (
         batch_dim == 0 and token_dim == 1 and x.dim() == 3 and x.dtype == y.dtype
-        and tuple(y.shape) == (x.shape[0], index.shape[1], x.shape[2])
+        and tuple(y.shape) == ((x.shape if every_row else (x.shape[0], index.shape[1], x.shape[2])))
         and x.is_contiguous() and y.is_contiguous()
         and not library.tracing(x) and library.use_triton(x, kernels) and not library.needs_grad(x, y)
     ):
         from .kernels.gather_add import gather_add as triton_gather_add
 
-        return triton_gather_add(x, index, y)
+        return triton_gather_add(x, index, y, every_row)
+    if every_row:
+        y = token_gather(y, index, batch_dim, token_dim)
     return token_gather(x, index, batch_dim, token_dim) + y
 
 

@@ -12,9 +12,15 @@ inside CUDA graphs (``mode="reduce-overhead"``) the fork and join become graph e
 is allocated on the current stream before the fork, and the join comes before any of them is
 returned, so the caching allocator never sees a tensor used on a stream it was not made on.
 
-Measured (H200, reduce-overhead, batch 1, interleaved_s25_overlap*.md): stages 3-11 at rho=0.87
-0.993x -> 1.000x dense for ViT-B and 1.015x -> 1.019x for DeiT-S; at rho=1.0 0.953x -> 0.985x
-and 0.975x -> 1.002x; single-stage points unchanged (within 0.006x).
+With ``gather=False`` the copy goes too: ``passes/defer.py`` moves the gather past the output
+projection into the residual add, where Inductor (or the ``gather_add`` kernel) reads both operands
+at the kept rows in the one pass it makes anyway.
+
+Measured (H200, reduce-overhead, batch 1, stages 3-11, against dense same-compile): ViT-B
+rho=1.0/0.87/0.72 0.947/0.993/1.038x sequential, 0.981/0.994/1.034x overlapped with the gather in
+the stage, 1.009/1.026/1.069x with the deferred gather; DeiT-S 0.972/1.011/1.052x,
+1.001/1.020/1.052x, 1.038/1.056/1.089x (interleaved_s26_ro_*.md). At ViT-B batch 8 and DeiT-S
+batch 16 all three are within 0.003x (interleaved_s26_mid_*.md).
 """
 from __future__ import annotations
 
@@ -74,10 +80,12 @@ def use_overlap(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], wid
 
 def overlapped_stage_attention(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
-    ratio: Optional[float], k_tokens: Optional[int], score: str, width: int,
+    ratio: Optional[float], k_tokens: Optional[int], score: str, width: int, gather: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, index, mask, kept, budget)`` of a static-width stage (``width`` = K + p), as
-    ``sample_tokens`` followed by ``attention_rows``, with the sampling on a side stream."""
+    ``sample_tokens`` followed by ``attention_rows``, with the sampling on a side stream. With
+    ``gather=False`` ``out`` is every row's attention (B, H, T, dh), for a graph that gathers the
+    kept rows after the output projection instead (``passes/defer.py``)."""
     from .kernels.attention_rows import launch_attention
     from .kernels.gather_rows import gather_rows
     from .kernels.sample import empty_outputs, sample_with_budget
@@ -99,4 +107,16 @@ def overlapped_stage_attention(
     full = launch_attention(q, k, v, None, key_mask, scale, T)
     if side is not None:
         main.wait_stream(side)
-    return gather_rows(full, index), index, mask, kept, budget
+    return (gather_rows(full, index) if gather else full), index, mask, kept, budget
+
+
+@contextlib.contextmanager
+def disabled():
+    """Every stage sequential inside the block (``ats_fx.count_flops``: the overlapped stage with a
+    deferred gather projects every row, and the count is the method's, not that schedule's)."""
+    global MODE
+    saved, MODE = MODE, "off"
+    try:
+        yield
+    finally:
+        MODE = saved
