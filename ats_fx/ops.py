@@ -201,9 +201,10 @@ def gather_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, batch_dim:
     in). With ``every_row`` (a deferred gather, ``passes/defer.py``) ``y`` has the rows of ``x``
     and is gathered too: ``token_gather(x + y, index)``. On CUDA at inference one Triton pass over
     memory; under ``torch.compile`` the ops, which Inductor fuses itself."""
+    rows = x.shape[1] if every_row else index.shape[1]
     if (
         batch_dim == 0 and token_dim == 1 and x.dim() == 3 and x.dtype == y.dtype
-        and tuple(y.shape) == ((x.shape if every_row else (x.shape[0], index.shape[1], x.shape[2])))
+        and tuple(y.shape) == (x.shape[0], rows, x.shape[2])
         and x.is_contiguous() and y.is_contiguous()
         and not library.tracing(x) and library.use_triton(x, kernels) and not library.needs_grad(x, y)
     ):

@@ -156,6 +156,17 @@ MODELS = {
 }
 
 
+@pytest.fixture
+def overlap_mode(monkeypatch):
+    """Set ``ats_fx.overlap.MODE`` for one test ("on" runs the overlapped stage on the CPU too)."""
+    from ats_fx import overlap
+
+    def set_mode(mode: str):
+        monkeypatch.setattr(overlap, "MODE", mode)
+
+    return set_mode
+
+
 @pytest.fixture(params=sorted(MODELS))
 def model_case(request):
     return request.param

@@ -17,48 +17,22 @@ from conftest import MODELS, logits
 from test_kernels import DEVICE
 
 
-@pytest.fixture
-def overlap_mode(monkeypatch):
-    def set_mode(mode: str):
-        monkeypatch.setattr(overlap, "MODE", mode)
-
-    return set_mode
-
-
 def _stages(model) -> list:
     return sorted((m for m in model.modules() if isinstance(m, ops.ATSStage)), key=lambda m: m.layer)
 
 
-def _record_every_row(model) -> tuple[list, list]:
-    """Each stage call's fifth output (True: it returned every row); and the hook handles."""
-    seen, handles = [], []
-    for stage in _stages(model):
-        handles.append(stage.register_forward_hook(lambda m, args, out: seen.append(out[4])))
-    return seen, handles
-
-
-@pytest.mark.parametrize("name", ["timm_deit_small", "timm_deit3_layerscale", "hf_vit_sdpa", "torchvision_vit",
-                                  "hf_dinov2"])
-def test_deferred_model_equals_sequential(name, overlap_mode):
-    factory, _, chw = MODELS[name]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = factory().to(DEVICE)
-        x = torch.randn(2, *chw).to(DEVICE)
-    ats = ats_fx.transform(model, "1-3", ratio=0.6, padding="static", kernels="triton")
-    assert [s.defer_gather for s in _stages(ats)] == [True, True, True]
-    seen, handles = _record_every_row(ats)
+def _by_mode(model, x, overlap_mode) -> dict:
+    """The model's output with the sequential stage ("off") and the overlapped one ("on")."""
     outs = {}
     for mode in ("off", "on"):
         overlap_mode(mode)
-        seen.clear()
         with torch.no_grad():
-            outs[mode] = logits(ats(x))
-        # sequential: the kept rows come out of the stage; overlapped: every row, gathered at the add
-        assert seen == [mode == "on"] * 3
-    for h in handles:
-        h.remove()
-    torch.testing.assert_close(outs["on"], outs["off"], atol=1e-5, rtol=1e-5)
+            outs[mode] = logits(model(x))
+    return outs
+
+
+# The whole-model comparison over five families, deferred and not, is
+# test_overlap.py::test_model_overlapped_equals_sequential.
 
 
 def test_rho_one_deferred_equals_sequential(overlap_mode):
@@ -68,11 +42,8 @@ def test_rho_one_deferred_equals_sequential(overlap_mode):
     model = factory().to(DEVICE)
     x = torch.randn(2, *chw).to(DEVICE)
     ats = ats_fx.transform(model, "1-3", ratio=1.0, padding="static", kernels="triton")
-    outs = {}
-    for mode in ("off", "on"):
-        overlap_mode(mode)
-        with torch.no_grad():
-            outs[mode] = logits(ats(x))
+    assert all(s.defer_gather for s in _stages(ats))
+    outs = _by_mode(ats, x, overlap_mode)
     torch.testing.assert_close(outs["on"], outs["off"], atol=1e-5, rtol=1e-5)
 
 
@@ -120,12 +91,7 @@ def test_only_row_wise_chains_defer(mix_tokens, overlap_mode):
     ats = ats_fx.transform(model, "1-2", ratio=0.6, padding="static", kernels="triton",
                            example_inputs=torch.randn(2, 3, 32, 32).to(DEVICE))
     assert [s.defer_gather for s in _stages(ats)] == [not mix_tokens] * 2
-    x = torch.randn(3, 3, 32, 32).to(DEVICE)
-    outs = {}
-    for mode in ("off", "on"):
-        overlap_mode(mode)
-        with torch.no_grad():
-            outs[mode] = ats(x)
+    outs = _by_mode(ats, torch.randn(3, 3, 32, 32).to(DEVICE), overlap_mode)
     torch.testing.assert_close(outs["on"], outs["off"], atol=1e-5, rtol=1e-5)
 
 
