@@ -4,10 +4,10 @@
     python -m benchmarks.compiled --models deit_small_patch16_224 --modes reduce-overhead --batches 1 256
 
 Each (model, configuration, mode) compiles once with a dynamic batch (``mark_dynamic``), then is
-timed at every batch size (``triton.testing.do_bench``, median). Modes: ``default`` (Inductor;
-ATS with ``padding="batch_max"``, whose width is an unbacked SymInt), ``reduce-overhead`` (CUDA
-graphs; ATS with ``padding="static"``: fixed shapes, no host sync) and ``max-autotune`` (also CUDA
-graphs, so also static padding).
+timed at every batch size (``triton.testing.do_bench``, median). Modes: ``default`` (Inductor, no
+CUDA graphs), ``reduce-overhead`` (CUDA graphs) and ``max-autotune`` (also CUDA graphs). ATS pads
+statically (fixed shapes, no host sync), the backend's default; a configuration label ending in
+``:batch_max`` (``"multi rho=0.87:batch_max"``, mode default only) asks for the unbacked width.
 Each configuration is timed right after its own compile, minutes apart from the dense baseline;
 for speed-up ratios ``benchmarks.interleaved`` times all configurations in alternating rounds of
 one process (drift between the two lands in neither). Compile time is the wall time of the first
@@ -38,7 +38,7 @@ DENSE_SAME_COMPILE = "dense same-compile"
 
 
 def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = False, inductor: Optional[dict] = None,
-                  patch_gemm: bool = True):
+                  patch_gemm: bool = True, padding: Optional[str] = None):
     # max-autotune also tunes every pointwise/reduction kernel by coordinate descent on its first
     # run (serially, in the main process): minutes per distinct kernel shape set.
     extra = dict(inductor or {})
@@ -66,9 +66,10 @@ def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = Fa
 
             return torch.compile(model, options={**list_mode_options(mode), **extra})
         return torch.compile(model, mode=None if mode == "default" else mode)
+    label, padding = split_padding(label, padding)
     _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
     options = {"stages": stages, "ratio": ratio, "k": k, "mode": mode,  # padding: static under CUDA graphs
-               "patch_gemm": patch_gemm}
+               "patch_gemm": patch_gemm, "padding": padding}
     if extra:
         options["inductor_options"] = extra
     options = {key: v for key, v in options.items() if v is not None}
@@ -186,14 +187,23 @@ def set_switches(variant: Optional[str]):
     return restore
 
 
-def flops_of(base, label: str, x, padding: str = "batch_max") -> float:
-    """FLOPs per image of ``label`` on the first 4 images of ``x``. ``batch_max`` counts the rows ATS keeps
-    (the method's FLOPs); ``static`` the K + p rows that the CUDA-graph modes run (at rho=1.0 every row)."""
+def split_padding(label: str, padding: Optional[str] = None) -> tuple[str, Optional[str]]:
+    """``"multi rho=0.87:static"`` -> (``"multi rho=0.87"``, ``"static"``): an operating point with the
+    padding it names, else ``padding``."""
+    point, _, named = label.partition(":")
+    return point, named or padding
+
+
+def flops_of(base, label: str, x, padding: str = "batch_max", images: int = 4) -> float:
+    """FLOPs per image of ``label`` on the first ``images`` images of ``x`` (one batch). ``batch_max``
+    counts the rows ATS keeps, up to the batch's largest K' + p; ``static`` the K + p rows that the
+    CUDA-graph modes run (at rho=1.0 every row). A ``:padding`` suffix of ``label`` overrides ``padding``."""
     if label in ("dense", DENSE_SAME_COMPILE):
-        return float(ats_fx.count_flops(base, x[:4]).mean())
+        return float(ats_fx.count_flops(base, x[:images]).mean())
+    label, padding = split_padding(label, padding)
     _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
     model = ats_fx.transform(base, stages, ratio=ratio, k=k, padding=padding, check_inputs=False)
-    return float(ats_fx.count_flops(model, x[:4]).mean())
+    return float(ats_fx.count_flops(model, x[:images]).mean())
 
 
 def run(args) -> dict:

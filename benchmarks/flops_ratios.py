@@ -42,6 +42,10 @@ def run(args) -> dict:
                 ratios = dense / per_image
                 row[padding] = dict(gflops=per_image.mean().item(), ratio=dense / per_image.mean().item(),
                                     ratio_min=ratios.min().item(), ratio_max=ratios.max().item())
+            for batch in args.batch_counts:  # one batch of the first `batch` images, padded to its widest image
+                model = ats_fx.transform(base, stages, ratio=ratio, k=k, padding="batch_max", check_inputs=False)
+                gflops = ats_fx.count_flops(model, x[:batch], per_image=False).item()
+                row[f"batch_max_b{batch}"] = dict(gflops=gflops, ratio=dense / gflops)
             results["rows"].append(row)
             log.info("%s", row)
     return results
@@ -49,14 +53,17 @@ def run(args) -> dict:
 
 def table(results: dict) -> str:
     env = results["env"]
+    batch_keys = [k for k in results["rows"][0] if k.startswith("batch_max_b")] if results["rows"] else []
     lines = [f"torch {env['torch']}, {env['date']}, CPU, float32; {results['images']} random images (seed "
              f"{results['seed']}), each counted alone; ratio = dense GFLOPs / mean ATS GFLOPs, [min, max] over "
              "the images.", "",
-             "| model | point | dense GFLOPs | batch_max ratio [min, max] | static ratio [min, max] |",
-             "|---|---|---|---|---|"]
+             "| model | point | dense GFLOPs | batch_max ratio [min, max] | static ratio [min, max] |"
+             + "".join(f" batch_max, one batch of {k.split('_b')[-1]} |" for k in batch_keys),
+             "|---|---|---|---|---|" + "---|" * len(batch_keys)]
     for r in results["rows"]:
         cells = [f"{r[p]['ratio']:.3f} [{r[p]['ratio_min']:.3f}, {r[p]['ratio_max']:.3f}]"
                  for p in ("batch_max", "static")]
+        cells += [f"{r[key]['ratio']:.3f}" for key in batch_keys]
         lines.append(f"| {r['model']} | {r['config']} | {r['dense_gflops']:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -67,6 +74,9 @@ def main(argv=None) -> None:
     p.add_argument("--points", nargs="+", default=POINTS, choices=POINTS)
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-counts", type=int, nargs="*", default=[], metavar="B",
+                   help="also count batch_max on one batch of the first B images (B <= --images): the rows a "
+                        "batch really runs, padded to its largest K' + p")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     run_and_report(p.parse_args(argv), run, table, needs_cuda=False)
 

@@ -34,10 +34,9 @@ from pathlib import Path
 
 import torch
 
-from ats_fx.compile import CUDA_GRAPH_MODES
 from benchmarks.compiled import (DENSE_SAME_COMPILE, add_autotune_options, add_graph_replay_options,
                                  add_inductor_option, compile_model, flops_of, graph_replay_scope,
-                                 parse_inductor_options, set_autotune_rep, set_switches)
+                                 parse_inductor_options, set_autotune_rep, set_switches, split_padding)
 from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment, run_and_report
 
 
@@ -88,7 +87,8 @@ def run(args) -> dict:
             if timing is not None:
                 autotune_timing[label] = str(timing)
             flops[label] = flops_of(base, point, inputs[args.batches[-1]])
-            if args.mode in CUDA_GRAPH_MODES and label not in baselines:  # the backend pads statically there
+            # The backend pads statically unless a label asks for batch_max (and the CUDA-graph modes refuse it).
+            if label not in baselines and split_padding(point)[1] != "batch_max":
                 static_flops[label] = flops_of(base, point, inputs[args.batches[-1]], padding="static")
         times = {(label, b): [] for label in labels for b in args.batches}
         for r in range(args.rounds):
@@ -182,9 +182,10 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
     args = p.parse_args(argv)
     args.inductor = parse_inductor_options(args.inductor)
-    unknown = set(args.configs) - {q[0] for q in OPERATING_POINTS}
+    unknown = {c for c in args.configs if split_padding(c)[0] not in {q[0] for q in OPERATING_POINTS}}
     if unknown:
-        raise SystemExit(f"unknown configs {sorted(unknown)}: one of {[q[0] for q in OPERATING_POINTS]}")
+        raise SystemExit(f"unknown configs {sorted(unknown)}: one of {[q[0] for q in OPERATING_POINTS]}, "
+                         "optionally with ':static' or ':batch_max' (the padding, in mode default)")
     run_and_report(args, run, table)
 
 

@@ -134,12 +134,16 @@ def test_flops_ratios_table_counts_both_paddings(tmp_path):
 
     out = tmp_path / "ratios.json"
     main(["--models", "vit_tiny_patch16_224", "--points", "multi rho=1.0", "single K=48", "--images", "2",
-          "--out", str(out)])
+          "--batch-counts", "2", "--out", str(out)])
     rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    # One batch computes its widest image's rows: between static padding and the images alone.
+    rho1 = rows["multi rho=1.0"]
+    assert rho1["static"]["ratio"] - 1e-9 <= rho1["batch_max_b2"]["ratio"] <= rho1["batch_max"]["ratio"] + 1e-9
     assert rows["multi rho=1.0"]["static"]["ratio"] == pytest.approx(1.0, abs=0.02)
     assert rows["multi rho=1.0"]["batch_max"]["ratio"] > rows["multi rho=1.0"]["static"]["ratio"]
     assert rows["single K=48"]["static"]["ratio"] > 1.5
     for padding in ("batch_max", "static"):
         r = rows["single K=48"][padding]
         assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
-    assert "| vit_tiny_patch16_224 | single K=48 |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| vit_tiny_patch16_224 | single K=48 |" in table and "one batch of 2" in table

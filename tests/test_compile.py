@@ -54,8 +54,8 @@ def test_kept_tokens_changing_does_not_recompile():
     factory, _, chw = MODELS["timm_deit_small"]
     model = factory()
     calls: list = []
-    compiled = torch.compile(model, backend=counting_backend(calls), options=OPTIONS)
-    eager = ats_fx.transform(model, **OPTIONS)
+    compiled = torch.compile(model, backend=counting_backend(calls), options={**OPTIONS, "padding": "batch_max"})
+    eager = ats_fx.transform(model, padding="batch_max", **OPTIONS)
     widths = set()
     with torch.no_grad():
         for seed in range(6):
@@ -166,14 +166,16 @@ def test_compiled_position_dependent_models_match_eager(name, size, padding):
     assert (kept.max(dim=1).values > kept.min(dim=1).values).any()  # padding exercised
 
 
-def test_cuda_graph_modes_default_to_static_padding():
+def test_every_mode_defaults_to_static_padding():
+    """Static padding needs no host read and no data-dependent shapes: the backend's default in every
+    mode (the CUDA-graph modes refuse batch_max); batch_max stays one option away."""
     from ats_fx.compile import parse_options
 
-    for mode in ("reduce-overhead", "max-autotune"):
-        kw, _, _, got_mode = parse_options({"stages": "1", "mode": mode})
-        assert kw["padding"] == "static" and got_mode == mode
-    kw, _, _, _ = parse_options({"stages": "1", "mode": "max-autotune-no-cudagraphs"})
-    assert "padding" not in kw
+    for mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+        kw, _, _, got_mode = parse_options({"stages": "1", **({"mode": mode} if mode else {})})
+        assert kw["padding"] == "static" and got_mode == (None if mode == "default" else mode)
+    kw, _, _, _ = parse_options({"stages": "1", "padding": "batch_max", "mode": "max-autotune-no-cudagraphs"})
+    assert kw["padding"] == "batch_max"
 
 
 def test_import_registers_the_backend_without_the_entry_point():
