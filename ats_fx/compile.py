@@ -247,8 +247,8 @@ def parse_options(options: Optional[dict]) -> tuple[dict, str, Optional[dict], O
         raise ATSConfigError(f"mode={mode!r}: use one of torch.compile's modes, e.g. 'reduce-overhead'")
     # Static padding by default in every mode: the same logits as batch_max, with no host read per
     # stage and no data-dependent shapes. Under mode default (H200, batch 256, rho=0.87) static ran
-    # DeiT-S at 0.74-0.92x dense against 0.55-0.62x with batch_max, and ViT-B/16 at 1.60x against
-    # 1.05x (benchmarks/results/session27.md).
+    # DeiT-S at 0.74-0.92x dense against 0.55-0.62x with batch_max, and ViT-B/16 at 1.51x batch_max's
+    # throughput (benchmarks/results/session27.md).
     options.setdefault("padding", "static")
     if mode in CUDA_GRAPH_MODES and options["padding"] != "static":
         # CUDA graphs need fixed shapes: batch_max's width is data-dependent (and read on the host).
