@@ -68,7 +68,7 @@ def compile_model(model, label: str, mode: str, no_coordinate_descent: bool = Fa
         return torch.compile(model, mode=None if mode == "default" else mode)
     label, padding = split_padding(label, padding)
     _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == label)
-    options = {"stages": stages, "ratio": ratio, "k": k, "mode": mode,  # padding: static under CUDA graphs
+    options = {"stages": stages, "ratio": ratio, "k": k, "mode": mode,  # padding None: the backend's (static)
                "patch_gemm": patch_gemm, "padding": padding}
     if extra:
         options["inductor_options"] = extra

@@ -78,7 +78,10 @@ def main(argv=None) -> None:
                    help="also count batch_max on one batch of the first B images (B <= --images): the rows a "
                         "batch really runs, padded to its largest K' + p")
     p.add_argument("--out", help="JSON path; a markdown table is written beside it (.md)")
-    run_and_report(p.parse_args(argv), run, table, needs_cuda=False)
+    args = p.parse_args(argv)
+    if any(b > args.images for b in args.batch_counts):
+        p.error(f"--batch-counts {args.batch_counts}: each batch must fit in --images {args.images}")
+    run_and_report(args, run, table, needs_cuda=False)
 
 
 if __name__ == "__main__":

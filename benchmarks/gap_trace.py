@@ -5,7 +5,7 @@ syncs, and the longest gaps between kernels with the kernel before each (issue 4
         --configs "dense same-compile" "multi rho=1.0:static" "multi rho=1.0:batch_max"
 
 A config is an operating point of ``benchmarks.throughput`` with ``:padding`` (ATS only), or
-"eager:<point>:<padding>" for the uncompiled ``ats_fx.transform``. Each is timed with ``do_bench``
+"eager:<point>[:<padding>]" for the uncompiled ``ats_fx.transform``. Each is timed with ``do_bench``
 (median), then 5 forwards are recorded under ``torch.profiler`` (CPU and CUDA). Per forward: the
 kernels' summed time, the span from the first kernel's start to the last one's end, the time the
 host spent in ``cudaStreamSynchronize``/``cudaMemcpy*`` (where ``batch_max`` reads widths), and the
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import ats_fx
-from benchmarks.compiled import DENSE_SAME_COMPILE, compile_model, set_switches
+from benchmarks.compiled import DENSE_SAME_COMPILE, compile_model, set_switches, split_padding
 from benchmarks.throughput import OPERATING_POINTS, bench_ms, environment
 
 CALLS = 5
@@ -31,15 +31,13 @@ SYNC_CALLS = ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaMemcpy", "cudaDev
 
 
 def build(base, config: str, mode: str):
-    """The model a config names, and its padding (None for dense)."""
-    if config.startswith("eager:"):
-        _, point, padding = config.split(":")
-        _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == point)
-        return ats_fx.transform(base, stages, ratio=ratio, k=k, padding=padding, check_inputs=False)
-    if config in ("dense", DENSE_SAME_COMPILE):
-        return compile_model(base, config, mode)
-    point, padding = config.split(":")
-    return compile_model(base, point, mode, padding=padding)
+    """The model a config names: compiled as ``benchmarks.compiled`` compiles it, or with "eager:" the
+    plain ``ats_fx.transform``."""
+    if not config.startswith("eager:"):
+        return compile_model(base, config, mode)  # which reads a ":padding" suffix
+    point, padding = split_padding(config.removeprefix("eager:"), "batch_max")
+    _, stages, ratio, k = next(p for p in OPERATING_POINTS if p[0] == point)
+    return ats_fx.transform(base, stages, ratio=ratio, k=k, padding=padding, check_inputs=False)
 
 
 def record(model, x) -> dict:
@@ -69,13 +67,12 @@ def record(model, x) -> dict:
     for e in gpu:
         by_kernel[e.name[:90]] += e.time_range.elapsed_us() / CALLS
     sync = defaultdict(lambda: [0, 0.0])
-    for e in cpu:
-        if e.name in SYNC_CALLS:
-            sync[e.name][0] += 1
-            sync[e.name][1] += e.time_range.elapsed_us()
     cpu_ops = defaultdict(float)
     for e in cpu:
         cpu_ops[e.name[:90]] += e.time_range.elapsed_us() / CALLS
+        if e.name in SYNC_CALLS:
+            sync[e.name][0] += 1
+            sync[e.name][1] += e.time_range.elapsed_us()
     return dict(
         kernels=len(gpu) / CALLS, kernel_us=busy / CALLS, span_us=span / CALLS,
         idle_us=(span - busy) / CALLS,

@@ -95,29 +95,6 @@ def test_only_row_wise_chains_defer(mix_tokens, overlap_mode):
     torch.testing.assert_close(outs["on"], outs["off"], atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_deferred_equals_eager(overlap_mode):
-    """Under torch.compile the overlapped op returns every row (its fake says so) and the add
-    gathers; one graph, same logits as the eager sequential model."""
-    overlap_mode("on")
-    torch._dynamo.reset()
-    factory, _, chw = MODELS["timm_deit_small"]
-    model = factory().to(DEVICE)
-    options = {"stages": "1-3", "ratio": 0.6, "padding": "static", "kernels": "triton"}
-    eager = ats_fx.transform(model, **options)
-    compiled = torch.compile(model, backend="ats", options=options)
-    try:
-        with torch.no_grad():
-            for seed in range(2):
-                x = torch.randn(2, *chw, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
-                got = logits(compiled(x))
-                overlap_mode("off")
-                want = logits(eager(x))
-                overlap_mode("on")
-                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    finally:
-        torch._dynamo.reset()
-
-
 def test_flops_are_the_methods_with_a_deferred_gather(overlap_mode):
     """``count_flops`` counts the sequential stage (the projection of the kept rows only), and the
     overlapped op's formula counts its kept rows whatever it returns."""
