@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 from torch.fx import Interpreter
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
-from . import ops, overlap
+from . import dispatch, ops
 from .config import PerStage, Stages, make_options
 from .errors import ATSConfigError, ATSInputError, ATSUnsupportedModel
 from .passes.capture import capture, example_inputs_for
@@ -316,7 +316,7 @@ def count_flops(model: nn.Module, inputs: torch.Tensor, *, per_image: bool = Tru
     out = []
     # The sequential stages: an overlapped one may project every row (passes/defer.py), and the
     # count is the method's, not that schedule's.
-    with torch.no_grad(), _frozen(model), overlap.disabled():
+    with torch.no_grad(), _frozen(model), dispatch.sequential_stages():
         for x in batches:
             counter = _flop_counter()
             with counter:

@@ -14,63 +14,22 @@ and autograd goes through it.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .errors import ATSInputError
+from . import overlap
+from .dispatch import needs_grad, tracing, use_triton
 from .kernels import reference
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "triton", "reference")
 # The fewest rows a batch_max stage returns: the prefix and one sampled token, and at least 2 so
 # the compiler knows the token axis never broadcasts (with no prefix, CaiT, a stage can keep one
 # token; it then gets a padding row).
 MIN_WIDTH = 2
-
-
-def triton_available() -> bool:
-    """Triton kernels can run: on a CUDA device, or anywhere under ``TRITON_INTERPRET=1``."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover - triton ships with torch on Linux
-        return False
-    return True
-
-
-_reference_only = 0  # > 0 inside ``reference_kernels()``
-
-
-@contextlib.contextmanager
-def reference_kernels():
-    """Run every ATS op on its PyTorch reference inside this block, whatever ``kernels`` says.
-    ``transform`` validates the rewritten graph this way on the example input, so a CPU model
-    transformed with ``kernels="triton"`` (to be moved to the GPU afterwards) validates too."""
-    global _reference_only
-    _reference_only += 1
-    try:
-        yield
-    finally:
-        _reference_only -= 1
-
-
-def use_triton(x: Tensor, kernels: str) -> bool:
-    """``kernels="auto"``: Triton on CUDA for float32/16/bf16; the reference elsewhere."""
-    if kernels == "reference" or _reference_only:
-        return False
-    if kernels == "triton":
-        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise ATSInputError(
-                "kernels='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the "
-                "CPU, slowly); use kernels='auto' to fall back to the PyTorch reference"
-            )
-        return True
-    return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available()
 
 
 def raise_bad(bad: Tensor) -> None:
@@ -254,9 +213,7 @@ def overlapped_stage(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
 
 
 def _overlapped_direct(*args) -> tuple:
-    from .overlap import overlapped_stage_attention
-
-    out, index, mask, kept, budget = overlapped_stage_attention(*args)
+    out, index, mask, kept, budget = overlap.overlapped_stage_attention(*args)
     return out, index, mask.view(torch.bool), kept, budget
 
 
@@ -315,19 +272,6 @@ def _launch(q, k, v, index, key_mask, scale):
     from .kernels.attention_rows import launch_attention
 
     return launch_attention(q, k, v, index, key_mask, scale, q.shape[2] if index is None else index.shape[1])
-
-
-def needs_grad(*xs: Tensor) -> bool:
-    """Autograd will want a gradient through one of ``xs`` (the Triton kernels have no backward)."""
-    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
-
-
-def tracing(x: Tensor) -> bool:
-    """True under Dynamo, export or any tracing/dispatch mode: then the registered op must be called.
-    Plain eager calls skip the dispatcher's custom-op overhead (tens of microseconds per call)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or type(x) is not Tensor
 
 
 def sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *args) -> tuple:

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import library, overlap
+from . import dispatch, library
 from .kernels import reference
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class ATSStage(nn.Module):
 
     def forward(self, q, k, v, key_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor] = None, mix: Optional[tuple] = None):
-        tracing = library.tracing(q)
+        tracing = dispatch.tracing(q)
         # batch_max reads the batch width back to the host anyway, and raises on NaN scores with it.
         # static never synchronises (CUDA graphs; eager GPU time overlaps the host's): it falls back
         # to uniform scores and the NaN reaches the logits (ATS-NOTES §1).
@@ -93,12 +93,13 @@ class ATSStage(nn.Module):
             bias = bias.expand(q.shape[0], -1, -1, -1)
         dropout_p = self.dropout_p if self.training else 0.0
         every_row = False  # out holds the kept rows (True: every input row, for a deferred gather)
-        if mix is not None or self.num_prefix == 0:
+        path = dispatch.stage_path(q, k, v, key_mask, num_prefix=self.num_prefix, width=width, kernels=self.kernels,
+                                   selection=self.selection, dropout_p=dropout_p, bias=bias, mix=mix)
+        if path == "weights":
             # Talking heads (CaiT) or no class token: the whole attention matrix, scored from its rows.
             out, index, mask, kept, budget, padded = self._from_weights(q, k, v, key_mask, width, strict, bias, mix,
                                                                         dropout_p)
-        elif (self.selection == "ats" and bias is None
-              and overlap.use_overlap(q, k, v, key_mask, width, self.kernels, dropout_p)):
+        elif path == "overlapped":
             # A small static batch: sampling on a side stream beside every row's attention.
             out, index, mask, kept, budget = library.overlapped_stage(
                 q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width,
@@ -106,7 +107,7 @@ class ATSStage(nn.Module):
             padded = None
             every_row = self.defer_gather
         else:
-            if self.selection == "ats":
+            if path == "sampled":
                 index, mask, kept, budget, padded = library.sample(
                     q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
                     self.kernels, bias,
@@ -206,7 +207,7 @@ def gather_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, batch_dim:
         batch_dim == 0 and token_dim == 1 and x.dim() == 3 and x.dtype == y.dtype
         and tuple(y.shape) == (x.shape[0], rows, x.shape[2])
         and x.is_contiguous() and y.is_contiguous()
-        and not library.tracing(x) and library.use_triton(x, kernels) and not library.needs_grad(x, y)
+        and not dispatch.tracing(x) and dispatch.use_triton(x, kernels) and not dispatch.needs_grad(x, y)
     ):
         from .kernels.gather_add import gather_add as triton_gather_add
 

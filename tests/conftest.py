@@ -158,11 +158,11 @@ MODELS = {
 
 @pytest.fixture
 def overlap_mode(monkeypatch):
-    """Set ``ats_fx.overlap.MODE`` for one test ("on" runs the overlapped stage on the CPU too)."""
-    from ats_fx import overlap
+    """Set ``ats_fx.dispatch.OVERLAP`` for one test ("on" runs the overlapped stage on the CPU too)."""
+    from ats_fx import dispatch
 
     def set_mode(mode: str):
-        monkeypatch.setattr(overlap, "MODE", mode)
+        monkeypatch.setattr(dispatch, "OVERLAP", mode)
 
     return set_mode
 

@@ -91,22 +91,24 @@ def test_flops_of_cait_count_and_fall():
     assert (ats < 0.8 * dense).all() and all(p.requires_grad for p in model.parameters())
 
 
-def test_flops_of_static_padding_counts_the_rows_it_runs():
-    """benchmarks.compiled.flops_of: at rho=1.0 static padding runs every row (dense FLOPs), while
+def test_static_padding_counts_the_rows_it_runs():
+    """At rho=1.0 static padding runs every row (dense FLOPs, plus the class row's scoring), while
     batch_max counts only the rows ATS keeps; where K + p is under the token count static saves too."""
-    from benchmarks.compiled import DENSE_SAME_COMPILE, flops_of
     from conftest import timm_model
+
+    def gflops(model, x, **kw):
+        return float(ats_fx.count_flops(ats_fx.transform(model, **kw) if kw else model, x).mean())
 
     base = timm_model("vit_tiny_patch16_224", img_size=64, depth=12)
     x = torch.randn(4, 3, 64, 64)
-    dense = flops_of(base, DENSE_SAME_COMPILE, x)
-    static = flops_of(base, "multi rho=1.0", x, padding="static")
-    assert static == pytest.approx(dense, rel=0.02)  # plus the class row's scoring
-    assert flops_of(base, "multi rho=1.0", x) < static
+    dense = gflops(base, x)
+    static = gflops(base, x, stages="3-11", ratio=1.0, padding="static")
+    assert static == pytest.approx(dense, rel=0.02)
+    assert gflops(base, x, stages="3-11", ratio=1.0, padding="batch_max") < static
     wide = timm_model("vit_tiny_patch16_224", img_size=128, depth=12)  # 64 patch tokens: K=48 drops rows
     x = torch.randn(4, 3, 128, 128)
-    static = flops_of(wide, "single K=48", x, padding="static")
-    assert flops_of(wide, "single K=48", x) <= static < 0.9 * flops_of(wide, DENSE_SAME_COMPILE, x)
+    static = gflops(wide, x, stages=3, k=48, padding="static")
+    assert gflops(wide, x, stages=3, k=48, padding="batch_max") <= static < 0.9 * gflops(wide, x)
 
 
 @pytest.mark.parametrize("padding", ["batch_max", "static"])
@@ -123,27 +125,3 @@ def test_flops_of_the_triton_attention_equal_the_reference_count(monkeypatch, pa
     torch.testing.assert_close(ats_fx.count_flops(fast, x), ref, rtol=1e-12, atol=0)
     monkeypatch.delitem(flop_counter.flop_registry, torch.ops.ats_fx.attention_rows)
     assert (ats_fx.count_flops(fast, x) < 0.99 * ref).all()  # the count the formula adds is real
-
-
-def test_flops_ratios_table_counts_both_paddings(tmp_path):
-    """benchmarks.flops_ratios: per point the batch_max and static ratios, a table and a JSON beside it;
-    at rho=1.0 static runs every row (ratio 1 up to the class row's scoring) and batch_max saves."""
-    import json
-
-    from benchmarks.flops_ratios import main
-
-    out = tmp_path / "ratios.json"
-    main(["--models", "vit_tiny_patch16_224", "--points", "multi rho=1.0", "single K=48", "--images", "2",
-          "--batch-counts", "2", "--out", str(out)])
-    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
-    # One batch computes its widest image's rows: between static padding and the images alone.
-    rho1 = rows["multi rho=1.0"]
-    assert rho1["static"]["ratio"] - 1e-9 <= rho1["batch_max_b2"]["ratio"] <= rho1["batch_max"]["ratio"] + 1e-9
-    assert rows["multi rho=1.0"]["static"]["ratio"] == pytest.approx(1.0, abs=0.02)
-    assert rows["multi rho=1.0"]["batch_max"]["ratio"] > rows["multi rho=1.0"]["static"]["ratio"]
-    assert rows["single K=48"]["static"]["ratio"] > 1.5
-    for padding in ("batch_max", "static"):
-        r = rows["single K=48"][padding]
-        assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
-    table = out.with_suffix(".md").read_text()
-    assert "| vit_tiny_patch16_224 | single K=48 |" in table and "one batch of 2" in table

@@ -1,7 +1,7 @@
 """The deferred gather (``passes/defer.py``): an overlapped stage returns every row, the output
 projection runs on all of them, and the residual add gathers the kept rows of both operands. The
 model must give what the sequential stage gives; a chain that is not row-wise keeps the gather
-in the stage. On the CPU the overlapped stage runs on Triton's interpreter (``overlap.MODE="on"``)."""
+in the stage. On the CPU the overlapped stage runs on Triton's interpreter (``dispatch.OVERLAP="on"``)."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import ats_fx
-from ats_fx import ops, overlap
+from ats_fx import dispatch, ops
 from ats_fx.kernels.gather_add import gather_add
 from conftest import MODELS, logits
 from test_kernels import DEVICE
@@ -106,7 +106,7 @@ def test_flops_are_the_methods_with_a_deferred_gather(overlap_mode):
     want = ats_fx.count_flops(ats, x, per_image=False)
     overlap_mode("on")
     assert torch.equal(ats_fx.count_flops(ats, x, per_image=False), want)
-    assert overlap.MODE == "on"  # count_flops restored it
+    assert dispatch.OVERLAP == "on"  # count_flops restored it
     counted = {}
     for defer in (False, True):
         for stage in _stages(ats):

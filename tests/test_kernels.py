@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ats_fx
-from ats_fx import library, ops
+from ats_fx import dispatch, library, ops
 from ats_fx.errors import ATSInputError
 from ats_fx.kernels import reference
 from ats_fx.kernels.attention_rows import attention_rows
@@ -380,11 +380,11 @@ def test_sample_tokens_op_strict_raises_on_nan():
 
 def test_kernels_switch():
     q = torch.zeros(1, 1, 4, 4)
-    assert not library.use_triton(q, "reference")
-    assert not library.use_triton(q, "auto")  # CPU tensors take the reference unless forced
-    assert not library.use_triton(q.double().to(DEVICE), "auto")  # float64 keeps float64 scores
-    with library.reference_kernels():
-        assert not library.use_triton(q, "triton")
+    assert not dispatch.use_triton(q, "reference")
+    assert not dispatch.use_triton(q, "auto")  # CPU tensors take the reference unless forced
+    assert not dispatch.use_triton(q.double().to(DEVICE), "auto")  # float64 keeps float64 scores
+    with dispatch.reference_kernels():
+        assert not dispatch.use_triton(q, "triton")
 
 
 def test_cpu_model_transforms_with_triton_kernels_for_the_gpu(monkeypatch):

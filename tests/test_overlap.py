@@ -1,14 +1,14 @@
 """The overlapped static stage (``ats_fx/overlap.py``): sampling on a side stream beside every
 row's attention, then a gather of the kept rows. It must give exactly what the sequential stage
 gives (same kept tokens, same rows), eagerly, compiled and under FlopCounterMode. On the CPU
-the same steps run on Triton's interpreter without streams (``overlap.MODE = "on"``)."""
+the same steps run on Triton's interpreter without streams (``dispatch.OVERLAP = "on"``)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import ats_fx
-from ats_fx import library, overlap
+from ats_fx import dispatch, library
 from ats_fx.passes import defer as defer_pass
 from ats_fx.kernels import reference
 from ats_fx.kernels.attention_rows import launch_attention
@@ -97,22 +97,37 @@ def test_model_overlapped_equals_sequential(name, defer, overlap_mode, monkeypat
     torch.testing.assert_close(outs["on"], outs["off"], atol=1e-5, rtol=1e-5)
 
 
+def _overlaps(q, k, width: int, kernels: str, dropout_p: float) -> bool:
+    return dispatch.stage_path(q, k, q, None, num_prefix=1, width=width, kernels=kernels, selection="ats",
+                               dropout_p=dropout_p, bias=None, mix=None) == "overlapped"
+
+
 def test_training_and_batch_max_never_overlap(overlap_mode):
     overlap_mode("on")
     q = torch.randn(1, 2, 9, 8, device=DEVICE)
-    assert overlap.use_overlap(q, q, q, None, 5, "triton", 0.0)
-    assert not overlap.use_overlap(q, q, q, None, -1, "triton", 0.0)  # batch_max: width unknown
-    assert not overlap.use_overlap(q, q, q, None, 5, "triton", 0.1)  # dropout
-    assert not overlap.use_overlap(q, q, q, None, 5, "reference", 0.0)
+    assert _overlaps(q, q, 5, "triton", 0.0)
+    assert not _overlaps(q, q, -1, "triton", 0.0)  # batch_max: width unknown
+    assert not _overlaps(q, q, 5, "triton", 0.1)  # dropout
+    assert not _overlaps(q, q, 5, "reference", 0.0)
     w = q.clone().requires_grad_()
-    assert not overlap.use_overlap(w, q, q, None, 5, "triton", 0.0)  # a gradient: SDPA has the backward
+    assert not _overlaps(w, q, 5, "triton", 0.0)  # a gradient: SDPA has the backward
     with torch.no_grad():
-        assert overlap.use_overlap(w, q, q, None, 5, "triton", 0.0)
+        assert _overlaps(w, q, 5, "triton", 0.0)
     overlap_mode("off")
-    assert not overlap.use_overlap(q, q, q, None, 5, "triton", 0.0)
+    assert not _overlaps(q, q, 5, "triton", 0.0)
     overlap_mode("auto")
     if DEVICE == "cpu":
-        assert not overlap.use_overlap(q, q, q, None, 5, "triton", 0.0)  # auto: CUDA only
+        assert not _overlaps(q, q, 5, "triton", 0.0)  # auto: CUDA only
+
+
+def test_every_stage_path_is_decided_in_one_place():
+    """Talking heads or no prefix: the attention weights; a baseline selection; else sampled."""
+    q = torch.randn(1, 2, 9, 8)
+    common = dict(width=5, kernels="reference", dropout_p=0.0, bias=None)
+    assert dispatch.stage_path(q, q, q, None, num_prefix=0, selection="ats", mix=None, **common) == "weights"
+    assert dispatch.stage_path(q, q, q, None, num_prefix=1, selection="ats", mix=(q,), **common) == "weights"
+    assert dispatch.stage_path(q, q, q, None, num_prefix=1, selection="topk", mix=None, **common) == "baseline"
+    assert dispatch.stage_path(q, q, q, None, num_prefix=1, selection="ats", mix=None, **common) == "sampled"
 
 
 def test_compiled_overlapped_stage_matches_eager(overlap_mode, monkeypatch):
@@ -155,57 +170,3 @@ def test_compiled_overlapped_stage_matches_eager(overlap_mode, monkeypatch):
         torch._dynamo.reset()
     assert len(graphs) == 1
     assert len(calls) == 2 * 3 * 2  # two calls, three stages, the compiled and the eager model
-
-
-def test_benchmark_variants_can_switch_the_overlap_off():
-    from benchmarks.compiled import set_switches
-
-    restore = set_switches("seq:overlap.MODE='off'")
-    try:
-        assert overlap.MODE == "off"
-    finally:
-        restore()
-    assert overlap.MODE == "auto"
-
-
-def _count_overlapped(monkeypatch) -> list:
-    calls = []
-    real = library._overlapped_direct
-
-    def counted(*args):
-        calls.append(args[3] is None)  # True: a first stage (no key mask)
-        return real(*args)
-
-    monkeypatch.setattr(library, "_overlapped_direct", counted)
-    return calls
-
-
-def test_first_stage_stays_sequential_without_unmasked(overlap_mode, monkeypatch):
-    overlap_mode("on")
-    monkeypatch.setattr(overlap, "UNMASKED", False)
-    factory, _, chw = MODELS["timm_deit_small"]
-    model = factory().to(DEVICE)
-    ats = ats_fx.transform(model, "1-3", ratio=0.6, padding="static", kernels="triton")
-    calls = _count_overlapped(monkeypatch)
-    with torch.no_grad():
-        ats(torch.randn(2, *chw).to(DEVICE))
-    assert calls == [False, False]  # stages 2 and 3, which have the key mask of stage 1
-
-
-def test_dynamic_batch_compiles_the_sequential_stage(overlap_mode, monkeypatch):
-    """A symbolic batch size cannot be checked against the GPU's size: the graph keeps the two ops."""
-    overlap_mode("on")
-    torch._dynamo.reset()
-    factory, _, chw = MODELS["timm_deit_small"]
-    model = factory().to(DEVICE)
-    options = {"stages": "1-3", "ratio": 0.6, "padding": "static", "kernels": "triton"}
-    compiled = torch.compile(model, backend="ats", options=options)
-    calls = _count_overlapped(monkeypatch)
-    x = torch.randn(3, *chw).to(DEVICE)
-    torch._dynamo.mark_dynamic(x, 0)
-    try:
-        with torch.no_grad():
-            compiled(x)
-    finally:
-        torch._dynamo.reset()
-    assert calls == []

@@ -515,6 +515,17 @@ class TokenWalk:
             node.args = (node.args[0], sizes) + tuple(node.args[2:])
         return replace(lab, dim=dim)
 
+    def rule_new_tensor(self, node: fx.Node) -> Label:
+        """``x.new_empty(sizes)`` and kin take only dtype and device from ``x``. Without the token count
+        in ``sizes`` the result has no token axis: timm's drop path draws a (B, 1, 1) keep mask this way,
+        which broadcasts over any number of tokens."""
+        lab = self.label(node.args[0])
+        tokens = concrete_shape(node.args[0])[lab.dim]
+        sizes = [int(s) if isinstance(s, int) else None for s in node.args[1]]
+        if tokens in sizes[1:]:
+            self.fail(node, f"makes a tensor of sizes {sizes}, which holds the token count {tokens}")
+        return None
+
     def rule_permute(self, node: fx.Node) -> Label:
         lab = self.label(node.args[0])
         nd = len(concrete_shape(node.args[0]))
@@ -740,6 +751,8 @@ RULES = {
     **{t: TokenWalk.rule_view for t in VIEWS},
     **{t: TokenWalk.rule_size_free_reshape for t in SIZE_FREE_RESHAPES},
     aten.expand.default: TokenWalk.rule_expand,
+    **{t: TokenWalk.rule_new_tensor for t in (aten.new_empty.default, aten.new_zeros.default,
+                                              aten.new_ones.default, aten.new_full.default)},
     aten.permute.default: TokenWalk.rule_permute,
     aten.transpose.int: TokenWalk.rule_transpose,
     aten.t.default: TokenWalk.rule_transpose,

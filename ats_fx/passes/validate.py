@@ -6,7 +6,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .. import library
+from .. import dispatch
 from ..errors import ATSUnsupportedModel
 from .graph import BATCH_PROBE, concrete
 
@@ -25,7 +25,7 @@ def validate(gm: fx.GraphModule, example: tuple, expected: list) -> None:
     keep the shapes the captured model produced."""
     flat = [x for x in pytree.tree_leaves(example)]
     try:
-        with torch.no_grad(), library.reference_kernels():
+        with torch.no_grad(), dispatch.reference_kernels():
             result = ShapeProp(gm).propagate(*flat)
     except Exception as err:
         raise ATSUnsupportedModel(f"the rewritten graph failed shape propagation: {type(err).__name__}: {err}") from err

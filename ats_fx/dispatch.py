@@ -1,0 +1,125 @@
+"""Where every ATS stage and operator decides how it runs: PyTorch reference, Triton kernels, or the
+overlapped two-stream stage. Imports no other ats_fx module but ``kernels``, so ``library``,
+``overlap`` and ``ops`` can all ask it without importing each other.
+
+A stage takes one of four paths (``stage_path``):
+
+- ``"weights"``: the attention matrix is materialised and scored from its rows (talking heads,
+  CaiT; stages without a class token). PyTorch, with autograd.
+- ``"baseline"``: the paper's top-K / random baselines (eager ablations).
+- ``"overlapped"``: a small static batch at inference on CUDA: sampling on a side stream beside every
+  row's attention (``overlap.py``).
+- ``"sampled"``: score, sample, then attend the kept rows. Each op then picks its kernel with
+  ``use_triton``: the Triton kernels on CUDA at inference, the reference elsewhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from .errors import ATSInputError
+
+# Overlapped stage policy. "auto": on CUDA when batch x heads is at most SM_SHARE of the GPU's SMs;
+# "on": always, also off CUDA (the tests run it under Triton's interpreter); "off": never.
+OVERLAP = "auto"
+# H200 (132 SMs): the overlapped stage was 3-12% faster than the sequential one at every masked stage
+# shape up to B x H = 96 (ViT-B to batch 8, DeiT-S to 16), mixed at 192 and slower past it
+# (docs/performance.md, "Small batches").
+SM_SHARE = 0.75
+# Overlap the first stage too (no key mask yet); its full attention is the Triton kernel's.
+UNMASKED = True
+
+_reference_only = 0  # > 0 inside ``reference_kernels()``
+
+
+def triton_available() -> bool:
+    """Triton can be imported (it ships with torch on Linux)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Run every ATS op on its PyTorch reference inside this block, whatever ``kernels`` says.
+    ``transform`` validates the rewritten graph this way on the example input, so a CPU model
+    transformed with ``kernels="triton"`` (to be moved to the GPU afterwards) validates too."""
+    global _reference_only
+    _reference_only += 1
+    try:
+        yield
+    finally:
+        _reference_only -= 1
+
+
+def use_triton(x: Tensor, kernels: str) -> bool:
+    """``kernels="auto"``: Triton on CUDA for float32/16/bf16; the reference elsewhere."""
+    if kernels == "reference" or _reference_only:
+        return False
+    if kernels == "triton":
+        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ATSInputError(
+                "kernels='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels on the "
+                "CPU, slowly); use kernels='auto' to fall back to the PyTorch reference"
+            )
+        return True
+    return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available()
+
+
+def needs_grad(*xs: Tensor) -> bool:
+    """Autograd will want a gradient through one of ``xs`` (the Triton kernels have no backward)."""
+    return torch.is_grad_enabled() and any(x.requires_grad for x in xs)
+
+
+def tracing(x: Tensor) -> bool:
+    """True under Dynamo, export or any tracing/dispatch mode: then the registered op must be called.
+    Plain eager calls skip the dispatcher's custom-op overhead (tens of microseconds per call)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or type(x) is not Tensor
+
+
+def overlap_pays(q: Tensor) -> bool:
+    """``OVERLAP`` allows the overlapped stage for ``q`` (B, H, T, dh) of static shape: on CUDA the
+    batch must be small enough that the two branches run side by side (``SM_SHARE``)."""
+    if OVERLAP == "off" or not all(type(n) is int for n in q.shape):
+        return False
+    if OVERLAP == "on":
+        return True
+    if not q.is_cuda:
+        return False
+    from .kernels.attention_rows import multiprocessors
+
+    return q.shape[0] * q.shape[1] <= SM_SHARE * multiprocessors(q.device)
+
+
+@contextlib.contextmanager
+def sequential_stages() -> Iterator[None]:
+    """Every stage sequential inside the block (``ats_fx.count_flops``: an overlapped stage with a
+    deferred gather projects every row, and the count is the method's, not that schedule's)."""
+    global OVERLAP
+    saved, OVERLAP = OVERLAP, "off"
+    try:
+        yield
+    finally:
+        OVERLAP = saved
+
+
+def stage_path(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *, num_prefix: int, width: int,
+               kernels: str, selection: str, dropout_p: float, bias: Optional[Tensor], mix: Optional[tuple]) -> str:
+    """The path of one stage call: ``"weights"``, ``"baseline"``, ``"overlapped"`` or ``"sampled"``
+    (see the module docstring). ``width`` is K + p for static padding, -1 for batch_max."""
+    if mix is not None or num_prefix == 0:
+        return "weights"
+    if selection != "ats":
+        return "baseline"
+    if (bias is None and (key_mask is not None or UNMASKED) and width >= 0 and dropout_p == 0.0
+            and use_triton(q, kernels) and not needs_grad(q, k, v) and overlap_pays(q)):
+        return "overlapped"
+    return "sampled"

@@ -1,0 +1,193 @@
+"""The speed matrix: ATS against the dense model run the same way, on a GPU, into the results file.
+
+    python -m benchmarks.speed                       # the whole matrix (DeiT-S, ViT-B/16, BEiTv2-B, EVA02-S)
+    python -m benchmarks.speed --models deit_small_patch16_224 --runs eager --batches 1 256
+
+For each model (timm, random weights from seed 0), each way of running it and each batch, the ATS
+configurations and the dense baseline are timed in one process, in rotating rounds
+(``harness.rounds``; wall time per call, host included). Ways of running ("runs"):
+
+- ``eager``: ``ats_fx.transform(model, stages, ratio=/k=)`` with its default arguments, against the
+  dense model; ``--eager-paddings`` adds each padding as its own configuration ("... padding=static").
+- ``compile:MODE``: ``torch.compile(model, backend="ats", options={..., "mode": MODE})`` against plain
+  ``torch.compile(model, mode=MODE)`` (``default`` is no mode). One compiled module per configuration,
+  called at every batch as a user would (Dynamo recompiles once for a dynamic batch).
+
+Rows appended per cell: ``img_s``, ``speedup`` (median over rounds against the dense model of the same
+run, with ``speedup_min``/``speedup_max``), ``speedup_vs_eager_dense`` for compiled runs, and, once per
+model and configuration, ``flops_ratio`` (dense / ATS GFLOPs per image, FlopCounterMode, the method's
+rows) and ``stage_host_us`` (host time of one eager call of the first stage at batch 1: its launches
+and the torch ops around it).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import ats_fx
+from benchmarks import harness
+
+log = logging.getLogger("benchmarks.speed")
+
+MODELS = ["deit_small_patch16_224", "vit_base_patch16_224", "beitv2_base_patch16_224", "eva02_small_patch14_224"]
+RUNS = ["eager", "compile:default", "compile:reduce-overhead"]
+DENSE = "dense"
+
+
+def point_kwargs(label: str) -> dict:
+    """``"multi rho=0.87"`` -> transform keywords (a `` padding=X`` suffix adds ``padding``)."""
+    point, _, padding = label.partition(" padding=")
+    stages, ratio, k = harness.POINTS[point]
+    kw = {"stages": stages, "ratio": ratio, "k": k}
+    if padding:
+        kw["padding"] = padding
+    return {key: v for key, v in kw.items() if v is not None}
+
+
+def eager_models(base: torch.nn.Module, configs: list[str], device, dtype) -> dict[str, torch.nn.Module]:
+    """The dense model and one ``ats_fx.transform`` per configuration (captured on the CPU in float32,
+    then moved, as a user converting a checkpoint would)."""
+    models = {DENSE: copy.deepcopy(base).to(device, dtype)}
+    for label in configs:
+        models[label] = ats_fx.transform(base, **point_kwargs(label)).to(device, dtype)
+    return models
+
+
+def compiled_models(base: torch.nn.Module, configs: list[str], mode: str, device, dtype) -> dict[str, Callable]:
+    """Plain ``torch.compile`` of the dense model and ``backend="ats"`` per configuration, same mode."""
+    torch._dynamo.reset()
+    torch_mode = None if mode == "default" else mode
+    models = {DENSE: torch.compile(copy.deepcopy(base).to(device, dtype), mode=torch_mode)}
+    for label in configs:
+        options = {**point_kwargs(label), "mode": mode}
+        models[label] = torch.compile(copy.deepcopy(base).to(device, dtype), backend="ats", options=options)
+    return models
+
+
+def flops_ratio(base: torch.nn.Module, label: str, x: torch.Tensor) -> float:
+    """Dense / ATS GFLOPs per image on ``x`` (each image alone: the method's adaptive count)."""
+    kw = {key: v for key, v in point_kwargs(label).items() if key != "padding"}
+    ats = ats_fx.transform(base, **kw)
+    dense = float(ats_fx.count_flops(base, x).mean())
+    return dense / float(ats_fx.count_flops(ats, x).mean())
+
+
+def stage_host_us(model: torch.nn.Module, x: torch.Tensor, calls: int = 200) -> float:
+    """Host time of one call of the model's first ATS stage, inputs as the forward pass gave them.
+    At batch 1 the GPU finishes each kernel long before the host issues the next, so the loop with
+    no synchronisation inside measures the host."""
+    stage = next(m for m in model.modules() if isinstance(m, ats_fx.ops.ATSStage))
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen.setdefault("call", (args, kwargs))
+
+    handle = stage.register_forward_pre_hook(grab, with_kwargs=True)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    args, kwargs = seen["call"]
+    with torch.no_grad():
+        for _ in range(10):
+            stage(*args, **kwargs)
+        harness.sync(x.device)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            stage(*args, **kwargs)
+        host = time.perf_counter() - t0
+        harness.sync(x.device)
+    return host / calls * 1e6
+
+
+def measure_run(name: str, base, run: str, configs: list[str], batches: list[int], args, device, dtype) -> list[dict]:
+    """Every batch of one (model, run): rows for the results file."""
+    if run == "eager":
+        models = eager_models(base, configs, device, dtype)
+    else:
+        models = compiled_models(base, configs, run.split(":", 1)[1], device, dtype)
+    eager_dense = None
+    if run != "eager":
+        eager_dense = copy.deepcopy(base).to(device, dtype)
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
+        fns = {label: (lambda m=m: m(x)) for label, m in models.items()}
+        if eager_dense is not None:
+            fns["eager dense"] = lambda: eager_dense(x)
+        t0 = time.time()
+        times = harness.rounds(fns, device, args.rounds, args.budget_ms)
+        ups = harness.speedups(times, DENSE)
+        cell = {"benchmark": "speed", "model": name, "run": run, "batch": batch, "dtype": args.dtype}
+        for label in models:
+            ms = sorted(times[label])[len(times[label]) // 2]
+            base_row = {**cell, "config": label}
+            rows.append({**base_row, "metric": "img_s", "value": batch / ms * 1e3})
+            if label == DENSE:
+                continue
+            med, lo, hi = ups[label]
+            rows += [{**base_row, "metric": "speedup", "value": med},
+                     {**base_row, "metric": "speedup_min", "value": lo},
+                     {**base_row, "metric": "speedup_max", "value": hi}]
+            if eager_dense is not None:
+                rows.append({**base_row, "metric": "speedup_vs_eager_dense",
+                             "value": harness.speedups(times, "eager dense")[label][0]})
+        log.info("%s %s batch %d: %s (%.0f s)", name, run, batch,
+                 ", ".join(f"{k} {v[0]:.3f}x" for k, v in ups.items() if k != DENSE), time.time() - t0)
+    if run == "eager" and 1 in batches:
+        x = torch.randn(1, 3, args.img_size, args.img_size, device=device, dtype=dtype)
+        for label, m in models.items():
+            if label != DENSE:
+                rows.append({"benchmark": "speed", "model": name, "run": "eager", "batch": 1, "dtype": args.dtype,
+                             "config": label, "metric": "stage_host_us", "value": stage_host_us(m, x)})
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--runs", nargs="+", default=RUNS, help="eager and/or compile:<mode>")
+    p.add_argument("--points", nargs="+", default=["multi rho=0.87", "single K=108"], choices=list(harness.POINTS))
+    p.add_argument("--eager-paddings", nargs="*", default=[], choices=["batch_max", "static"],
+                   help="also time eager ATS with each padding named, as its own configuration")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--budget-ms", type=float, default=200.0, help="time per measurement")
+    p.add_argument("--flops-images", type=int, default=8)
+    p.add_argument("--results", type=Path, default=harness.RESULTS)
+    p.add_argument("--deadline", type=float, default=None, help="seconds; start no new (model, run) after it")
+    p.add_argument("--device", default="cuda", help="cpu only to try the harness on small models")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks.speed needs a CUDA GPU (--device cpu only tries the harness)")
+    start = time.time()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.backends.cudnn.benchmark = True
+    for name in args.models:
+        base = harness.build_timm(name, **({"img_size": args.img_size} if args.img_size != 224 else {}))
+        configs = list(args.points) + [f"{pt} padding={pad}" for pt in args.points for pad in args.eager_paddings]
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(args.flops_images, 3, args.img_size, args.img_size, generator=g)
+        rows = [{"benchmark": "speed", "model": name, "run": "any", "batch": 0, "dtype": "float32", "config": pt,
+                 "metric": "flops_ratio", "value": flops_ratio(base, pt, x)} for pt in args.points]
+        harness.append(rows, args.results)
+        for run in args.runs:
+            if args.deadline and time.time() - start > args.deadline:
+                log.warning("deadline reached: %s %s not measured", name, run)
+                continue
+            run_configs = configs if run == "eager" else list(args.points)
+            n = harness.append(measure_run(name, base, run, run_configs, args.batches, args, device, dtype),
+                               args.results)
+            log.info("%s %s: %d rows appended to %s", name, run, n, args.results)
+
+
+if __name__ == "__main__":
+    main()
