@@ -167,7 +167,7 @@ def transform(
     ratio: PerStage = None,
     k: PerStage = None,
     score: str = "attn_vnorm",
-    padding: str = "batch_max",
+    padding: str = "auto",
     kernels: str = "auto",
     selection: str = "ats",
     example_inputs: Any = None,
@@ -185,7 +185,9 @@ def transform(
             One value, or one per stage. Defaults to 1.0 when neither ratio nor k is given.
         k: an absolute K (int >= 1) instead of ratio, one value or one per stage.
         score: ``"attn_vnorm"`` (paper eq. 3) or ``"attn"`` (no ‖V‖ factor).
-        padding: ``"batch_max"`` (truncate to the batch's largest K'+p) or ``"static"``
+        padding: ``"auto"`` (static when compiled or exported, and in eager for CUDA batches of
+            ``dispatch.AUTO_STATIC_BATCH`` images or more; batch_max otherwise), ``"batch_max"``
+            (truncate to the batch's largest K'+p; one host read per stage) or ``"static"``
             (always K+p rows: fixed shapes, no host synchronisation for the size).
         kernels: ``"auto"`` (Triton scoring and sampling on CUDA, the PyTorch reference on the
             CPU and for float64), ``"triton"`` (Triton everywhere, also for the kept-row

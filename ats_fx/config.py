@@ -10,7 +10,7 @@ Stages = Union[int, str, Iterable[int]]
 PerStage = Union[None, float, int, Sequence[Union[float, int]]]
 
 SCORES = ("attn_vnorm", "attn")
-PADDINGS = ("batch_max", "static")
+PADDINGS = ("auto", "batch_max", "static")
 KERNELS = ("auto", "triton", "reference")
 # "ats" is the paper's method; "topk" and "random" are its baselines (ablations, eager only).
 SELECTIONS = ("ats", "topk", "random")
@@ -31,7 +31,7 @@ class ATSOptions:
 
     stages: tuple[StageOptions, ...]
     score: str = "attn_vnorm"
-    padding: str = "batch_max"
+    padding: str = "auto"
     kernels: str = "auto"
     selection: str = "ats"
 
@@ -86,7 +86,7 @@ def make_options(
     ratio: PerStage = None,
     k: PerStage = None,
     score: str = "attn_vnorm",
-    padding: str = "batch_max",
+    padding: str = "auto",
     kernels: str = "auto",
     selection: str = "ats",
 ) -> ATSOptions:

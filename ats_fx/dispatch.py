@@ -33,6 +33,13 @@ SM_SHARE = 0.75
 # Overlap the first stage too (no key mask yet); its full attention is the Triton kernel's.
 UNMASKED = True
 
+# padding="auto" (transform's default) pads statically from this batch up, on CUDA in eager. Static
+# padding runs K + p rows with no host read; batch_max reads the batch's widest K' back to the host
+# every stage, which stalls the GPU's queue. H200, fp16, DeiT-S eager: at batch 256 static ran 1.25x
+# dense against batch_max's 0.92x at rho=0.87 (1.31x against 1.28x at K=108); at 64 and below the two
+# split by point, and both are host-bound there (docs/performance.md, "Padding").
+AUTO_STATIC_BATCH = 128
+
 _reference_only = 0  # > 0 inside ``reference_kernels()``
 
 
@@ -109,6 +116,19 @@ def sequential_stages() -> Iterator[None]:
         yield
     finally:
         OVERLAP = saved
+
+
+def padding_for(padding: str, q: Tensor, static_width: int) -> str:
+    """The padding a stage call runs: ``"auto"`` resolves to ``"static"`` when traced (compile, export:
+    fixed shapes, no host read) or for a CUDA batch of at least ``AUTO_STATIC_BATCH`` images, unless
+    static padding would keep every row (``static_width`` reaches the token count); else ``"batch_max"``."""
+    if padding != "auto":
+        return padding
+    if tracing(q):
+        return "static"
+    if q.is_cuda and q.shape[0] >= AUTO_STATIC_BATCH and static_width < q.shape[2]:
+        return "static"
+    return "batch_max"
 
 
 def stage_path(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *, num_prefix: int, width: int,
