@@ -5,7 +5,7 @@
     ats_fx.kept_tokens(model)               # per stage: kept positions, K' per image
     ats_fx.count_flops(model, images)       # per-image GFLOPs
 """
-from .api import ATSGraphModule, count_flops, kept_tokens, transform
+from .api import ATSGraphModule, count_flops, kept_tokens, load, save, transform
 from .errors import ATSConfigError, ATSError, ATSInputError, ATSUnsupportedModel
 from .ops import StageTrace
 from .compile import register as _register_backend
@@ -13,7 +13,7 @@ from .compile import register as _register_backend
 _register_backend()  # backend="ats" for torch.compile, also without the pip entry point
 
 __all__ = [
-    "transform", "kept_tokens", "count_flops", "ATSGraphModule", "StageTrace",
+    "transform", "kept_tokens", "count_flops", "save", "load", "ATSGraphModule", "StageTrace",
     "ATSError", "ATSConfigError", "ATSInputError", "ATSUnsupportedModel",
 ]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from typing import Any
 
@@ -40,12 +41,53 @@ class ATSGraphModule(fx.GraphModule):
             )
         return self
 
+    def __call__(self, *args, **kwargs):
+        leaves = pytree.tree_leaves((args, kwargs))
+        first = leaves[0] if leaves else None
+        if (isinstance(first, torch.Tensor) and first.dim() and first.shape[0] == 0
+                and not torch.compiler.is_compiling()):
+            return self._empty_batch(args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def _empty_batch(self, args: tuple, kwargs: dict) -> Any:
+        """An empty batch gives empty outputs of the right shapes, as the dense model does: the graph's
+        token reshapes cannot infer a size from zero elements, so run one zero image and keep none."""
+        def one(t):
+            return t.new_zeros((1, *t.shape[1:])) if isinstance(t, torch.Tensor) and t.dim() and not len(t) else t
+
+        out = super().__call__(*pytree.tree_map(one, args), **pytree.tree_map(one, kwargs))
+        for stage in self.modules():
+            if isinstance(stage, ops.ATSStage) and stage.last is not None:
+                t = stage.last
+                stage.last = ops.StageTrace(t.layer, t.module, t.positions[:0], t.kept[:0], t.budget[:0], t.width_in,
+                                            None if t.mask_in is None else t.mask_in[:0])
+        return pytree.tree_map(lambda t: t[:0] if isinstance(t, torch.Tensor) and t.dim() else t, out)
+
+    def __deepcopy__(self, memo):
+        # GraphModule's deepcopy rebuilds the module from its code: hooks and our own attributes
+        # would be lost, and with them the input checks and the capture-mode warning.
+        result = super().__deepcopy__(memo)
+        for key, value in self.__dict__.items():
+            if key.startswith("ats_"):
+                setattr(result, key, copy.deepcopy(value, memo))
+        result.register_forward_pre_hook(_check_inputs)
+        return result
+
+    def __reduce_ex__(self, protocol):
+        # torch.export leaves a guard module in the graph that pickle cannot carry, and unpickling a
+        # model runs arbitrary code: ats_fx.save keeps weights and options only.
+        raise TypeError(
+            "an ATS model cannot be pickled (torch.save(model), pickle.dumps): save it with "
+            "ats_fx.save(model, path) and rebuild it with ats_fx.load(path, original_model), which stores "
+            "the state_dict and the transform options only"
+        )
+
 
 def _check_inputs(module: ATSGraphModule, args: tuple) -> None:
     for i, (x, want) in enumerate(zip(pytree.tree_leaves(args), module.ats_input_shapes)):
         if not isinstance(x, torch.Tensor) or want is None:
             continue
-        if tuple(x.shape[1:]) != want:
+        if x.dim() == 0 or tuple(x.shape[1:]) != want:
             raise ATSInputError(
                 f"input {i} has shape {tuple(x.shape)}, but this ATS model was captured for "
                 f"(batch, {', '.join(map(str, want))}). Pass example_inputs= of the shape you will use "
@@ -160,6 +202,30 @@ def _refuse_if_no_sites(model: nn.Module, analysis: Analysis) -> None:
         raise ATSUnsupportedModel(f"{name}: no attention over tokens found ({reasons}{unmatched}){late}")
 
 
+def _refuse_wrapped(model: nn.Module) -> None:
+    """Models that capture would get wrong: already converted, compiled, or carrying hooks (export
+    bakes a hook's effect into the graph once; it would never fire or change again)."""
+    if isinstance(model, ATSGraphModule):
+        raise ATSConfigError("this model is already an ATS model (made by ats_fx.transform): transform the "
+                             "original model instead, with all the stages you want")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise ATSConfigError("this model is wrapped by torch.compile: pass the original module "
+                             "(compiled._orig_mod), or compile with torch.compile(model, backend='ats', ...)")
+    if not isinstance(model, nn.Module):
+        raise ATSConfigError(f"ats_fx.transform takes an nn.Module, not {type(model).__name__}")
+    hooked = [name or type(model).__name__ for name, m in model.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+              or getattr(m, "_backward_pre_hooks", None)]
+    if hooked:
+        more = f" and {len(hooked) - 3} more" if len(hooked) > 3 else ""
+        raise ATSUnsupportedModel(
+            f"module(s) {', '.join(hooked[:3])}{more} have forward or backward hooks. Capture would bake a hook's "
+            "effect into the graph once: a recording hook would never fire, and removing it later would change "
+            "nothing. Remove the hooks (handle.remove()) before ats_fx.transform; read what ATS kept with "
+            "ats_fx.kept_tokens(model)."
+        )
+
+
 def transform(
     model: nn.Module,
     stages: Stages,
@@ -207,6 +273,7 @@ def transform(
     """
     options = make_options(stages, ratio=ratio, k=k, score=score, padding=padding, kernels=kernels,
                            selection=selection)
+    _refuse_wrapped(model)
     gm, analysis, example = analyse(model, example_inputs)
     _refuse_if_no_sites(model, analysis)
     n = len(analysis.token_sites)
@@ -250,23 +317,79 @@ def transform(
     return result
 
 
+def _full_width_cause(stage: "ops.ATSStage", tokens: int) -> str:
+    """Why static padding keeps every row of ``stage`` for ``tokens`` input tokens."""
+    from .kernels.reference import MIN_TOKENS
+
+    real = tokens - stage.num_prefix
+    if stage.k is not None:
+        return f"layer {stage.layer}: k={stage.k} >= its {real} non-prefix tokens"
+    wanted = int(tokens * stage.ratio + 0.5)
+    if wanted < MIN_TOKENS <= tokens:
+        return (f"layer {stage.layer}: ratio={stage.ratio} of {tokens} tokens is {wanted}, under the floor of "
+                f"{MIN_TOKENS} tokens a stage always keeps, and {MIN_TOKENS} >= its {real} non-prefix tokens")
+    return f"layer {stage.layer}: ratio={stage.ratio} of {tokens} tokens is {wanted} >= its {real} non-prefix tokens"
+
+
 def _warn_if_static_keeps_every_row(model: ATSGraphModule, options) -> None:
-    """padding='static' runs K + p rows whatever K' is. Where K + p reaches the stage's input width
-    (ratio=1.0, or k >= N - p), the stage drops no row: it adds ATS's scoring and sampling and removes
-    no computation. Say so once, from the validation run's traces."""
+    """padding='static' runs K + p rows whatever K' is. Where K + p reaches the stage's input width,
+    the stage drops no row: it adds ATS's scoring and sampling and removes no computation. Say so
+    once, from the validation run's traces, with each stage's own cause."""
     if options.padding != "static":
         return
-    full = [m.last for m in model.modules() if isinstance(m, ops.ATSStage) and m.last is not None
+    full = [m for m in model.modules() if isinstance(m, ops.ATSStage) and m.last is not None
             and m.last.positions.shape[1] >= m.last.width_in]
     if full:
+        causes = "; ".join(_full_width_cause(m, m.last.width_in) for m in full)
         log.warning(
-            "padding='static' keeps every row at stage(s) %s: their budget K + prefix reaches the %s input "
-            "tokens (ratio=1.0, or k >= N - prefix), so only the duplicates ATS drops are masked, and those "
-            "stages add scoring and sampling without removing computation (H200, DeiT-S stages 3-11, "
-            "rho=1.0 under CUDA graphs: 0.95x dense at batch 256; 1.04x at batch 1, where the sampling overlaps "
-            "the attention). Use a smaller ratio or k, or padding='batch_max', "
-            "which truncates to the batch's largest K' + prefix.",
-            [t.layer for t in full], "/".join(str(w) for w in sorted({t.width_in for t in full})))
+            "padding='static' keeps every row at %d stage(s) (%s), so only the duplicates ATS drops are masked, "
+            "and those stages add scoring and sampling without removing computation. Use a smaller ratio or "
+            "k, fewer stages, or padding='batch_max', which truncates to the batch's largest K' + prefix.",
+            len(full), causes)
+
+
+SAVE_FORMAT = "ats_fx.save/1"
+
+
+def save(model: ATSGraphModule, path) -> None:
+    """Save an ATS model's weights and transform options to ``path`` (one file, no pickled code).
+
+    ``ats_fx.load(path, original_model)`` rebuilds it: it transforms the original architecture with
+    the saved options and loads the saved weights (fine-tuned ones included)."""
+    if not isinstance(model, ATSGraphModule):
+        raise ATSConfigError("ats_fx.save takes a model made by ats_fx.transform; save a plain model's state_dict")
+    if any(shape is None for shape in model.ats_input_shapes):
+        raise ATSConfigError("ats_fx.save supports models whose inputs are all tensors")
+    opts = model.ats_options
+    record = {
+        "format": SAVE_FORMAT,
+        "stages": [s.layer for s in opts.stages],
+        "ratio": [s.ratio for s in opts.stages] if opts.stages[0].k is None else None,
+        "k": [s.k for s in opts.stages] if opts.stages[0].k is not None else None,
+        "score": opts.score, "padding": opts.padding, "kernels": opts.kernels, "selection": opts.selection,
+        "check_inputs": model.ats_check_inputs,
+        "input_shapes": [list(s) for s in model.ats_input_shapes],
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    torch.save(record, path)
+
+
+def load(path, model: nn.Module, *, map_location: Any = "cpu") -> ATSGraphModule:
+    """Rebuild an ATS model saved by :func:`save` from ``model``, the original architecture (its own
+    weights are not used). The file is read with ``torch.load(weights_only=True)``: tensors and
+    plain values only, never code."""
+    record = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(record, dict) or record.get("format") != SAVE_FORMAT:
+        raise ATSConfigError(f"{path} was not written by ats_fx.save")
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    example = tuple(torch.randn(2, *shape, dtype=dtype, device=device) for shape in record["input_shapes"])
+    result = transform(model, record["stages"], ratio=record["ratio"], k=record["k"], score=record["score"],
+                       padding=record["padding"], kernels=record["kernels"], selection=record["selection"],
+                       example_inputs=example, check_inputs=record["check_inputs"])
+    result.load_state_dict(record["state_dict"])
+    return result
 
 
 def kept_tokens(model: nn.Module) -> list[ops.StageTrace]:

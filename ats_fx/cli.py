@@ -22,20 +22,30 @@ DEMO_MODEL = "digits"  # ats_fx/zoo: a ViT trained on scikit-learn's digits
 DEMO_STAGES, DEMO_RATIO = "2-5", 0.8  # 98.6% vs 99.7% dense at 1.7x fewer FLOPs
 
 
+class CLIError(Exception):
+    """A user mistake the CLI reports in one line (exit status 2)."""
+
+
 def load_model(spec: str) -> nn.Module:
     """A timm model name (random weights), ``package.module:factory`` for any importable
     callable that returns a module, or ``transformers:ClassName`` for an HF model class (built
     from its default config, random weights)."""
     if ":" in spec:
         module, _, attr = spec.partition(":")
-        obj = getattr(importlib.import_module(module), attr)
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise CLIError(f"cannot load {spec!r}: {err}") from None
         config_class = getattr(obj, "config_class", None)
         if isinstance(obj, type) and config_class is not None:  # an HF PreTrainedModel class
             return obj(config_class()).eval()
         return (obj() if callable(obj) and not isinstance(obj, nn.Module) else obj).eval()
     import timm
 
-    return timm.create_model(spec, pretrained=False).eval()
+    try:
+        return timm.create_model(spec, pretrained=False).eval()
+    except RuntimeError as err:  # timm: "Unknown model (...)"
+        raise CLIError(f"{err}; list names with timm.list_models('vit_*'), or give package.module:factory") from None
 
 
 def first_convertible(model: nn.Module, n: int) -> Optional[int]:
@@ -185,8 +195,13 @@ def cmd_demo(args) -> int:
 
 def _load_images(paths: list[str], model: nn.Module, digits: bool) -> torch.Tensor:
     import numpy as np
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
+    for p in paths:
+        try:
+            Image.open(p).close()
+        except (OSError, UnidentifiedImageError) as err:
+            raise CLIError(f"cannot read image {p!r}: {err}") from None
     if digits:  # grey, ink bright on dark like the scans, 32x32, the training normalisation
         from .zoo.digits import IMAGE_SIZE, MEAN, STD
 
@@ -253,7 +268,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     try:
         return args.func(args)
-    except ATSError as err:
+    except (ATSError, CLIError) as err:
         console.print(f"[red]error:[/red] {err}")
         return 2
 

@@ -1,6 +1,7 @@
 """User options of the ATS rewrite, validated once, before any graph work."""
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Union
 
@@ -40,12 +41,36 @@ class ATSOptions:
         return tuple(s.layer for s in self.stages)
 
 
+def _index(value, what: str) -> Optional[int]:
+    """``value`` as an int if it is an integer (Python, numpy or a 0-d integer tensor), else None."""
+    if isinstance(value, bool) or getattr(value, "dtype", None) is not None and str(value.dtype) == "bool":
+        return None
+    if hasattr(value, "ndim") and getattr(value, "ndim") == 0 and hasattr(value, "item"):
+        value = value.item()  # numpy scalar or 0-d array/tensor
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    return None
+
+
+def _number(value) -> Optional[float]:
+    """``value`` as a float if it is a real number (Python, numpy or a 0-d tensor), else None."""
+    if isinstance(value, (bool, str)):
+        return None
+    if hasattr(value, "ndim") and getattr(value, "ndim") == 0 and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
 def parse_stages(stages: Stages) -> list[int]:
-    """Accept an int, an iterable of ints, or a string such as ``"3-11"`` or ``"3,5,7-9"``."""
-    if isinstance(stages, bool):
+    """Accept an int, an iterable of ints, or a string such as ``"3-11"`` or ``"3,5,7-9"``. The
+    layers come back in the order written (per-stage values pair with them in that order)."""
+    single = _index(stages, "stages")
+    if isinstance(stages, bool) or (single is None and not isinstance(stages, (str, Iterable))):
         raise ATSConfigError(f"stages={stages!r}: give attention-layer indices, e.g. range(3, 12) or '3-11'")
-    if isinstance(stages, int):
-        out = [stages]
+    if single is not None:
+        out = [single]
     elif isinstance(stages, str):
         out = []
         for part in stages.replace(" ", "").split(","):
@@ -59,23 +84,30 @@ def parse_stages(stages: Stages) -> list[int]:
                     f"stages={stages!r}: cannot read {part!r}; write indices like '3-11' or '3,5,7'"
                 ) from None
     else:
-        try:
-            out = [int(s) for s in stages]
-        except (TypeError, ValueError):
-            raise ATSConfigError(f"stages={stages!r}: give ints, a range, or a string like '3-11'") from None
+        out = [_index(s, "stages") for s in stages]
+        if any(s is None for s in out):
+            bad = [s for s in stages if _index(s, "stages") is None]
+            raise ATSConfigError(f"stages={stages!r}: {bad[0]!r} is not a layer index; give ints, a range, "
+                                 "or a string like '3-11'")
     if not out:
         raise ATSConfigError("stages is empty: name at least one attention layer, e.g. stages=range(3, 12)")
     if len(set(out)) != len(out):
         raise ATSConfigError(f"stages={stages!r} names a layer twice")
     if any(s < 0 for s in out):
         raise ATSConfigError(f"stages={stages!r}: layer indices count from 0 and cannot be negative")
-    return sorted(out)
+    return out
 
 
-def _per_stage(name: str, value: PerStage, n: int) -> list:
-    if value is None or isinstance(value, (int, float)):
+def _per_stage(name: str, value: PerStage, n: int, unordered: bool) -> list:
+    if value is None or _number(value) is not None:
         return [value] * n
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        kind = "a number" if name == "ratio" else "an int"
+        raise ATSConfigError(f"{name}={value!r}: give {kind}, or a list with one per stage")
     values = list(value)
+    if unordered:
+        raise ATSConfigError(f"{name} gives one value per stage, but stages is a {type(unordered).__name__}, "
+                             "which has no order to pair them with: give stages as a list, a range or a string")
     if len(values) != n:
         raise ATSConfigError(f"{name} has {len(values)} values for {n} stages: give one value, or one per stage")
     return values
@@ -96,14 +128,23 @@ def make_options(
         raise ATSConfigError("give either ratio (rho) or k, not both")
     if ratio is None and k is None:
         ratio = 1.0
-    ratios = _per_stage("ratio", ratio, len(layers))
-    ks = _per_stage("k", k, len(layers))
-    for r in ratios:
-        if r is not None and (isinstance(r, bool) or not 0.0 < float(r) <= 1.0):
-            raise ATSConfigError(f"ratio={r!r} is outside (0, 1]: ratio is the share of tokens kept, e.g. 0.87")
-    for kk in ks:
-        if kk is not None and (isinstance(kk, bool) or not isinstance(kk, int) or kk < 1):
-            raise ATSConfigError(f"k={kk!r}: k is the most tokens a stage samples and must be an int >= 1")
+    unordered = stages if isinstance(stages, (set, frozenset)) else False
+    ratios = _per_stage("ratio", ratio, len(layers), unordered)
+    ks = _per_stage("k", k, len(layers), unordered)
+    if ratio is not None:
+        for i, r in enumerate(ratios):
+            value = _number(r)
+            if value is None or not 0.0 < value <= 1.0:
+                raise ATSConfigError(f"ratio={r!r} (stage {layers[i]}) is not in (0, 1]: ratio is the share of "
+                                     "tokens kept, e.g. 0.87")
+            ratios[i] = value
+    if k is not None:
+        for i, kk in enumerate(ks):
+            value = _index(kk, "k")
+            if value is None or value < 1:
+                raise ATSConfigError(f"k={kk!r} (stage {layers[i]}): k is the most tokens a stage samples and must "
+                                     "be an int >= 1")
+            ks[i] = value
     if score not in SCORES:
         raise ATSConfigError(f"score={score!r}: choose one of {SCORES}")
     if padding not in PADDINGS:
@@ -112,7 +153,7 @@ def make_options(
         raise ATSConfigError(f"kernels={kernels!r}: choose one of {KERNELS}")
     if selection not in SELECTIONS:
         raise ATSConfigError(f"selection={selection!r}: choose one of {SELECTIONS}")
-    stage_opts = tuple(
-        StageOptions(layer, None if r is None else float(r), kk) for layer, r, kk in zip(layers, ratios, ks)
-    )
+    # Sorted by layer, each with the values given beside it.
+    stage_opts = tuple(sorted((StageOptions(layer, r, kk) for layer, r, kk in zip(layers, ratios, ks)),
+                              key=lambda s: s.layer))
     return ATSOptions(stage_opts, score, padding, kernels, selection)

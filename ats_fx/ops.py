@@ -326,11 +326,14 @@ def position_gather(const: torch.Tensor, positions: torch.Tensor, start: int, ba
 
 def check_finite(x: torch.Tensor) -> torch.Tensor:
     """Refuse NaN/inf inputs before they turn into a silent wrong answer."""
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
         from .errors import ATSInputError
 
+        bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero().flatten().tolist() if x.dim() else []
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
         raise ATSInputError(
-            "the input holds NaN or inf values: ATS would sample tokens from meaningless scores. "
-            "Clean the input (torch.nan_to_num) or find where the NaN comes from."
+            f"image(s) {shown} of the batch hold NaN or inf values: ATS would sample their tokens from "
+            "meaningless scores. Clean the input (torch.nan_to_num), drop those images, or find where the NaN "
+            "comes from; images without NaN or inf can run without them."
         )
     return x

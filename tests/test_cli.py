@@ -49,3 +49,18 @@ def test_inspect_cait_shows_class_attention_and_the_late_class_token(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "talking" in out and "follows" in out and "prefix tokens: 0" in out
     assert "class token joins at blocks_token_only.0" in out
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["inspect", "not_a_model"], "Unknown model"),
+    (["demo", "--model", "not_a_model"], "Unknown model"),
+    (["inspect", "no_such_package.module:factory"], "cannot load"),
+    (["visualize", "missing.png"], "cannot read image 'missing.png'"),
+])
+def test_user_mistakes_exit_2_with_one_line(capsys, argv, words):
+    assert cli.main(argv) == 2
+    out = capsys.readouterr().out
+    assert words in out and "Traceback" not in out

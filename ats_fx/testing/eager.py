@@ -98,9 +98,11 @@ def timm_blocks(model):
         def qkv(h, attn=attn):
             return attn.qkv(h).chunk(3, dim=-1)
 
+        # Drop path (training) draws one keep flag per image: run it on this image as a batch of one.
         out.append(dict(
-            norm1=blk.norm1, qkv=qkv, heads=attn.num_heads, proj=attn.proj, post_attn=blk.ls1,
-            mlp_branch=lambda x, blk=blk: blk.ls2(blk.mlp(blk.norm2(x))),
+            norm1=blk.norm1, qkv=qkv, heads=attn.num_heads, proj=attn.proj,
+            post_attn=lambda t, blk=blk: blk.drop_path1(blk.ls1(t)[None])[0],
+            mlp_branch=lambda x, blk=blk: blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))[None])[0],
         ))
     return out
 
