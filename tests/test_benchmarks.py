@@ -1,0 +1,41 @@
+"""The benchmark harness: rotating rounds, the results file and the README table generated from it."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from benchmarks import harness, report, speed
+
+
+def test_rounds_rotate_and_speedups_are_per_round():
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    times = harness.rounds(fns, torch.device("cpu"), n_rounds=3, budget_ms=1)
+    assert all(len(v) == 3 for v in times.values())
+    # Each round starts with another function: the first call of each round's first timing.
+    starts = [order[0]] + [b for a, b in zip(order, order[1:]) if a != b]
+    assert starts[0] == "a" and "b" in starts and "c" in starts
+    ups = harness.speedups({"dense": [2.0, 4.0, 3.0], "ats": [1.0, 1.0, 3.0]}, "dense")
+    assert ups["ats"] == (2.0, 1.0, 4.0) and ups["dense"] == (1.0, 1.0, 1.0)
+
+
+def test_speed_appends_rows_with_environment_and_report_renders_them(tmp_path):
+    results = tmp_path / "results.jsonl"
+    speed.main(["--device", "cpu", "--models", "vit_tiny_patch16_224", "--img-size", "32", "--runs", "eager",
+                "--batches", "2", "--points", "single K=48", "--rounds", "2", "--budget-ms", "5",
+                "--flops-images", "1", "--results", str(results)])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    metrics = {r["metric"] for r in rows}
+    assert {"img_s", "speedup", "speedup_min", "speedup_max", "flops_ratio"} <= metrics
+    for r in rows:
+        assert {"device", "torch", "triton", "commit", "date", "model", "run", "batch", "config", "value"} <= set(r)
+    table = report.speed_table(harness.load(results), configs=("single K=48",))
+    assert "| vit_tiny_patch16_224 | eager |" in table and "single K=48, batch 2" in table
+
+
+def test_report_rewrites_only_between_the_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
+    report.rewrite_readme("| new |", readme)
+    assert readme.read_text() == f"intro\n{report.BEGIN}\n| new |\n{report.END}\noutro\n"
