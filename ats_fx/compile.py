@@ -144,16 +144,16 @@ def _rebind(module: nn.Module, name: str, value: torch.Tensor) -> None:
 # Inductor inlines a pointwise result that several kernels read (a ViT's residual sum) into each of
 # them until it has more than 4 reads; the residual stream of a ViT is then re-read (and, after a
 # stage, re-gathered) by several kernels. Realizing it once was 8% faster for dense DeiT-S and
-# 7-10% for ATS DeiT-S at batch 256 on an H100 (benchmarks/results/compiled_realize1.md).
+# 7-10% for ATS DeiT-S at batch 256 on an H100 (docs/performance.md).
 #
 # Inductor also launches each pointwise kernel's two candidate configs once on its first call and
 # keeps the faster (1-D kernels: a 1024-wide block of 4 warps, 16-byte loads, or a 512-wide block of
 # 8 warps). ATS gives every stage its own kernels (each stage a new token width), so a model makes
 # nine such picks where the dense model makes one, and the picks did not match in-graph speed: in
-# trace_session9.txt three of nine ATS GELU kernels ran at 1.9 TB/s, the other six at 2.5-2.6, and
-# a first call at batch 256 instead of 1 did not help (interleaved_autotune_w256.md). With the first
+# a trace three of nine ATS GELU kernels ran at 1.9 TB/s, the other six at 2.5-2.6, and
+# a first call at batch 256 instead of 1 did not help (docs/performance.md). With the first
 # config always (``triton.autotune_pointwise=False``), ATS DeiT-S ran 2.1% faster at batch 256 and
-# dense the same (H200, interleaved_autotune_off.md vs interleaved_autotune_w1.md).
+# dense the same (H200, docs/performance.md).
 DEFAULT_INDUCTOR_OPTIONS = {"realize_reads_threshold": 1, "triton.autotune_pointwise": False}
 
 
@@ -172,7 +172,7 @@ def _has_option(config, key: str) -> bool:
 # timings came out 1.5-8x what it takes in the graph, the more the shorter the GEMM (DeiT-S at batch 256:
 # 36 of the ATS model's GEMMs went to Triton templates that then ran 15-35% slower than cuBLAS at the
 # same place under reduce-overhead, and the model 9.5% slower; busy CPUs make it worse:
-# benchmarks/results/trace_s13_ma.txt, autotune_bias_proj.md). Where this torch can time choices as
+# docs/performance.md). Where this torch can time choices as
 # CUDA-graph replays, backend='ats' asks for it in the CUDA-graph mode only.
 CUDA_GRAPH_AUTOTUNE_OPTIONS = {"autotune_cudagraph_benchmarking": True}
 
@@ -180,7 +180,7 @@ CUDA_GRAPH_AUTOTUNE_OPTIONS = {"autotune_cudagraph_benchmarking": True}
 # another, at its first timed call (ptxas in the benchmarking process): 6-45 s a GEMM shape in a DeiT-S
 # compile against 0.7 s tuned alone, ~15 min a cold ATS compile. With the pool off (compile_threads=1,
 # precompiling still in 16 threads) a shape takes 3-5 s and the cold compile ~3.5 min (H200, torch 2.11:
-# ATS DeiT-S at batch 256 191 s, ViT-B/16 at 64 208 s; same GEMM picks, all cuBLAS; session22.md).
+# ATS DeiT-S at batch 256 191 s, ViT-B/16 at 64 208 s; same GEMM picks, all cuBLAS; docs/performance.md).
 MAX_AUTOTUNE_OPTIONS = {"compile_threads": 1}
 
 
@@ -248,7 +248,7 @@ def parse_options(options: Optional[dict]) -> tuple[dict, str, Optional[dict], O
     # Static padding by default in every mode: the same logits as batch_max, with no host read per
     # stage and no data-dependent shapes. Under mode default (H200, batch 256, rho=0.87) static ran
     # DeiT-S at 0.74-0.92x dense against 0.55-0.62x with batch_max, and ViT-B/16 at 1.51x batch_max's
-    # throughput (benchmarks/results/session27.md).
+    # throughput (docs/performance.md).
     options.setdefault("padding", "static")
     if mode in CUDA_GRAPH_MODES and options["padding"] != "static":
         # CUDA graphs need fixed shapes: batch_max's width is data-dependent (and read on the host).

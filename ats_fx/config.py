@@ -135,7 +135,7 @@ def make_options(
         for i, r in enumerate(ratios):
             value = _number(r)
             if value is None or not 0.0 < value <= 1.0:
-                raise ATSConfigError(f"ratio={r!r} (stage {layers[i]}) is not in (0, 1]: ratio is the share of "
+                raise ATSConfigError(f"ratio={r!r} (stage {layers[i]}) is outside (0, 1]: ratio is the share of "
                                      "tokens kept, e.g. 0.87")
             ratios[i] = value
     if k is not None:

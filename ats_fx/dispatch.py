@@ -124,7 +124,9 @@ def padding_for(padding: str, q: Tensor, static_width: int) -> str:
     static padding would keep every row (``static_width`` reaches the token count); else ``"batch_max"``."""
     if padding != "auto":
         return padding
-    if tracing(q):
+    # Compiled or exported (fake or functional tensors), not merely observed: FlopCounterMode is a
+    # dispatch mode too, and count_flops must count the rows the method keeps.
+    if torch.compiler.is_compiling() or type(q) is not Tensor:
         return "static"
     if q.is_cuda and q.shape[0] >= AUTO_STATIC_BATCH and static_width < q.shape[2]:
         return "static"

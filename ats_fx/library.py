@@ -256,7 +256,7 @@ def attention(
     """Attention of the query rows ``index`` (eq. 6, the stage's kept rows) or, with ``index=None``,
     of a layer after a stage, over the key-padding mask. On CUDA when no gradient or dropout is
     needed: the Triton kernel (1.2-4x faster than the masked SDPA on H100,
-    benchmarks/results/masked_attention.md). Elsewhere SDPA (on gathered queries), which has a
+    docs/performance.md). Elsewhere SDPA (on gathered queries), which has a
     backward. Without an index and without a mask nothing is padded: plain SDPA (flash)."""
     triton_ok = index is not None or key_mask is not None
     if triton_ok and dropout_p == 0.0 and use_triton(q, kernels) and not needs_grad(q, k, v):

@@ -83,8 +83,10 @@ class ATSStage(nn.Module):
         # batch_max reads the batch width back to the host anyway, and raises on NaN scores with it.
         # static never synchronises (CUDA graphs; eager GPU time overlaps the host's): it falls back
         # to uniform scores and the NaN reaches the logits (ATS-NOTES §1).
-        static_width = reference.static_budget(q.shape[2], self.num_prefix, self.ratio, self.k) + self.num_prefix
-        padding = dispatch.padding_for(self.padding, q, static_width)
+        padding, static_width = "batch_max", -1  # after a batch_max stage the token count is data-dependent
+        if self.padding != "batch_max":
+            static_width = reference.static_budget(q.shape[2], self.num_prefix, self.ratio, self.k) + self.num_prefix
+            padding = dispatch.padding_for(self.padding, q, static_width)
         strict = padding == "batch_max"
         width = static_width if padding == "static" else -1  # -1: data-dependent (batch_max)
         if bias is not None:  # a position bias on this stage's tokens: (..., T, T) -> (B, L, T, T)

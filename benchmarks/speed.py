@@ -72,7 +72,7 @@ def compiled_models(base: torch.nn.Module, configs: list[str], mode: str, device
 
 def flops_ratio(base: torch.nn.Module, label: str, x: torch.Tensor) -> float:
     """Dense / ATS GFLOPs per image on ``x`` (each image alone: the method's adaptive count)."""
-    kw = {key: v for key, v in point_kwargs(label).items() if key != "padding"}
+    kw = {**point_kwargs(label), "padding": "batch_max"}  # the rows the method keeps
     ats = ats_fx.transform(base, **kw)
     dense = float(ats_fx.count_flops(base, x).mean())
     return dense / float(ats_fx.count_flops(ats, x).mean())

@@ -241,7 +241,7 @@ def test_max_autotune_with_many_stages_warns_of_a_long_compile(caplog):
 
 def test_max_autotune_without_cuda_graph_timing_warns_that_gemm_picks_favour_templates(caplog, monkeypatch):
     """On a torch whose Inductor cannot time GEMM choices as CUDA-graph replays, max-autotune's picks
-    lose in the graph (session 13): the backend says so and names the fix; it still compiles."""
+    lose in the graph: the backend says so and names the fix; it still compiles."""
     import logging
 
     import ats_fx.compile as ats_compile

@@ -230,10 +230,12 @@ def test_static_padding_that_keeps_every_row_warns(vit, caplog):
         return [r.getMessage() for r in caplog.records if "keeps every row" in r.getMessage()]
 
     messages = warned(wide, [1, 2], ratio=1.0, padding="static")
-    assert len(messages) == 1 and "stage(s) [1, 2]" in messages[0] and "batch_max" in messages[0], messages
+    assert len(messages) == 1 and "2 stage(s) (layer 1: ratio=1.0" in messages[0] and "layer 2:" in messages[0]
+    assert "batch_max" in messages[0], messages
     assert not warned(wide, [1, 2], ratio=0.5, padding="static")  # K = 9 of 16, then 8 of 9
     # The third stage sees 9 rows: K = max(round(4.5), 8) = 8 = all its patch tokens.
-    assert "stage(s) [3]" in warned(wide, [1, 2, 3], ratio=0.5, padding="static")[0]
+    third = warned(wide, [1, 2, 3], ratio=0.5, padding="static")[0]
+    assert "1 stage(s) (layer 3:" in third and "floor of 8 tokens" in third
     assert not warned(wide, [1, 2], ratio=1.0, padding="batch_max")
     assert not warned(vit, 1, k=3, padding="static")  # K = 3 of 4 patch tokens: one row dropped
     assert warned(vit, 1, k=4, padding="static")  # K = all 4

@@ -488,7 +488,7 @@ def test_compiled_triton_path_equals_reference(padding):
 def test_cuda_graph_mode_with_triton_kernels_equals_reference():
     """mode='reduce-overhead' records the Triton ops in CUDA graphs: no op may keep a tensor it
     allocated during recording (a cached float64 rho did: 'tensor(s) in the cudagraph pool not
-    tracked as outputs', found on the H100 in session 5)."""
+    tracked as outputs', found on the H100)."""
     import timm
 
     base = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8).eval().to(DEVICE)

@@ -10,7 +10,7 @@ The key loop stops after each image's last real key (padding is kept last), so p
 nothing; when an image's real keys are one run (every mask ATS makes) it reads no mask in the loop.
 Reference: ``reference.attention_rows`` (SDPA on gathered queries with the mask), which
 the library uses when a gradient or dropout is needed: this kernel has no backward. On H100 it
-beats the masked SDPA on gathered queries 1.2-4x (benchmarks/results/masked_attention.md).
+beats the masked SDPA on gathered queries 1.2-4x (docs/performance.md).
 """
 from __future__ import annotations
 
@@ -99,8 +99,7 @@ def _attention_kernel(
         real = tl.load(MASK + b * smb + t * smt, mask=t < T, other=0) != 0
         n_end = tl.max(tl.where(real, t + 1, 0), axis=0)
         # Every mask ATS makes is one run (kept tokens first); the key loop then needs no mask loads:
-        # 73.0 vs 77.9 us at batch 256 x 172 keys on H100 (attention_wide_keys_b256.md against
-        # attention_configs_stages.md).
+        # 73.0 vs 77.9 us at batch 256 x 172 keys on H100 (docs/performance.md).
         one_run = tl.sum(real.to(tl.int32), axis=0) == n_end
         if SELF:  # a tile of padding rows only: no keys to visit, zeros out
             n_end = tl.where(pid_m * BLOCK_M < n_end, n_end, 0)
@@ -137,12 +136,12 @@ def default_config(rows: int, D: int, programs: int = 0, multiprocessors: int = 
     if programs * triton.cdiv(rows, 64) < multiprocessors:
         # Fewer 64-row tiles than SMs (batch 1): latency-bound, so more, thinner tiles and fewer key
         # steps. 16 x 128 tiles, 2 stages took 0.4-1.1 us less than 64 x 32 at 8 of the 9 stage
-        # shapes of DeiT-S rho=0.87 at batch 1 on H100, 4 us a forward (attention_wide_keys_b1.json).
+        # shapes of DeiT-S rho=0.87 at batch 1 on H100, 4 us a forward (docs/performance.md).
         return dict(BLOCK_M=16, BLOCK_N=128, num_warps=4, num_stages=2)
-    # Swept on H100 (benchmarks/results/attention_configs.json): 64 x 32 tiles, 3 stages won at
+    # Swept on H100 (docs/performance.md): 64 x 32 tiles, 3 stages won at
     # every batch-256 shape ATS makes, 10-20% faster than the 64 x 64, 2-stage first guess. Again
-    # in CUDA graphs at the nine stage shapes of DeiT-S rho=0.87 (attention_configs_stages.md, and
-    # against 64/32/16 x 128 tiles in attention_wide_keys_b256.md): it won every batch-256 shape.
+    # in CUDA graphs at the nine stage shapes of DeiT-S rho=0.87 (and against 64/32/16 x 128 tiles;
+    # docs/performance.md): it won every batch-256 shape.
     return dict(BLOCK_M=64 if rows > 32 else 16, BLOCK_N=32, num_warps=4, num_stages=3)
 
 
@@ -157,7 +156,7 @@ ONE_RUN_LOOP = True
 # The index and query loads issued before the mask reduction, so their memory latencies overlap it
 # (the kernel used to reduce the mask first: three latencies in a row at each program's start).
 # Masked stages of DeiT-S rho=0.87, H200, in CUDA graphs: 0.7-2.4 us faster at each batch-256 shape
-# (336 vs 351 us over the eight), 0.16-0.18 us at batch 1; ViT-B alike (attention_mask_prologue.md).
+# (336 vs 351 us over the eight), 0.16-0.18 us at batch 1; ViT-B alike (docs/performance.md).
 # (One key loop with predicated mask loads instead of the two loops behind the branch below was
 # 0.9-7 us slower at every batch-256 masked shape, and 0.5-0.8 us at batch 1: not adopted.)
 Q_FIRST = True

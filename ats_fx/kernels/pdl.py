@@ -2,7 +2,7 @@
 
 A stage runs head logits -> sampling -> attention back to back, and at batch 1 each is a few
 microseconds, so the gap between kernels and each kernel's launch are a large share of the stage
-(~0.5 us of gap per kernel in CUDA graphs, trace_session7_final.txt). Launched with PDL, a kernel
+(~0.5 us of gap per kernel in CUDA graphs, docs/performance.md). Launched with PDL, a kernel
 may be scheduled as soon as every program of the kernel before it has started; it then waits in
 ``gdc_wait`` until that kernel has finished and its writes are visible.
 

@@ -66,7 +66,7 @@ def _sample_kernel(
     cdf = tl.cumsum(s, axis=0)
     # C[j-1] must be the very value the scan gave token j-1 (not cdf - s, which rounds
     # differently), so every quantile is claimed by exactly one token: move it one lane over.
-    # (A store, a barrier and a load did the same, no faster: stage_kernels.md.)
+    # (A store, a barrier and a load did the same, no faster: docs/performance.md.)
     prev = tl.where(t > 0, tl.gather(cdf, tl.maximum(t - 1, 0), axis=0), 0.0)
     # First quantile index above prev: count of u_i <= prev is about floor(K*prev + 1/2); fix the
     # estimate's round-off against the exactly rounded quantiles.
@@ -142,7 +142,7 @@ def empty_outputs(B: int, T: int, W: int, device: torch.device) -> tuple:
 
 
 # Warps per program (one program per image); None: 4 up to 256 tokens, else 8. 4 was the fastest
-# of 1, 2, 4, 8 at every shape timed (benchmarks/results/scores_configs.md).
+# of 1, 2, 4, 8 at every shape timed (docs/performance.md).
 NUM_WARPS: Optional[int] = None
 
 

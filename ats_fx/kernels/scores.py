@@ -103,14 +103,14 @@ def _normalise_kernel(LOGITS, VNORM, MASK, S, BAD, smb, smt, T, H, num_prefix,
 
 
 # Tokens per program and warps of ``_head_logits_kernel``. 32 x 8 was the fastest of 12 settings
-# summed over 7 shapes inside CUDA graphs on the H100 (scores_configs.md): 2.3 -> 1.7 us at batch 1,
+# summed over 7 shapes inside CUDA graphs on the H100 (docs/performance.md): 2.3 -> 1.7 us at batch 1,
 # 31.9 -> 29.3 us at batch 256 (DeiT-S, 197 tokens); 64 x 4, the earlier choice, stays ahead at
 # batch 64 (4.3 vs 5.3 us at 172 tokens).
 BLOCK_T = 32
 NUM_WARPS = 8
-# (Session 23 tried one program per (token chunk, image) over every head, reading a token's keys
+# (An all-heads variant tried one program per (token chunk, image) over every head, reading a token's keys
 # of all heads as one run: 134.9 vs 125.4 us over DeiT-S rho=0.87's nine batch-256 stage widths on
-# the H200, and 2.6 vs 1.9 us at batch 1 (results/head_logits_s23.md, code in commit 005292f). Not adopted.)
+# the H200, and 2.6 vs 1.9 us at batch 1 (docs/performance.md, code in commit 005292f). Not adopted.)
 # Images in reverse order. The projection that made q, k and v wrote the last images last, so
 # those are still in L2 (50 MB on H100; K and V of DeiT-S at batch 256 are 77 MB) when this kernel
 # starts; and the attention kernel after it, which goes through the images in order, then starts

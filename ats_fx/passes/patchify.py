@@ -3,7 +3,7 @@
 Why: ATS shrinks every layer after the patch embedding but not the embedding itself, so its cost
 caps the speed-up. On an H100 (torch 2.11, fp16, ``cudnn.benchmark``) cuDNN runs DeiT-S's 16x16
 stride-16 conv in 1.0 ms at batch 256 (ViT-B: 2.0 ms), against 0.16 ms for the same math as
-``(B*patches, C*16*16) @ (C*16*16, D)`` (benchmarks/results/patch_embed.md): 11% of the compiled
+``(B*patches, C*16*16) @ (C*16*16, D)`` (docs/performance.md): 11% of the compiled
 dense forward. The patches do not overlap, so each output pixel is one row of that GEMM; the
 result is returned as the conv's NCHW shape (a channels-last view, so ``flatten(2).transpose(1, 2)``
 downstream costs nothing).
