@@ -42,8 +42,7 @@ class ATSGraphModule(fx.GraphModule):
         return self
 
     def __call__(self, *args, **kwargs):
-        leaves = pytree.tree_leaves((args, kwargs))
-        first = leaves[0] if leaves else None
+        first = args[0] if args else next(iter(kwargs.values()), None)
         if (isinstance(first, torch.Tensor) and first.dim() and first.shape[0] == 0
                 and not torch.compiler.is_compiling()):
             return self._empty_batch(args, kwargs)
@@ -202,7 +201,7 @@ def _refuse_if_no_sites(model: nn.Module, analysis: Analysis) -> None:
         raise ATSUnsupportedModel(f"{name}: no attention over tokens found ({reasons}{unmatched}){late}")
 
 
-def _refuse_wrapped(model: nn.Module) -> None:
+def _refuse_unconvertible(model: nn.Module) -> None:
     """Models that capture would get wrong: already converted, compiled, or carrying hooks (export
     bakes a hook's effect into the graph once; it would never fire or change again)."""
     if isinstance(model, ATSGraphModule):
@@ -273,7 +272,7 @@ def transform(
     """
     options = make_options(stages, ratio=ratio, k=k, score=score, padding=padding, kernels=kernels,
                            selection=selection)
-    _refuse_wrapped(model)
+    _refuse_unconvertible(model)
     gm, analysis, example = analyse(model, example_inputs)
     _refuse_if_no_sites(model, analysis)
     n = len(analysis.token_sites)

@@ -41,32 +41,27 @@ class ATSOptions:
         return tuple(s.layer for s in self.stages)
 
 
-def _index(value, what: str) -> Optional[int]:
+def _scalar(value):
+    """A numpy scalar or 0-d array/tensor as its Python value; anything else unchanged."""
+    return value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+
+
+def _index(value) -> Optional[int]:
     """``value`` as an int if it is an integer (Python, numpy or a 0-d integer tensor), else None."""
-    if isinstance(value, bool) or getattr(value, "dtype", None) is not None and str(value.dtype) == "bool":
-        return None
-    if hasattr(value, "ndim") and getattr(value, "ndim") == 0 and hasattr(value, "item"):
-        value = value.item()  # numpy scalar or 0-d array/tensor
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    return None
+    value = _scalar(value)
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else None
 
 
 def _number(value) -> Optional[float]:
     """``value`` as a float if it is a real number (Python, numpy or a 0-d tensor), else None."""
-    if isinstance(value, (bool, str)):
-        return None
-    if hasattr(value, "ndim") and getattr(value, "ndim") == 0 and hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return float(value)
+    value = _scalar(value)
+    return float(value) if isinstance(value, numbers.Real) and not isinstance(value, bool) else None
 
 
 def parse_stages(stages: Stages) -> list[int]:
     """Accept an int, an iterable of ints, or a string such as ``"3-11"`` or ``"3,5,7-9"``. The
     layers come back in the order written (per-stage values pair with them in that order)."""
-    single = _index(stages, "stages")
+    single = _index(stages)
     if isinstance(stages, bool) or (single is None and not isinstance(stages, (str, Iterable))):
         raise ATSConfigError(f"stages={stages!r}: give attention-layer indices, e.g. range(3, 12) or '3-11'")
     if single is not None:
@@ -84,9 +79,10 @@ def parse_stages(stages: Stages) -> list[int]:
                     f"stages={stages!r}: cannot read {part!r}; write indices like '3-11' or '3,5,7'"
                 ) from None
     else:
-        out = [_index(s, "stages") for s in stages]
-        if any(s is None for s in out):
-            bad = [s for s in stages if _index(s, "stages") is None]
+        given = list(stages)  # a generator is read once
+        out = [_index(s) for s in given]
+        bad = [s for s, i in zip(given, out) if i is None]
+        if bad:
             raise ATSConfigError(f"stages={stages!r}: {bad[0]!r} is not a layer index; give ints, a range, "
                                  "or a string like '3-11'")
     if not out:
@@ -140,7 +136,7 @@ def make_options(
             ratios[i] = value
     if k is not None:
         for i, kk in enumerate(ks):
-            value = _index(kk, "k")
+            value = _index(kk)
             if value is None or value < 1:
                 raise ATSConfigError(f"k={kk!r} (stage {layers[i]}): k is the most tokens a stage samples and must "
                                      "be an int >= 1")

@@ -1,6 +1,6 @@
 """Where every ATS stage and operator decides how it runs: PyTorch reference, Triton kernels, or the
-overlapped two-stream stage. Imports no other ats_fx module but ``kernels``, so ``library``,
-``overlap`` and ``ops`` can all ask it without importing each other.
+overlapped two-stream stage. Imports only ``errors`` (and ``kernels`` inside a function), so
+``library``, ``overlap`` and ``ops`` can all ask it without importing each other.
 
 A stage takes one of four paths (``stage_path``):
 
@@ -30,7 +30,10 @@ OVERLAP = "auto"
 # shape up to B x H = 96 (ViT-B to batch 8, DeiT-S to 16), mixed at 192 and slower past it
 # (docs/performance.md, "Small batches").
 SM_SHARE = 0.75
-# Overlap the first stage too (no key mask yet); its full attention is the Triton kernel's.
+# Overlap the first stage too (no key mask yet). Its full attention must be the Triton kernel's: with
+# cuDNN's flash attention beside the sampling that stage ran 7-30% slower than sequentially, while the
+# Triton kernel took stages 3-11 at rho=0.87 from 0.998x to 1.000x dense (ViT-B) and 1.016x to 1.019x
+# (DeiT-S) against overlapping the masked stages only (H200, reduce-overhead, batch 1).
 UNMASKED = True
 
 # padding="auto" (transform's default) pads statically from this batch up, on CUDA in eager. Static

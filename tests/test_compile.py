@@ -1,4 +1,4 @@
-"""torch.compile(backend="ats") and torch.export of ATS models (issue 4), on the CPU with Inductor's
+"""torch.compile(backend="ats") and torch.export of ATS models, on the CPU with Inductor's
 C++ backend. The reference is the eager ``ats_fx.transform`` output of the same model."""
 from __future__ import annotations
 

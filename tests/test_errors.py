@@ -108,7 +108,7 @@ def test_kept_tokens_before_forward(vit):
 
 def test_position_embedding_added_after_a_stage_is_gathered():
     """A position-dependent term added after the ATS stage follows the sampled tokens: it is
-    gathered with their original positions (issue 5). Reference: the stage's kept rows equal the
+    gathered with their original positions. Reference: the stage's kept rows equal the
     dense rows (attention over all keys), then each image continues alone on its kept tokens."""
     from test_match import Attention, TinyViT
 

@@ -154,6 +154,7 @@ def test_numpy_and_tensor_scalars_are_accepted(tiny, kw):
     (dict(stages=1, ratio="0.5"), "give a number"),
     (dict(stages=[3.7]), "3.7 is not a layer index"),
     (dict(stages=[True]), "True is not a layer index"),
+    (dict(stages=(s for s in [1, 2.5])), "2.5 is not a layer index"),  # a generator is read once
     (dict(stages=1, k=2.5), "must be an int"),
 ])
 def test_bad_options_are_refused_clearly(tiny, kw, match):

@@ -2,7 +2,7 @@
 
 The rewrite brings the residual stream to a stage's kept tokens with ``ops.token_gather`` right
 before the block's residual ``add``; when the add is the gather's only user, one node does both
-(issue 3, item 4: the gathered rows are never written and read back).
+(the gathered rows are never written and read back).
 """
 from __future__ import annotations
 

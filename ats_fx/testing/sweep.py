@@ -1,4 +1,4 @@
-"""Convert-or-refuse sweep over timm model names (issue 5): every model either converts and
+"""Convert-or-refuse sweep over timm model names: every model either converts and
 matches a reference, or raises ATSUnsupportedModel with a reason. Used by tests/test_sweep.py."""
 from __future__ import annotations
 
