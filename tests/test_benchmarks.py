@@ -39,3 +39,15 @@ def test_report_rewrites_only_between_the_markers(tmp_path):
     readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
     report.rewrite_readme("| new |", readme)
     assert readme.read_text() == f"intro\n{report.BEGIN}\n| new |\n{report.END}\noutro\n"
+
+
+def test_kernels_benchmark_checks_each_kernel_against_its_reference(tmp_path):
+    from benchmarks import kernels
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: Triton's interpreter
+    rows = kernels.run([(2, 2, 17, 8)], device, torch.float32, rounds=1, budget_ms=1)
+    checks = {r["model"]: r["value"] for r in rows if r["metric"] in ("max_abs_error", "equal")}
+    assert set(checks) == {"scores", "sample", "attention_rows", "masked_attention", "gather_add"}
+    assert checks.pop("sample") == 1.0
+    assert max(checks.values()) < 1e-5, checks
+    assert {r["config"] for r in rows if r["metric"] == "ms"} == {"2x2x17x8 triton", "2x2x17x8 reference"}

@@ -1,0 +1,126 @@
+"""Each Triton kernel alone, against its PyTorch reference, at the shapes an ATS stage makes.
+
+    python -m benchmarks.kernels                          # GPU: DeiT-S and ViT-B/16 stage shapes, fp16
+    python -m benchmarks.kernels --device cpu --shapes 2,2,17,8   # the harness on Triton's interpreter
+
+For each shape (batch, heads, tokens, head dim) and kernel: the largest difference from the reference
+(float32 reference on the same inputs; sampled indices must be equal), and the time of each (wall time
+per call, host included, as eager runs them). Rows go to the results file with benchmark "kernels":
+metrics ``ms`` (config "triton" / "reference"), ``speedup`` and ``max_abs_error`` (or ``equal`` for
+the sampling's indices).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from benchmarks import harness
+
+log = logging.getLogger("benchmarks.kernels")
+
+# DeiT-S (6 heads) and ViT-B/16 (12 heads) at 224 px: 197 tokens, head dim 64.
+SHAPES = [(1, 6, 197, 64), (256, 6, 197, 64), (1, 12, 197, 64), (64, 12, 197, 64)]
+RATIO = 0.87
+
+
+def _inputs(B: int, H: int, T: int, D: int, device, dtype):
+    g = torch.Generator(device=device).manual_seed(B * 1000 + T)
+    qkv = torch.randn(B, T, 3, H, D, device=device, dtype=dtype, generator=g)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided views, as a fused qkv projection makes them
+    mask = torch.ones(B, T, dtype=torch.bool, device=device)
+    mask[1::2, T - T // 4:] = False  # every other image padded, real keys first (as a stage leaves them)
+    return q, k, v, mask
+
+
+def cases(B: int, H: int, T: int, D: int, device, dtype) -> dict:
+    """kernel -> (triton fn, reference fn, comparison of their outputs)."""
+    from ats_fx.kernels import reference
+    from ats_fx.kernels.attention_rows import attention_rows
+    from ats_fx.kernels.gather_add import gather_add
+    from ats_fx.kernels.masked_attention import masked_attention
+    from ats_fx.kernels.sample import inverse_transform_sample
+    from ats_fx.kernels.scores import class_token_scores
+
+    q, k, v, mask = _inputs(B, H, T, D, device, dtype)
+    scale = D ** -0.5
+    scores = reference.class_token_scores(q, k, v, mask, 1, scale)
+    budget = reference.token_budget(mask, B, T, 1, RATIO, None, device)
+    index, _, _ = reference.inverse_transform_sample(scores, mask, budget, 1)
+    x = torch.randn(B, T, H * D, device=device, dtype=dtype)
+    y = torch.randn(B, index.shape[1], H * D, device=device, dtype=dtype)
+
+    def close(a, b):
+        return float((a.float() - b.float()).abs().max())
+
+    def same_indices(a, b):
+        W = b[0].shape[1]
+        return float(torch.equal(a[0][:, :W], b[0]) and torch.equal(a[2], b[2]))
+
+    qf, kf, vf = q.float(), k.float(), v.float()
+    return {
+        "scores": (lambda: class_token_scores(q, k, v, mask, 1, scale)[0],
+                   lambda: reference.class_token_scores(q, k, v, mask, 1, scale), close),
+        "sample": (lambda: inverse_transform_sample(scores, mask, budget, 1),
+                   lambda: reference.inverse_transform_sample(scores, mask, budget, 1), same_indices),
+        "attention_rows": (lambda: attention_rows(q, k, v, index, mask, scale),
+                           lambda: reference.attention_rows(qf, kf, vf, index, mask, scale), close),
+        "masked_attention": (lambda: masked_attention(q, k, v, mask, scale)[mask[:, None, :, None].expand(q.shape)],
+                             lambda: reference.masked_attention(qf, kf, vf, mask, scale)[
+                                 mask[:, None, :, None].expand(q.shape)], close),
+        "gather_add": (lambda: gather_add(x, index, y),
+                       lambda: x.gather(1, index[..., None].expand(-1, -1, x.shape[2])) + y, close),
+    }
+
+
+def run(shapes: list[tuple[int, int, int, int]], device: torch.device, dtype, rounds: int, budget_ms: float,
+        only: Optional[list[str]] = None) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        for name, (fast, ref, compare) in cases(*shape, device, dtype).items():
+            if only and name not in only:
+                continue
+            with torch.no_grad():
+                diff = compare(fast(), ref())
+            times = harness.rounds({"triton": fast, "reference": ref}, device, rounds, budget_ms)
+            up = harness.speedups(times, "reference")["triton"][0]
+            cell = {"benchmark": "kernels", "model": name, "run": "eager", "batch": shape[0],
+                    "config": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", "")}
+            metric = "equal" if name == "sample" else "max_abs_error"
+            rows.append({**cell, "metric": metric, "value": diff})
+            rows.append({**cell, "metric": "speedup", "value": up})
+            for label, ms in times.items():
+                rows.append({**cell, "config": f"{cell['config']} {label}", "metric": "ms",
+                             "value": sorted(ms)[len(ms) // 2]})
+            log.info("%s %s: %s %.3g, triton %.3fx the reference", name, shape, metric, diff, up)
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=None, help="B,H,T,D ... (default: DeiT-S and ViT-B/16 stages)")
+    p.add_argument("--kernels", nargs="+", default=None, help="only these kernels")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--budget-ms", type=float, default=100.0)
+    p.add_argument("--results", type=Path, default=harness.RESULTS)
+    p.add_argument("--device", default="cuda", help="cpu runs the kernels under TRITON_INTERPRET=1 (slowly)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks.kernels needs a CUDA GPU (--device cpu with TRITON_INTERPRET=1 tries it)")
+    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--device cpu needs TRITON_INTERPRET=1 set before Python starts")
+    shapes = [tuple(int(n) for n in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
+    dtype = getattr(torch, args.dtype)
+    rows = run(shapes, torch.device(args.device), dtype, args.rounds, args.budget_ms, args.kernels)
+    n = harness.append(rows, args.results)
+    log.info("%d rows appended to %s", n, args.results)
+
+
+if __name__ == "__main__":
+    main()
