@@ -4,8 +4,8 @@
     python -m benchmarks.kernels --device cpu --shapes 2,2,17,8   # the harness on Triton's interpreter
 
 For each shape (batch, heads, tokens, head dim) and kernel: the largest difference from the reference
-(float32 reference on the same inputs; sampled indices must be equal), and the time of each (wall time
-per call, host included, as eager runs them). Rows go to the results file with benchmark "kernels":
+(computed in float32 on the same inputs; sampled indices must be equal), and the time of the kernel and
+of the reference in the model's dtype, which eager would run instead (wall time per call, host included). Rows go to the results file with benchmark "kernels":
 metrics ``ms`` (config "triton" / "reference"), ``speedup`` and ``max_abs_error`` (or ``equal`` for
 the sampling's indices).
 """
@@ -62,18 +62,22 @@ def cases(B: int, H: int, T: int, D: int, device, dtype) -> dict:
         return float(torch.equal(a[0][:, :W], b[0]) and torch.equal(a[2], b[2]))
 
     qf, kf, vf = q.float(), k.float(), v.float()
+    real = mask[:, None, :, None].expand(q.shape)
+    # (triton, reference in the model's dtype: what eager would run instead, reference in float32: the
+    # accuracy check, comparison)
     return {
         "scores": (lambda: class_token_scores(q, k, v, mask, 1, scale)[0],
-                   lambda: reference.class_token_scores(q, k, v, mask, 1, scale), close),
+                   lambda: reference.class_token_scores(q, k, v, mask, 1, scale), None, close),
         "sample": (lambda: inverse_transform_sample(scores, mask, budget, 1),
-                   lambda: reference.inverse_transform_sample(scores, mask, budget, 1), same_indices),
+                   lambda: reference.inverse_transform_sample(scores, mask, budget, 1), None, same_indices),
         "attention_rows": (lambda: attention_rows(q, k, v, index, mask, scale),
+                           lambda: reference.attention_rows(q, k, v, index, mask, scale),
                            lambda: reference.attention_rows(qf, kf, vf, index, mask, scale), close),
-        "masked_attention": (lambda: masked_attention(q, k, v, mask, scale)[mask[:, None, :, None].expand(q.shape)],
-                             lambda: reference.masked_attention(qf, kf, vf, mask, scale)[
-                                 mask[:, None, :, None].expand(q.shape)], close),
+        "masked_attention": (lambda: masked_attention(q, k, v, mask, scale)[real],
+                             lambda: reference.masked_attention(q, k, v, mask, scale)[real],
+                             lambda: reference.masked_attention(qf, kf, vf, mask, scale)[real], close),
         "gather_add": (lambda: gather_add(x, index, y),
-                       lambda: x.gather(1, index[..., None].expand(-1, -1, x.shape[2])) + y, close),
+                       lambda: x.gather(1, index[..., None].expand(-1, -1, x.shape[2])) + y, None, close),
     }
 
 
@@ -81,11 +85,11 @@ def run(shapes: list[tuple[int, int, int, int]], device: torch.device, dtype, ro
         only: Optional[list[str]] = None) -> list[dict]:
     rows = []
     for shape in shapes:
-        for name, (fast, ref, compare) in cases(*shape, device, dtype).items():
+        for name, (fast, ref, exact, compare) in cases(*shape, device, dtype).items():
             if only and name not in only:
                 continue
             with torch.no_grad():
-                diff = compare(fast(), ref())
+                diff = compare(fast(), (exact or ref)())
             times = harness.rounds({"triton": fast, "reference": ref}, device, rounds, budget_ms)
             up = harness.speedups(times, "reference")["triton"][0]
             cell = {"benchmark": "kernels", "model": name, "run": "eager", "batch": shape[0],
