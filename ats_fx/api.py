@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 from torch.fx import Interpreter
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
-from . import dispatch, ops
+from . import dispatch, graphs, ops
 from .config import PerStage, Stages, make_options
 from .errors import ATSConfigError, ATSInputError, ATSUnsupportedModel
 from .passes.capture import capture, example_inputs_for
@@ -46,7 +46,26 @@ class ATSGraphModule(fx.GraphModule):
         if (isinstance(first, torch.Tensor) and first.dim() and first.shape[0] == 0
                 and not torch.compiler.is_compiling()):
             return self._empty_batch(args, kwargs)
+        cache = self.__dict__.get("_ats_graphs")
+        if (cache is not None and not cache.failed and not kwargs and not self._forward_hooks
+                and len(self._forward_pre_hooks) == 1  # only the input check, called below
+                and dispatch.graphs_apply(True, self.training, self.ats_options.padding,
+                                          self.ats_options.selection, args)):
+            _check_inputs(self, args)
+            stages = [m for m in self.modules() if isinstance(m, ops.ATSStage)]
+            return cache(self.forward, stages, list(args))
         return super().__call__(*args, **kwargs)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half(), .cuda() move the weights: a captured graph would read the old memory.
+        if self.__dict__.get("_ats_graphs") is not None:
+            self._ats_graphs.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def load_state_dict(self, *args, **kwargs):
+        if self.__dict__.get("_ats_graphs") is not None:  # assign=True replaces the tensors
+            self._ats_graphs.clear()
+        return super().load_state_dict(*args, **kwargs)
 
     def _empty_batch(self, args: tuple, kwargs: dict) -> Any:
         """An empty batch gives empty outputs of the right shapes, as the dense model does: the graph's
@@ -69,6 +88,8 @@ class ATSGraphModule(fx.GraphModule):
         for key, value in self.__dict__.items():
             if key.startswith("ats_"):
                 setattr(result, key, copy.deepcopy(value, memo))
+        if self.__dict__.get("_ats_graphs") is not None:  # captured graphs belong to the original's memory
+            result._ats_graphs = graphs.GraphCache()
         result.register_forward_pre_hook(_check_inputs)
         return result
 
@@ -155,8 +176,14 @@ def analyse(model: nn.Module, example_inputs: Any = None) -> tuple[fx.GraphModul
     example = example_inputs_for(model, example_inputs)
     gm = capture(model, example)
     sites = find_attention(gm.graph)
-    analysis = TokenWalk(gm, sites).run()
+    analysis = TokenWalk(gm, sites, no_class_token=declares_no_class_token(model)).run()
     return gm, analysis, example
+
+
+def declares_no_class_token(model: nn.Module) -> bool:
+    """timm says so with ``cls_token = None``: learned tokens in front are then registers, and a
+    stage scores with the mean query row instead of the first token's row."""
+    return hasattr(model, "cls_token") and getattr(model, "cls_token") is None
 
 
 def describe_unmatched(unmatched: list) -> str:
@@ -177,23 +204,15 @@ def _refuse_if_no_sites(model: nn.Module, analysis: Analysis) -> None:
             "scaled_dot_product_attention or nn.MultiheadAttention); ATS needs a transformer"
             + (f". Softmax attention that no spelling matched: {unmatched}" if unmatched else "")
         )
-    # A model that declares "no class token" (timm: cls_token None) but puts learned tokens first
-    # (registers) would otherwise score with a register's attention row.
-    no_cls = hasattr(model, "cls_token") and getattr(model, "cls_token") is None
-    if analysis.seed is None or no_cls:
-        problem = analysis.seed_problem or (
-            "no class token: ATS scores tokens with the class token's attention row, and this "
-            "model does not concatenate a learned class token in front of its patch tokens "
-            "(e.g. global_pool='avg' with class_token=False, Swin, ConvNeXt, SigLIP)"
-        )
-        raise ATSUnsupportedModel(f"{name}: {problem}. Use a model with a class token.")
+    if analysis.seed is None and analysis.seed_problem:
+        raise ATSUnsupportedModel(f"{name}: {analysis.seed_problem}")
     if not analysis.token_sites:
         reasons = "; ".join(sorted({f"{s.module}: {why}" for s, why in analysis.not_token.items()}))
         late = ""
         if analysis.seed is not None:
             from .passes.graph import module_path
 
-            late = (f". The class token joins the tokens only at {module_path(analysis.seed) or analysis.seed.name}, "
+            late = (f". The token sequence starts at {module_path(analysis.seed) or analysis.seed.name}, "
                     "and no attention over the tokens was matched before it (the reasons above), so there is "
                     "no layer to sample in")
         unmatched = describe_unmatched(analysis.unmatched)
@@ -235,13 +254,17 @@ def transform(
     padding: str = "auto",
     kernels: str = "auto",
     selection: str = "ats",
+    token_output: str = "full",
+    cuda_graphs: bool = True,
     example_inputs: Any = None,
     check_inputs: bool = True,
 ) -> ATSGraphModule:
     """Rewrite ``model`` so that the chosen attention layers sample tokens with ATS.
 
     Args:
-        model: a vision transformer with a class token (timm, HF transformers, torchvision...).
+        model: a vision transformer (timm, HF transformers, torchvision...), with a class token or
+            without one (average pool, registers, attention pooling: stages then score tokens by
+            the attention they receive, the mean query row; docs/ats-semantics.md).
             It is not modified; the result has its own copy of the weights with the same
             ``state_dict`` keys.
         stages: attention layers (counted from 0 in execution order) that get ATS: an int,
@@ -271,7 +294,7 @@ def transform(
         ATSUnsupportedModel: the model cannot be converted; the message names layer and reason.
     """
     options = make_options(stages, ratio=ratio, k=k, score=score, padding=padding, kernels=kernels,
-                           selection=selection)
+                           selection=selection, token_output=token_output)
     _refuse_unconvertible(model)
     gm, analysis, example = analyse(model, example_inputs)
     _refuse_if_no_sites(model, analysis)
@@ -286,7 +309,8 @@ def transform(
     plan = {s.layer: s for s in options.stages}
     first = min(options.layers)
     neutral = _neutral_masks(gm, example, analysis.token_sites[first:])
-    walk = TokenWalk(gm, analysis.token_sites + analysis.class_attention, plan, options, neutral)
+    walk = TokenWalk(gm, analysis.token_sites + analysis.class_attention, plan, options, neutral,
+                     no_class_token=declares_no_class_token(model))
     walk.run()
     remove_replaced(gm, walk.replaced)
     fuse_gather_add(gm, options.kernels)
@@ -304,6 +328,9 @@ def transform(
     result.ats_options = options
     result.ats_captured_training = model.training
     result.ats_check_inputs = check_inputs
+    result.ats_cuda_graphs = cuda_graphs
+    if cuda_graphs:
+        result._ats_graphs = graphs.GraphCache()
     result.ats_input_shapes = [tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves(example)]
     result.register_forward_pre_hook(_check_inputs)
     result.train(model.training)
@@ -366,6 +393,7 @@ def save(model: ATSGraphModule, path) -> None:
         "ratio": [s.ratio for s in opts.stages] if opts.stages[0].k is None else None,
         "k": [s.k for s in opts.stages] if opts.stages[0].k is not None else None,
         "score": opts.score, "padding": opts.padding, "kernels": opts.kernels, "selection": opts.selection,
+        "token_output": opts.token_output, "cuda_graphs": model.ats_cuda_graphs,
         "check_inputs": model.ats_check_inputs,
         "input_shapes": [list(s) for s in model.ats_input_shapes],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -386,7 +414,9 @@ def load(path, model: nn.Module, *, map_location: Any = "cpu") -> ATSGraphModule
     example = tuple(torch.randn(2, *shape, dtype=dtype, device=device) for shape in record["input_shapes"])
     result = transform(model, record["stages"], ratio=record["ratio"], k=record["k"], score=record["score"],
                        padding=record["padding"], kernels=record["kernels"], selection=record["selection"],
-                       example_inputs=example, check_inputs=record["check_inputs"])
+                       token_output=record.get("token_output", "full"),
+                       cuda_graphs=record.get("cuda_graphs", True), example_inputs=example,
+                       check_inputs=record["check_inputs"])
     result.load_state_dict(record["state_dict"])
     return result
 

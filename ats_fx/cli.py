@@ -99,12 +99,15 @@ def cmd_inspect(args) -> int:
 
         console.print(f"class token joins at {module_path(analysis.late_class_token)}: stages score tokens by the "
                       "attention they receive (mean query row, docs/ats-semantics.md)")
+    elif analysis.seed is not None and not analysis.class_token:
+        console.print("no class token" + (f" ({analysis.prefix} register(s), always kept)" if analysis.prefix else "")
+                      + ": stages score tokens by the attention they receive (mean query row, docs/ats-semantics.md)")
     if analysis.unmatched:
         console.print(f"[yellow]softmax attention no spelling matched:[/yellow] {describe_unmatched(analysis.unmatched)}")
     if not analysis.sites:
         console.print("[red]not convertible:[/red] no attention softmax(Q·Kᵀ)·V found in any spelling")
     elif analysis.seed is None:
-        console.print(f"[red]not convertible:[/red] {analysis.seed_problem or 'no class token in front of the patch tokens'}")
+        console.print(f"[red]not convertible:[/red] {analysis.seed_problem or 'no token sequence found before the first attention'}")
     return 0
 
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import operator
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.utils._pytree as pytree
 
 from .config import make_options
 from .errors import ATSConfigError, ATSUnsupportedModel
@@ -29,7 +31,7 @@ from .passes.patchify import patchify_convs
 
 log = logging.getLogger(__name__)
 
-TRANSFORM_KEYS = ("stages", "ratio", "k", "score", "padding", "kernels")
+TRANSFORM_KEYS = ("stages", "ratio", "k", "score", "padding", "kernels", "token_output")
 # torch.compile refuses mode= together with options=, so the Inductor mode can ride in options.
 BACKEND_KEYS = ("backend", "mode", "inductor_options", "patch_gemm")
 
@@ -258,7 +260,8 @@ def parse_options(options: Optional[dict]) -> tuple[dict, str, Optional[dict], O
         )
     # Validate now, before Dynamo traces anything, so option errors read as option errors.
     make_options(options["stages"], options.get("ratio"), options.get("k"), options.get("score", "attn_vnorm"),
-                 options["padding"], options.get("kernels", "auto"))
+                 options["padding"], options.get("kernels", "auto"), token_output=options.get("token_output", "full"))
+
     return options, backend, inductor_options, None if mode == "default" else mode
 
 
@@ -317,12 +320,45 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
     env = fake_mode.shape_env if fake_mode is not None else None
     if env is not None and not env.allow_dynamic_output_shape_ops:
         env.settings = dataclasses.replace(env.settings, allow_dynamic_output_shape_ops=True)
+    kept = _flatten_kept_outputs(ats)
     compiled = inner(ats, data)
 
     def run(*args):
-        return compiled(*[args[i] for i in data_idx])
+        out = compiled(*[args[i] for i in data_idx])
+        if not kept:
+            return out
+        # Dynamo's code after the graph passes each output on as an object: the slot of a token
+        # sequence can hold the KeptTokens the compiled graph returned as three tensors.
+        out, n = list(out), len(out) - 2 * len(kept)
+        for j, slot in enumerate(kept):
+            out[slot] = ops.KeptTokens(out[slot], out[n + 2 * j], out[n + 2 * j + 1])
+        return out[:n]
 
     return run
+
+
+def _flatten_kept_outputs(gm: fx.GraphModule) -> list[int]:
+    """token_output="kept": the graph returns tensors only (what Inductor compiles). Each KeptTokens
+    output keeps its tokens in its slot; positions and mask go after the other outputs. Returns the slots."""
+    from . import ops
+
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    values = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
+    slots, extra = [], []
+    with gm.graph.inserting_before(out):
+        for i, v in enumerate(values):
+            if isinstance(v, fx.Node) and v.target is ops.kept_output:
+                parts = [gm.graph.call_function(operator.getitem, (v, j)) for j in range(3)]
+                values[i] = parts[0]
+                extra += parts[1:]
+                slots.append(i)
+    if slots:
+        out.args = (tuple(values + extra),)
+        info = getattr(gm.graph._codegen, "pytree_info", None)  # export's graphs unflatten their outputs
+        if info is not None and info.out_spec is not None:
+            gm.graph._codegen.pytree_info = info._replace(out_spec=pytree.tree_structure(out.args[0]))
+        gm.recompile()
+    return slots
 
 
 def register() -> None:

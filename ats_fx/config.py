@@ -15,6 +15,9 @@ PADDINGS = ("auto", "batch_max", "static")
 KERNELS = ("auto", "triton", "reference")
 # "ats" is the paper's method; "topk" and "random" are its baselines (ablations, eager only).
 SELECTIONS = ("ats", "topk", "random")
+# What a returned token sequence becomes: "full", its original length (dropped tokens hold their last
+# value); "kept", an ats_fx.KeptTokens(tokens, positions, mask) of the kept tokens.
+TOKEN_OUTPUTS = ("full", "kept")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,7 @@ class ATSOptions:
     padding: str = "auto"
     kernels: str = "auto"
     selection: str = "ats"
+    token_output: str = "full"
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -117,6 +121,7 @@ def make_options(
     padding: str = "auto",
     kernels: str = "auto",
     selection: str = "ats",
+    token_output: str = "full",
 ) -> ATSOptions:
     """Validate user options. With neither ``ratio`` nor ``k`` given, ratio defaults to 1.0."""
     layers = parse_stages(stages)
@@ -149,7 +154,10 @@ def make_options(
         raise ATSConfigError(f"kernels={kernels!r}: choose one of {KERNELS}")
     if selection not in SELECTIONS:
         raise ATSConfigError(f"selection={selection!r}: choose one of {SELECTIONS}")
+    if token_output not in TOKEN_OUTPUTS:
+        raise ATSConfigError(f"token_output={token_output!r}: choose one of {TOKEN_OUTPUTS} ('full': the original "
+                             "length, dropped tokens hold their last value; 'kept': ats_fx.KeptTokens)")
     # Sorted by layer, each with the values given beside it.
     stage_opts = tuple(sorted((StageOptions(layer, r, kk) for layer, r, kk in zip(layers, ratios, ks)),
                               key=lambda s: s.layer))
-    return ATSOptions(stage_opts, score, padding, kernels, selection)
+    return ATSOptions(stage_opts, score, padding, kernels, selection, token_output)

@@ -44,6 +44,7 @@ UNMASKED = True
 AUTO_STATIC_BATCH = 128
 
 _reference_only = 0  # > 0 inside ``reference_kernels()``
+_static_padding = 0  # > 0 inside ``static_padding()``: a CUDA graph capture (graphs.py)
 
 
 def triton_available() -> bool:
@@ -69,8 +70,10 @@ def reference_kernels() -> Iterator[None]:
 
 
 def use_triton(x: Tensor, kernels: str) -> bool:
-    """``kernels="auto"``: Triton on CUDA for float32/16/bf16; the reference elsewhere."""
-    if kernels == "reference" or _reference_only:
+    """``kernels="auto"``: Triton on CUDA for float32/16/bf16; the reference elsewhere. Never under
+    ``torch.export``: an exported model holds the reference's aten ops (static padding) and runs
+    without ats_fx, so AOTInductor can package it for a process that never imports it."""
+    if kernels == "reference" or _reference_only or torch.compiler.is_exporting():
         return False
     if kernels == "triton":
         if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
@@ -121,12 +124,40 @@ def sequential_stages() -> Iterator[None]:
         OVERLAP = saved
 
 
+@contextlib.contextmanager
+def static_padding() -> Iterator[None]:
+    """``padding="auto"`` resolves to static inside the block: a CUDA graph needs fixed shapes."""
+    global _static_padding
+    _static_padding += 1
+    try:
+        yield
+    finally:
+        _static_padding -= 1
+
+
+def graphs_apply(enabled: bool, training: bool, padding: str, selection: str, inputs: tuple) -> bool:
+    """An eager call of an ATS model replays a CUDA graph (``graphs.py``): ``cuda_graphs`` on, inference
+    (eval mode, autograd off: ``torch.no_grad()`` or ``torch.inference_mode()``), CUDA tensor inputs,
+    stages that may pad statically (``padding`` "auto" or "static"), the ATS selection (the baselines
+    read the host), and no tracing or stream capture around the call."""
+    if not enabled or training or padding == "batch_max" or selection != "ats" or torch.is_grad_enabled():
+        return False
+    if not inputs or not all(type(x) is Tensor and x.is_cuda for x in inputs):
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    return not (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+                or torch.cuda.is_current_stream_capturing())
+
+
 def padding_for(padding: str, q: Tensor, static_width: int) -> str:
     """The padding a stage call runs: ``"auto"`` resolves to ``"static"`` when traced (compile, export:
     fixed shapes, no host read) or for a CUDA batch of at least ``AUTO_STATIC_BATCH`` images, unless
     static padding would keep every row (``static_width`` reaches the token count); else ``"batch_max"``."""
     if padding != "auto":
         return padding
+    if _static_padding:
+        return "static"
     # Compiled or exported (fake or functional tensors), not merely observed: FlopCounterMode is a
     # dispatch mode too, and count_flops must count the rows the method keeps.
     if torch.compiler.is_compiling() or type(q) is not Tensor:
@@ -136,11 +167,11 @@ def padding_for(padding: str, q: Tensor, static_width: int) -> str:
     return "batch_max"
 
 
-def stage_path(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *, num_prefix: int, width: int,
+def stage_path(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *, class_token: bool, width: int,
                kernels: str, selection: str, dropout_p: float, bias: Optional[Tensor], mix: Optional[tuple]) -> str:
     """The path of one stage call: ``"weights"``, ``"baseline"``, ``"overlapped"`` or ``"sampled"``
     (see the module docstring). ``width`` is K + p for static padding, -1 for batch_max."""
-    if mix is not None or num_prefix == 0:
+    if mix is not None or not class_token:
         return "weights"
     if selection != "ats":
         return "baseline"

@@ -280,14 +280,21 @@ def sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *args) -
     q, k, v = q.detach(), k.detach(), v.detach()
     if len(args) > 8 and args[8] is not None:  # the position bias
         args = (*args[:8], args[8].detach())
-    if tracing(q):
+    if tracing(q) and not _inline(q, args[5], args[7]):
         return (*torch.ops.ats_fx.sample_tokens(q, k, v, key_mask, *args), None)
     return _sample(q, k, v, key_mask, *args)
+
+
+def _inline(x: Tensor, width: int, kernels: str) -> bool:
+    """Traced with a static width on the PyTorch path: the graph gets the reference's aten ops, not
+    the custom op. An exported CPU model then needs no ats_fx to run (an AOTInductor package loads
+    in a process that never imports it), and Inductor fuses the sampling with what surrounds it."""
+    return width >= 0 and not use_triton(x, kernels)
 
 
 def sample_from_scores(scores: Tensor, bad: Tensor, key_mask: Optional[Tensor], *args) -> tuple:
     """``ats_fx::sample_scores`` on detached scores, and ``padded`` (see ``_sample``)."""
     scores, bad = scores.detach(), bad.detach()
-    if tracing(scores):
+    if tracing(scores) and not _inline(scores, args[3], args[5]):
         return (*torch.ops.ats_fx.sample_scores(scores, bad, key_mask, *args), None)
     return _sample_scores(scores, bad, key_mask, *args)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -59,11 +59,15 @@ class ATSStage(nn.Module):
         dropout_p: float = 0.0,
         kernels: str = "auto",
         selection: str = "ats",
+        class_token: bool = True,
     ):
         super().__init__()
         self.layer, self.module_name, self.num_prefix, self.scale = layer, module, num_prefix, scale
         self.ratio, self.k, self.score, self.padding, self.dropout_p = ratio, k, score, padding, dropout_p
         self.kernels, self.selection = kernels, selection
+        # The first prefix token is a class token whose attention row scores the others; without one
+        # (no prefix, or registers only) a stage scores by the mean query row (docs/ats-semantics.md).
+        self.class_token = class_token and num_prefix > 0
         self.compiled = False  # set by the "ats" torch.compile backend
         # Set by passes/defer.py when only row-wise ops (the output projection) lie between this
         # stage's output and the residual add: an overlapped stage then returns every row and the
@@ -75,7 +79,8 @@ class ATSStage(nn.Module):
         budget = f"ratio={self.ratio}" if self.k is None else f"k={self.k}"
         return (f"layer={self.layer}, {budget}, prefix={self.num_prefix}, score={self.score}, "
                 f"padding={self.padding}, kernels={self.kernels}"
-                + ("" if self.selection == "ats" else f", selection={self.selection}"))
+                + ("" if self.selection == "ats" else f", selection={self.selection}")
+                + ("" if self.class_token else ", scores=mean query row"))
 
     def forward(self, q, k, v, key_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor] = None, mix: Optional[tuple] = None):
@@ -95,7 +100,7 @@ class ATSStage(nn.Module):
             bias = bias.expand(q.shape[0], -1, -1, -1)
         dropout_p = self.dropout_p if self.training else 0.0
         every_row = False  # out holds the kept rows (True: every input row, for a deferred gather)
-        path = dispatch.stage_path(q, k, v, key_mask, num_prefix=self.num_prefix, width=width, kernels=self.kernels,
+        path = dispatch.stage_path(q, k, v, key_mask, class_token=self.class_token, width=width, kernels=self.kernels,
                                    selection=self.selection, dropout_p=dropout_p, bias=bias, mix=mix)
         if path == "weights":
             # Talking heads (CaiT) or no class token: the whole attention matrix, scored from its rows.
@@ -137,37 +142,40 @@ class ATSStage(nn.Module):
     def _from_weights(self, q, k, v, key_mask, width: int, strict: bool, bias, mix, dropout_p: float):
         """The stage on a materialised attention matrix A: scores from A's class row, or its mean
         row without a class token (``reference.weight_scores``), then O = A[kept] V."""
-        if self.selection != "ats":
-            from .errors import ATSConfigError
-
-            raise ATSConfigError(f"selection={self.selection!r} needs a class token and plain attention; "
-                                 "this stage has talking heads or no class token: use selection='ats'")
         attn = reference.attention_weights(q, k, key_mask, self.scale, bias, mix)
-        s, bad = reference.weight_scores(attn.detach(), v.detach(), key_mask, self.num_prefix, self.score, False)
-        index, mask, kept, budget, padded = library.sample_from_scores(
-            s, bad, key_mask, self.num_prefix, self.ratio, self.k, width, strict, self.kernels)
+        s, bad = reference.weight_scores(attn.detach(), v.detach(), key_mask, self.num_prefix, self.score, False,
+                                         class_token=self.class_token)
+        if self.selection != "ats":
+            index, mask, kept, budget, padded = self._baseline_select(s, bad, key_mask, q.shape[0], q.device, width)
+        else:
+            index, mask, kept, budget, padded = library.sample_from_scores(
+                s, bad, key_mask, self.num_prefix, self.ratio, self.k, width, strict, self.kernels)
         B, H, _, T = attn.shape
         rows = attn.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], T))
         out = torch.nn.functional.dropout(rows, dropout_p, True) @ v if dropout_p else rows @ v
         return out, index, mask, kept, budget, padded
 
     def _reference_select(self, q, k, v, key_mask, width: int, bias):
-        """The paper's baselines (top-K by score, random K) on the PyTorch reference path."""
-        if torch.compiler.is_compiling() or type(q) is not torch.Tensor:  # FlopCounterMode is fine
+        """The paper's baselines (top-K by score, random K) on the class token's scores."""
+        scores, bad = reference.class_token_scores(q, k, v, key_mask, self.num_prefix, self.scale, self.score,
+                                                   False, bias=bias, with_bad=True)
+        return self._baseline_select(scores, bad, key_mask, q.shape[0], q.device, width)
+
+    def _baseline_select(self, scores, bad, key_mask, B: int, device, width: int):
+        """Top-K by score, or K uniformly at random, on the PyTorch reference path (eager only)."""
+        if torch.compiler.is_compiling() or type(scores) is not torch.Tensor:  # FlopCounterMode is fine
             from .errors import ATSConfigError
 
             raise ATSConfigError(f"selection={self.selection!r} is an eager-only ablation baseline: "
                                  "compile or export the model with selection='ats'")
-        B, _, T, _ = q.shape
+        T = scores.shape[1]
         p = self.num_prefix
-        scores, bad = reference.class_token_scores(q, k, v, key_mask, p, self.scale, self.score, False,
-                                                   bias=bias, with_bad=True)
-        budget = reference.token_budget(key_mask, B, T, p, self.ratio, self.k, q.device)
+        budget = reference.token_budget(key_mask, B, T, p, self.ratio, self.k, device)
         if self.selection == "random":
             scores = torch.rand_like(scores)  # top_k_select ranks the prefix and padding last
         keep, real = reference.top_k_select(scores, key_mask, budget, p, -1)
         # One host read per stage: the widest and narrowest K' and the NaN flag.
-        counts = ((keep | (torch.arange(T, device=q.device) < p)) & real).sum(dim=1) - p
+        counts = ((keep | (torch.arange(T, device=device) < p)) & real).sum(dim=1) - p
         widest, narrowest, any_bad = torch.stack([counts.max(), counts.min(), bad.any().long()]).tolist()
         if any_bad:
             library.raise_bad(bad)
@@ -275,6 +283,21 @@ def masked_attention(q, k, v, key_mask, batch_dim: int, scale: float, dropout_p:
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
 
 
+def merged_heads_attention(q, k, v, key_mask, heads: int, scale: float, dropout_p: float = 0.0):
+    """Attention on (B·H, T, d) tensors, batch outer (nn.MultiheadAttention's layout), with padded
+    keys at weight 0."""
+    def split(t):
+        return t.reshape(-1, heads, *t.shape[1:])
+
+    out = masked_attention(split(q), split(k), split(v), key_mask, 0, scale, dropout_p)
+    return out.reshape(-1, *out.shape[2:])
+
+
+def mask_from(mask: Optional[torch.Tensor], start: int) -> Optional[torch.Tensor]:
+    """The key mask of tokens ``start`` onwards (a pooling head that skips the prefix); None stays None."""
+    return None if mask is None else mask[:, start:]
+
+
 def talking_heads_attention(q, k, v, key_mask, scale: float, mix: tuple, dropout_p: float = 0.0, bias=None):
     """Talking-heads attention (CaiT) of a layer after an ATS stage: heads mixed by ``mix = (w_l,
     b_l, w_w, b_w)`` around the softmax, padded keys at weight 0 (``reference.attention_weights``)."""
@@ -324,6 +347,34 @@ def position_gather(const: torch.Tensor, positions: torch.Tensor, start: int, ba
     B, n = idx.shape
     g = c.index_select(dim, idx.reshape(-1)).unflatten(dim, (B, n))
     return g.movedim(dim, batch_dim)
+
+
+class KeptTokens(NamedTuple):
+    """A token sequence returned with ``token_output="kept"``: the tokens the last stage kept.
+
+    ``tokens`` (B, T', ...) padded across the batch; ``positions`` (B, T') each row's position in
+    the model's original token sequence (prefix included), -1 for padding; ``mask`` (B, T') True for
+    a real token. What a projector into a language model or a retrieval head consumes."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
+def kept_output(x: torch.Tensor, positions: torch.Tensor, start: int = 0) -> KeptTokens:
+    """``x``, whose token axis holds a token set's rows from ``start`` on, with its positions and mask."""
+    positions = positions[:, start:]
+    return KeptTokens(x, positions, positions >= 0)
+
+
+def token_scatter(full: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``full`` (B, T, ...) with ``rows`` (B, T', ...) written at their original ``positions`` (B, T');
+    padding rows (-1) write nowhere. Brings a token set back to the original sequence."""
+    B, T = full.shape[:2]
+    idx = torch.where(positions >= 0, positions, T)  # padding goes to a spare row, dropped below
+    idx = idx.reshape(B, -1, *([1] * (rows.dim() - 2))).expand(rows.shape)
+    spare = full.new_zeros((B, 1, *full.shape[2:]))
+    return torch.cat([full, spare], dim=1).scatter(1, idx, rows.to(full.dtype))[:, :T]
 
 
 def check_finite(x: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,15 @@
 """Top-1 vs measured GFLOPs on the digits test set (paper Figs. 3-5, Table A.3), on the CPU.
 
     python -m benchmarks.digits_curves                          # no fine-tuning, then 5 epochs
+    python -m benchmarks.digits_curves --pool avg               # the digits ViT without a class token
     torchrun --nproc_per_node 2 -m benchmarks.digits_curves     # the fine-tunes run under DDP
 
 For each budget (multi-stage 1-5 at several rho, single-stage at layer 1 at several K) it
 evaluates ATS, ATS without the ‖V‖ factor (score="attn"), top-K selection and random dropping
 with the same K rule, first with the shipped weights and then after a short fine-tune with each
 selection in the loop. GFLOPs are FlopCounterMode counts (multiply-adds) per image, averaged
-over the test set. Writes benchmarks/results/digits_curves.{json,md,png}.
+over the test set. Writes benchmarks/results/digits_curves.{json,md,png} (``--pool avg``: the model
+without a class token, whose ATS stages score by the mean query row: digits_curves_gap.*).
 """
 from __future__ import annotations
 
@@ -55,25 +57,25 @@ def evaluate(model, data) -> dict:
     return {"accuracy": acc, "gflops": gflops, "kprime": kprime}
 
 
-def run(finetune_epochs: int, ratios=RATIOS, ks=KS, limit=None) -> list[dict]:
+def run(finetune_epochs: int, ratios=RATIOS, ks=KS, limit=None, pool: str = "token") -> list[dict]:
     data = digits_split()
     rank, _ = distributed()
     rows = []
     for family, variant, budget, options in configs(ratios, ks):
         start = time.time()
         if options is None:
-            model = digits_vit(pretrained=True)
+            model = digits_vit(pretrained=True, pool=pool)
         else:
-            model = ats_fx.transform(digits_vit(pretrained=True), **options)
+            model = ats_fx.transform(digits_vit(pretrained=True, pool=pool), **options)
         row = {"family": family, "variant": variant, "budget": budget, "options": options,
                "finetuned": False, **evaluate(model, data)}
         rows.append(row)
         if finetune_epochs:
             if options is None:
-                train_model = digits_vit(pretrained=True).train()
+                train_model = digits_vit(pretrained=True, pool=pool).train()
                 eval_model = model
             else:
-                train_model, eval_model = transform_for_training(options)
+                train_model, eval_model = transform_for_training(options, pool)
             finetune(train_model, data.train_x[:limit], data.train_y[:limit], epochs=finetune_epochs)
             eval_model.load_state_dict(train_model.state_dict())
             rows.append({**row, "finetuned": True, "finetune_epochs": finetune_epochs, **evaluate(eval_model, data)})
@@ -84,7 +86,7 @@ def run(finetune_epochs: int, ratios=RATIOS, ks=KS, limit=None) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "ATS on the shipped digits ViT (65 tokens, 6 blocks)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +113,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("top-1 on digits test set (%)")
     axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.suptitle("ATS on the shipped digits ViT (65 tokens, 6 blocks)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -133,19 +135,24 @@ def main(argv=None) -> None:
     parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS))
     parser.add_argument("--limit", type=int, help="fine-tune on the first N training images only")
-    parser.add_argument("--out", type=Path, default=RESULTS / "digits_curves")
+    parser.add_argument("--pool", choices=("token", "avg"), default="token",
+                        help="token: the shipped ViT with a class token; avg: the one without (mean query row scores)")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    args.out = args.out or RESULTS / ("digits_curves" if args.pool == "token" else "digits_curves_gap")
     start = time.time()
-    rows = run(args.finetune_epochs, args.ratios, args.ks, args.limit)
+    rows = run(args.finetune_epochs, args.ratios, args.ks, args.limit, args.pool)
     rank, world = distributed()
     if rank == 0:
         meta = {"device": "cpu", "threads": torch.get_num_threads(), "world_size": world,
                 "torch": torch.__version__, "seconds": round(time.time() - start, 1),
-                "test_images": 360, "finetune_epochs": args.finetune_epochs}
+                "test_images": 360, "finetune_epochs": args.finetune_epochs, "pool": args.pool}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
         args.out.with_suffix(".md").write_text(markdown(rows))
-        plot(rows, args.out.with_suffix(".png"))
+        title = ("ATS on the shipped digits ViT (65 tokens, 6 blocks)" if args.pool == "token" else
+                 "ATS on the digits ViT without a class token (64 tokens, average pool, mean query row scores)")
+        plot(rows, args.out.with_suffix(".png"), title)
         print(f"wrote {args.out}.{{json,md,png}}")
 
 

@@ -36,10 +36,10 @@ def distributed() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def transform_for_training(options: dict) -> tuple[torch.nn.Module, torch.nn.Module]:
+def transform_for_training(options: dict, pool: str = "token") -> tuple[torch.nn.Module, torch.nn.Module]:
     """(train-mode ATS model, eval-mode ATS model) with the same state_dict keys. The graph is
     captured in the model's mode, so training and evaluation each get their own capture."""
-    base = digits_vit(pretrained=True)
+    base = digits_vit(pretrained=True, pool=pool)
     train_model = ats_fx.transform(base.train(), **options)
     eval_model = ats_fx.transform(base.eval(), **options)
     return train_model, eval_model
@@ -80,10 +80,10 @@ def replicas_identical(model: torch.nn.Module) -> bool:
     return all(torch.equal(gathered[0], t) for t in gathered[1:])
 
 
-def run(options: dict, epochs: int, limit: Optional[int] = None, seed: int = 0) -> dict:
+def run(options: dict, epochs: int, limit: Optional[int] = None, seed: int = 0, pool: str = "token") -> dict:
     data = digits_split()
     train_x, train_y = data.train_x[:limit], data.train_y[:limit]
-    train_model, eval_model = transform_for_training(options)
+    train_model, eval_model = transform_for_training(options, pool)
     before = accuracy(eval_model, data.test_x, data.test_y)
     initial = {k: v.clone() for k, v in train_model.state_dict().items()}
     start = time.time()
@@ -92,7 +92,7 @@ def run(options: dict, epochs: int, limit: Optional[int] = None, seed: int = 0) 
     eval_model.load_state_dict(train_model.state_dict())
     rank, world = distributed()
     return {
-        "options": {k: v for k, v in options.items()}, "epochs": epochs, "world_size": world,
+        "options": {k: v for k, v in options.items()}, "pool": pool, "epochs": epochs, "world_size": world,
         "train_images": len(train_x), "test_accuracy_before": before,
         "test_accuracy_after": accuracy(eval_model, data.test_x, data.test_y),
         "replicas_identical": replicas_identical(train_model), "seconds": round(time.time() - start, 1),
@@ -109,11 +109,13 @@ def main(argv=None) -> None:
     parser.add_argument("--score", default="attn_vnorm")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--limit", type=int, help="use only the first N training images")
+    parser.add_argument("--pool", choices=("token", "avg"), default="token",
+                        help="the shipped digits ViT with a class token, or the one without (average pool)")
     parser.add_argument("--report", type=Path)
     args = parser.parse_args(argv)
     options = {"stages": args.stages, "selection": args.selection, "score": args.score}
     options.update({"ratio": args.ratio} if args.k is None else {"k": args.k})
-    report = run(options, args.epochs, args.limit)
+    report = run(options, args.epochs, args.limit, pool=args.pool)
     if distributed()[0] == 0:
         text = json.dumps(report, indent=2)
         print(text)

@@ -1,10 +1,12 @@
 """Train the shipped digits ViT (``ats_fx/zoo``) from a seed, on the CPU, in a few minutes.
 
     python -m benchmarks.digits_train                 # writes ats_fx/zoo/digits_vit.safetensors
+    python -m benchmarks.digits_train --pool avg      # no class token: ats_fx/zoo/digits_vit_gap.safetensors
     python -m benchmarks.digits_train --epochs 5 --out /tmp/x.safetensors   # a quick run
 
 Dense training (no ATS): AdamW, cosine schedule, label smoothing, random affine augmentation.
-Writes the checkpoint and benchmarks/results/digits_train.json (test accuracy, seed, time).
+Writes the checkpoint and benchmarks/results/digits_train.json (or digits_train_gap.json: test
+accuracy, seed, time).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ats_fx.zoo import DIGITS_CHECKPOINT, digits_split, digits_vit
+from ats_fx.zoo import digits_split, digits_vit
+from ats_fx.zoo.digits import POOLS
 
 RESULTS = Path(__file__).with_name("results")
 
@@ -47,10 +50,11 @@ def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     return 0.5 * base * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
 
-def train(epochs: int, seed: int, lr: float = 2e-3, batch: int = 64, log_every: int = 10) -> tuple[torch.nn.Module, dict]:
+def train(epochs: int, seed: int, lr: float = 2e-3, batch: int = 64, log_every: int = 10,
+          pool: str = "token") -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(seed)
     data = digits_split()
-    model = digits_vit(pretrained=False).train()
+    model = digits_vit(pretrained=False, pool=pool).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(data.train_x) / batch)
@@ -74,7 +78,7 @@ def train(epochs: int, seed: int, lr: float = 2e-3, batch: int = 64, log_every: 
     report = {
         "test_accuracy": accuracy(model, data.test_x, data.test_y),
         "train_accuracy": accuracy(model, data.train_x, data.train_y),
-        "epochs": epochs, "seed": seed, "lr": lr, "batch": batch,
+        "pool": pool, "epochs": epochs, "seed": seed, "lr": lr, "batch": batch,
         "train_images": len(data.train_x), "test_images": len(data.test_x),
         "seconds": round(time.time() - start, 1), "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -87,12 +91,16 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--out", type=Path, default=DIGITS_CHECKPOINT)
-    parser.add_argument("--report", type=Path, default=RESULTS / "digits_train.json")
+    parser.add_argument("--pool", choices=sorted(POOLS), default="token",
+                        help="token: class token (the demo's model); avg: no class token, average pool")
+    parser.add_argument("--out", type=Path, help="checkpoint (default: the one shipped for --pool)")
+    parser.add_argument("--report", type=Path)
     args = parser.parse_args(argv)
     from safetensors.torch import save_file
 
-    model, report = train(args.epochs, args.seed, args.lr)
+    args.out = args.out or POOLS[args.pool][1]
+    args.report = args.report or RESULTS / ("digits_train.json" if args.pool == "token" else "digits_train_gap.json")
+    model, report = train(args.epochs, args.seed, args.lr, pool=args.pool)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(args.out))
     report["checkpoint"] = str(args.out)
     args.report.parent.mkdir(parents=True, exist_ok=True)

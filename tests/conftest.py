@@ -108,6 +108,14 @@ def hf_clip():
     return sharpen(CLIPVisionModel(cfg)).eval()
 
 
+def hf_siglip():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    cfg = SiglipVisionConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                             image_size=64, patch_size=8)
+    return sharpen(SiglipVisionModel(cfg)).eval()
+
+
 def hf_vivit():
     from transformers import VivitConfig, VivitForVideoClassification
 
@@ -133,6 +141,17 @@ MODELS = {
     "timm_deit3_layerscale": (lambda: timm_model("deit3_small_patch16_224", img_size=64), ref.timm_forward, (3, 64, 64)),
     "timm_vit_avgpool": (lambda: timm_model("vit_small_patch16_224", img_size=64, global_pool="avg"), ref.timm_forward, (3, 64, 64)),
     "timm_vit_registers": (lambda: timm_model("vit_base_patch16_reg4_gap_256", img_size=64, class_token=True), ref.timm_forward, (3, 64, 64)),
+    # no class token: average pool, registers only, attention pooling (SigLIP's MAP head)
+    "timm_vit_gap": (lambda: timm_model("vit_base_patch16_gap_224", img_size=64), ref.timm_forward, (3, 64, 64)),
+    "timm_vit_no_class_token": (lambda: timm_model("vit_small_patch16_224", img_size=64, class_token=False,
+                                                   global_pool="avg"), ref.timm_forward, (3, 64, 64)),
+    "timm_vit_registers_gap": (lambda: timm_model("vit_base_patch16_reg4_gap_256", img_size=64), ref.timm_forward,
+                               (3, 64, 64)),
+    "timm_siglip_map": (lambda: timm_model("vit_base_patch16_siglip_224", img_size=64), ref.timm_forward, (3, 64, 64)),
+    "timm_relpos_gap": (lambda: timm_model("vit_relpos_base_patch16_224", img_size=64), ref.timm_relpos_forward,
+                        (3, 64, 64)),
+    "timm_rope_registers_gap": (lambda: timm_model("vit_base_patch16_rope_reg1_gap_256", img_size=64),
+                                ref.eva_forward, (3, 64, 64)),
     "timm_flexivit": (lambda: timm_model("flexivit_small", img_size=64, patch_size=16), ref.timm_forward, (3, 64, 64)),
     # position-dependent attention: relative position bias (BEiT) and rotary embeddings (EVA-02)
     "timm_beit": (lambda: timm_model("beit_base_patch16_224", img_size=64), ref.beit_forward, (3, 64, 64)),
@@ -152,6 +171,8 @@ MODELS = {
     "hf_dinov2": (hf_dinov2, ref.hf_dinov2_forward, (3, 64, 64)),
     "hf_dinov2_registers": (lambda: hf_dinov2(registers=4), ref.hf_dinov2_forward, (3, 64, 64)),
     "hf_clip_pooled": (lambda: Pooled(hf_clip()), lambda m, x, s: ref.hf_clip_pooled_forward(m.model, x, s), (3, 64, 64)),
+    "hf_siglip_pooled": (lambda: Pooled(hf_siglip()), lambda m, x, s: ref.hf_siglip_pooled_forward(m.model, x, s),
+                         (3, 64, 64)),
     "hf_vivit": (hf_vivit, ref.hf_vivit_forward, (4, 3, 32, 32)),
 }
 

@@ -13,24 +13,39 @@ def vit():
     return timm_model("vit_tiny_patch16_224", img_size=32, depth=4)
 
 
-def test_no_class_token(vit):
+def test_no_class_token_scores_by_the_mean_query_row():
+    """Average pool without a class token converts; its stages score with the mean query row."""
     model = timm_model("vit_small_patch16_224", img_size=32, class_token=False, global_pool="avg")
-    with pytest.raises(ats_fx.ATSUnsupportedModel, match="no class token"):
-        ats_fx.transform(model, 1)
+    ats = ats_fx.transform(model, 1, ratio=0.5)
+    stage = ats.get_submodule("ats_stage_1")
+    assert not stage.class_token and stage.num_prefix == 0
+    assert "mean query row" in repr(stage)
 
 
-def test_registers_without_class_token_are_refused():
+def test_registers_without_class_token_are_kept_but_never_score():
     model = timm_model("vit_base_patch16_reg4_gap_256", img_size=32)  # class_token=False, 4 registers
-    with pytest.raises(ats_fx.ATSUnsupportedModel, match="no class token"):
-        ats_fx.transform(model, 1)
+    ats = ats_fx.transform(model, 1, ratio=0.5)
+    stage = ats.get_submodule("ats_stage_1")
+    assert not stage.class_token and stage.num_prefix == 4
+    ats(torch.randn(3, 3, 32, 32))
+    positions = ats_fx.kept_tokens(ats)[0].positions
+    assert (positions[:, :4] == torch.arange(4)).all()  # the registers are always kept
 
 
-def test_swin_is_refused():
+def test_swin_is_refused_as_windowed_attention():
     import timm
 
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(1, 1), num_heads=(1, 2),
                               embed_dim=16, img_size=56).eval()
-    with pytest.raises(ats_fx.ATSUnsupportedModel, match="class token"):
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="windowed attention"):
+        ats_fx.transform(model, 0)
+
+
+def test_pit_is_refused_at_its_grid_reshape():
+    import timm
+
+    model = timm.create_model("pit_ti_224", pretrained=False, depth=(1, 1, 1), img_size=64).eval()
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="2-D grid"):
         ats_fx.transform(model, 0)
 
 
@@ -167,13 +182,24 @@ def test_cait_stages_count_its_self_attention_blocks_only():
         ats_fx.transform(model, 2)
 
 
-def test_model_returning_its_token_sequence_names_the_fix():
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+class _ChannelsFirstTokens(torch.nn.Module):
+    """Returns its tokens as (batch, channels, tokens)."""
 
-    cfg = CLIPVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                           image_size=32, patch_size=8)
-    with pytest.raises(ats_fx.ATSUnsupportedModel, match="pooler_output"):
-        ats_fx.transform(CLIPVisionModel(cfg).eval(), 0)
+    def __init__(self):
+        super().__init__()
+        self.vit = timm_model("vit_tiny_patch16_224", img_size=32, depth=4)
+        self.patch_embed = self.vit.patch_embed
+
+    def forward(self, x):
+        return self.vit.forward_features(x).transpose(1, 2)
+
+
+def test_token_sequence_that_cannot_be_restored_names_the_option_that_works():
+    model = _ChannelsFirstTokens()
+    with pytest.raises(ats_fx.ATSUnsupportedModel, match="token_output='kept'"):
+        ats_fx.transform(model, 1, ratio=0.5)
+    out = ats_fx.transform(model, 1, ratio=0.5, token_output="kept")(torch.randn(3, 3, 32, 32))
+    assert out.tokens.shape[:2] == (3, 64) and out.positions.shape == (3, out.tokens.shape[2])
 
 
 class _TinyTokens(torch.nn.Module):

@@ -75,7 +75,9 @@ def test_rho_one_at_last_layer_traces_budget(model_case):
     trace = ats_fx.kept_tokens(ats)[0]
     assert trace.layer == 3
     prefix = {"timm_deit_distilled": 2, "hf_deit_teacher": 2, "timm_vit_registers": 5,
-              "hf_dinov2_registers": 5, "timm_cait": 0, "timm_cait_unfused": 0}.get(model_case, 1)
+              "hf_dinov2_registers": 5, "timm_cait": 0, "timm_cait_unfused": 0, "timm_vit_gap": 0,
+              "timm_vit_no_class_token": 0, "timm_siglip_map": 0, "timm_relpos_gap": 0, "hf_siglip_pooled": 0,
+              "timm_vit_registers_gap": 4, "timm_rope_registers_gap": 1}.get(model_case, 1)
     assert (trace.budget == trace.tokens_in - prefix).all()
     assert ((trace.kept >= 1) & (trace.kept <= trace.budget)).all()
 

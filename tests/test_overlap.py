@@ -98,7 +98,7 @@ def test_model_overlapped_equals_sequential(name, defer, overlap_mode, monkeypat
 
 
 def _overlaps(q, k, width: int, kernels: str, dropout_p: float) -> bool:
-    return dispatch.stage_path(q, k, q, None, num_prefix=1, width=width, kernels=kernels, selection="ats",
+    return dispatch.stage_path(q, k, q, None, class_token=True, width=width, kernels=kernels, selection="ats",
                                dropout_p=dropout_p, bias=None, mix=None) == "overlapped"
 
 
@@ -124,10 +124,10 @@ def test_every_stage_path_is_decided_in_one_place():
     """Talking heads or no prefix: the attention weights; a baseline selection; else sampled."""
     q = torch.randn(1, 2, 9, 8)
     common = dict(width=5, kernels="reference", dropout_p=0.0, bias=None)
-    assert dispatch.stage_path(q, q, q, None, num_prefix=0, selection="ats", mix=None, **common) == "weights"
-    assert dispatch.stage_path(q, q, q, None, num_prefix=1, selection="ats", mix=(q,), **common) == "weights"
-    assert dispatch.stage_path(q, q, q, None, num_prefix=1, selection="topk", mix=None, **common) == "baseline"
-    assert dispatch.stage_path(q, q, q, None, num_prefix=1, selection="ats", mix=None, **common) == "sampled"
+    assert dispatch.stage_path(q, q, q, None, class_token=False, selection="ats", mix=None, **common) == "weights"
+    assert dispatch.stage_path(q, q, q, None, class_token=True, selection="ats", mix=(q,), **common) == "weights"
+    assert dispatch.stage_path(q, q, q, None, class_token=True, selection="topk", mix=None, **common) == "baseline"
+    assert dispatch.stage_path(q, q, q, None, class_token=True, selection="ats", mix=None, **common) == "sampled"
 
 
 def test_compiled_overlapped_stage_matches_eager(overlap_mode, monkeypatch):

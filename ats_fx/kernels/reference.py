@@ -104,20 +104,24 @@ def weight_scores(
     num_prefix: int,
     score: str = "attn_vnorm",
     strict: bool = True,
+    class_token: Optional[bool] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores S (B, T) from a whole attention matrix ``attn`` (B, H, T, T): ``(S, bad)``.
 
-    With prefix tokens, the class token's row (eq. 3). Without (CaiT's self-attention blocks,
-    whose class token joins later) the mean row over the real queries, "attention received":
-    S_j ∝ Σ_h mean_i |A_h[i, j]|·‖V_h,j‖ (docs/ats-semantics.md). ``bad`` (B,) marks rows that fell
-    back to uniform; with ``strict`` they raise instead.
+    With a class token (the first prefix token; by default whenever there is a prefix), its row
+    (eq. 3). Without one (CaiT's self-attention blocks, average-pool, register-only and SigLIP
+    models) the mean row over the real queries, registers included, "attention received":
+    S_j ∝ Σ_h mean_i |A_h[i, j]|·‖V_h,j‖ (docs/ats-semantics.md). Prefix tokens are never scored.
+    ``bad`` (B,) marks rows that fell back to uniform; with ``strict`` they raise instead.
     """
     dt = score_dtype(attn.dtype)
     B, H, T, _ = attn.shape
     # |A|: talking heads mix the heads after the softmax, so a weight can be negative; the
     # contribution of token j to a head's output has magnitude |A_h[i, j]|·‖V_h,j‖ (= A for softmax).
     a = attn.to(dt).abs()
-    if num_prefix > 0:
+    if class_token is None:
+        class_token = num_prefix > 0
+    if class_token:
         row = a[:, :, 0, :]
     elif key_mask is None:
         row = a.mean(dim=2)

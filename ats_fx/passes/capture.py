@@ -103,5 +103,9 @@ def capture(model: nn.Module, example_inputs: tuple) -> fx.GraphModule:
             "can trace with a dynamic batch dimension."
         ) from err
     gm = program.module()
+    # Values computed and never used would read as extra users of the attention weights
+    # (nn.MultiheadAttention's averaged weights that HF's pooling head discards). Keep export's guard module.
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or n.op == "call_module")
+    gm.recompile()
     log.debug("captured %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
     return gm

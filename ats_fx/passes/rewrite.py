@@ -45,6 +45,9 @@ SOFTMAXES = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten
 NORMS = {aten.layer_norm.default, aten.rms_norm.default}
 EXTRA_POINTWISE = PASS_THROUGH | {aten.detach.default, aten.lift_fresh_copy.default, aten.where.self}
 IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int}
+GRID_RESHAPE = ("splits the token axis into several axes, a reshape back to a 2-D grid (PiT's and LeViT's "
+                "pooling, a dense-prediction head): a sampled token set no longer fills the grid. Put the "
+                "stages after the last grid reshape, or transform a model that stays on token sequences")
 
 
 class Unsupported(Exception):
@@ -78,6 +81,9 @@ class Analysis:
     unmatched: list = field(default_factory=list)  # (module, why) of softmax attention no spelling matched
     class_attention: list = field(default_factory=list)  # queries without a token axis (CaiT, attention pooling)
     late_class_token: Optional[fx.Node] = None  # the cat that prepends a class token after the stages
+    # The first prefix token is a class token (scores come from its attention row). False for models
+    # without one: average pool, registers only, attention pooling (SigLIP), CaiT's early blocks.
+    class_token: bool = False
 
 
 class TokenWalk:
@@ -88,8 +94,12 @@ class TokenWalk:
         plan: Optional[dict[int, StageOptions]] = None,
         options: Optional[ATSOptions] = None,
         neutral: Optional[Callable[[fx.Node], bool]] = None,
+        no_class_token: bool = False,
     ):
+        """``no_class_token``: the model says its learned prefix tokens are registers, not a class
+        token (timm ``cls_token is None``)."""
         self.gm, self.graph = gm, gm.graph
+        self.no_class_token = no_class_token
         self.sites = {s.out: s for s in sites}
         self.interior = set().union(*(s.interior for s in sites)) if sites else set()
         self.plan = plan
@@ -101,6 +111,9 @@ class TokenWalk:
         self.gathers: dict = {}
         self.prefix_slices: dict[fx.Node, TokenAxis] = {}
         self.replaced: list[AttentionSite] = []
+        # version u -> the residual stream entering the stage that made token set u (at version u-1):
+        # the value a token dropped there keeps (token_output="full").
+        self.residuals: dict[int, fx.Node] = {}
         self.analysis = Analysis(sites=sites, token_sites=[], not_token={},
                                  unmatched=unmatched_softmaxes(gm.graph, sites))
         self.node: Optional[fx.Node] = None
@@ -203,41 +216,56 @@ class TokenWalk:
             return None
         prefix = sum(concrete_shape(t)[dim] for t in tensors[:first_data])
         self.analysis.seed, self.analysis.prefix = node, prefix
+        self.analysis.class_token = not self.no_class_token
         return TokenAxis(dim=dim, version=0, prefix=prefix)
 
     def _class_free_seed(self, sites: list[AttentionSite]) -> Optional[fx.Node]:
-        """CaiT: self-attention runs on the patch tokens alone, and a class token is prepended only
-        afterwards (``cat([cls, x], 1)``, then class attention). The token sequence then starts at
-        the patch tokens: the earliest tensor of x's shape on x's path from the input. None for
-        a model with an ordinary class token in front, or with none at all (Swin, SigLIP...)."""
+        """Where the token sequence starts in a model with no learned token in front of its patches:
+        the earliest tensor of the first attention's token shape (batch, tokens, channels) on the
+        path from the input. That is the patch embedding (average-pool and SigLIP models), or, in
+        CaiT, the patch tokens that self-attention runs on before a class token is prepended
+        (``cat([cls, x], 1)`` after the first attention). None when a learned token is concatenated
+        in front before the first attention (``visit_cat_seed`` starts the sequence there), or when
+        the first attention's batch axis is merged with another (windowed attention: refused with
+        ``seed_problem``)."""
         order = {n: i for i, n in enumerate(self.graph.nodes)}
         if not sites:
             return None
-        first_site = min(order[s.out] for s in sites)
+        first = min(sites, key=lambda s: order[s.out])
         for node in self.graph.nodes:
-            if node.target is not aten.cat.default or len(node.args[0]) != 2:
-                continue
-            shape = concrete_shape(node)
-            if shape is None or len(shape) != 3 or batch_dim(node) != 0:
-                continue
-            if norm_dim(node.args[1] if len(node.args) > 1 else 0, 3) != 1:
-                continue
-            head, tail = node.args[0]
-            if not (isinstance(head, fx.Node) and isinstance(tail, fx.Node)):
-                continue
-            head_shape, tail_shape = concrete_shape(head), concrete_shape(tail)
-            if head_shape is None or tail_shape is None or len(head_shape) != 3 or len(tail_shape) != 3:
-                continue
-            if not self.flow.depends_on_input(tail) or head_shape[1] >= tail_shape[1]:
-                continue
-            if order[node] < first_site:
-                return None  # an ordinary class token in front of the patch tokens
-            path = [n for n in self.flow.ancestors(tail) | {tail}
-                    if concrete_shape(n) == tail_shape and self.flow.depends_on_input(n)]
-            seed = min(path, key=order.get)
-            if order[seed] < first_site:
-                return seed
-        return None
+            if order[node] >= order[first.out]:
+                break
+            if node.target is aten.cat.default and self._prepends_learned_tokens(node):
+                return None
+        q_shape = concrete_shape(first.q)
+        if q_shape is None or len(q_shape) != 4:
+            return None
+        if batch_dim(first.q) != 0:
+            self.analysis.seed_problem = (
+                f"{describe(first.out)} attends within windows of {q_shape[-2]} tokens, with the batch merged "
+                "with the windows (windowed attention, as in Swin): each window needs its full grid of "
+                "tokens, and a sampled token set cannot be cut into windows"
+            )
+            return None
+        tokens = q_shape[-2]
+        path = {n for n in self.flow.ancestors(first.q)
+                if (shape := concrete_shape(n)) is not None and len(shape) == 3 and shape[1] == tokens
+                and batch_dim(n) == 0 and n.op == "call_function" and self.flow.depends_on_input(n)}
+        # (B, C, T) with C == T also matches: a tensor that is only transposed into (B, T, C) holds
+        # its channels in dim 1 (the patch embedding's ``flatten(2).transpose(1, 2)``).
+        path -= {n.args[0] for n in path if n.target is aten.transpose.int and n.args[0] in path
+                 and sorted(norm_dim(d, 3) for d in n.args[1:3]) == [1, 2]}
+        return min(path, key=order.get) if path else None
+
+    def _prepends_learned_tokens(self, node: fx.Node) -> bool:
+        """``cat([learned..., x], 1)`` on (batch, tokens, channels): a class token or registers."""
+        shape = concrete_shape(node)
+        if shape is None or len(shape) != 3 or batch_dim(node) != 0 or len(node.args[0]) < 2:
+            return False
+        if norm_dim(node.args[1] if len(node.args) > 1 else 0, 3) != 1:
+            return False
+        data = [isinstance(t, fx.Node) and self.flow.depends_on_input(t) for t in node.args[0]]
+        return not data[0] and data[-1]
 
     # ---------------------------------------------------------------- attention sites
     def visit_site(self, site: AttentionSite) -> Label:
@@ -251,7 +279,9 @@ class TokenWalk:
             and q.version == k.version == v.version
         )
         if q is None and isinstance(k, TokenAxis) and isinstance(v, TokenAxis) and k.dim == k_dim \
-                and v.dim == nd - 2 and k.plain and v.plain and k.version == v.version:
+                and v.dim == nd - 2 and k.outer == k.inner == v.outer == v.inner == 1 \
+                and k.start == v.start <= k.prefix and k.version == v.version:
+            # Keys from token 0, or from after the prefix (a pooling head that skips registers).
             return self._class_attention(site, k, nd)
         if not ok:
             why = self._why_not_tokens(site, q, k, v, nd)
@@ -278,12 +308,27 @@ class TokenWalk:
         self.analysis.class_attention.append(site)
         if k.version == 0:
             return None
+        q_shape = concrete_shape(site.q)
+        if nd == 3 and q_shape[0] % BATCH_PROBE == 0 and site.mask is None and site.mix is None and not k.start:
+            # nn.MultiheadAttention asked for its weights (HF SigLIP's pooling head): (B·H, Tq, d),
+            # the batch outer. Same attention over the kept keys, per image.
+            heads = q_shape[0] // BATCH_PROBE
+            with self.graph.inserting_before(site.out):
+                out = self.graph.call_function(
+                    ops.merged_heads_attention,
+                    (site.q, self._key(site), site.v, self.sets[k.version].mask, heads, site.resolved_scale(q_shape[-1]),
+                     site.dropout_p))
+            out.meta = dict(site.out.meta)
+            site.out.replace_all_uses_with(out)
+            self.replaced.append(site)
+            self.labels[out] = None
+            return None
         self._check_site(site, nd)
         return self._insert_masked_attention(site, k, out_label=None)
 
     def _why_not_tokens(self, site, q, k, v, nd) -> str:
         if self.analysis.seed is None:
-            return self.analysis.seed_problem or "no class token in front of the patch tokens"
+            return self.analysis.seed_problem or "no token sequence found before it"
         labs = [x for x in (q, k, v) if isinstance(x, TokenAxis)]
         if len(labs) < 3:
             return "its queries, keys or values do not come from the token sequence"
@@ -343,6 +388,7 @@ class TokenWalk:
             layer=stage.layer, module=site.module, num_prefix=q.prefix, scale=site.resolved_scale(head_dim),
             ratio=stage.ratio, k=stage.k, score=self.options.score, padding=self.options.padding,
             dropout_p=site.dropout_p, kernels=self.options.kernels, selection=self.options.selection,
+            class_token=self.analysis.class_token,
         )
         self.gm.add_submodule(name, module)
         with self.graph.inserting_before(site.out):
@@ -366,6 +412,10 @@ class TokenWalk:
         head_dim = concrete_shape(site.q)[-1]
         mask, scale, bias = self.sets[q.version].mask, site.resolved_scale(head_dim), self._bias_for(site, q.version)
         with self.graph.inserting_before(site.out):
+            if q.start:  # keys sliced past the prefix: so is their mask
+                if bias is not None:
+                    raise Unsupported("adds a position bias to attention over keys sliced past the prefix")
+                mask = self.graph.call_function(ops.mask_from, (mask, q.start))
             key = self._key(site)
             if site.mix is not None:
                 out = self.graph.call_function(
@@ -398,6 +448,8 @@ class TokenWalk:
         node = arg
         with self.graph.inserting_before(at):
             for u in range(lab.version + 1, version + 1):
+                if bdim == 0 and lab.dim == 1 and len(concrete_shape(arg)) == 3:
+                    self.residuals.setdefault(u, node)
                 node = self.graph.call_function(ops.token_gather, (node, self.sets[u].index, bdim, lab.dim))
                 node.meta = dict(arg.meta)
         self.gathers[key] = node
@@ -460,7 +512,7 @@ class TokenWalk:
         lab = self.label(node.args[0])
         new = map_reshape(concrete_shape(node.args[0]), concrete_shape(node), lab)
         if new is None:
-            self.fail(node, "splits the token axis into several axes (a reshape to a 2-D grid?)")
+            self.fail(node, GRID_RESHAPE)
             return None
         if lab.version > 0:
             self._patch_sizes(node, 1, new.dim, node.args[0])
@@ -496,7 +548,7 @@ class TokenWalk:
         lab = self.label(node.args[0])
         new = map_reshape(concrete_shape(node.args[0]), concrete_shape(node), lab)
         if new is None:
-            self.fail(node, "splits the token axis into several axes (a reshape to a 2-D grid?)")
+            self.fail(node, GRID_RESHAPE)
             return None
         if lab.version > 0 and node.target is aten.unflatten.int:
             in_nd = len(concrete_shape(node.args[0]))
@@ -735,16 +787,64 @@ class TokenWalk:
         return None
 
     def visit_output(self, node: fx.Node) -> Label:
+        """A returned tensor that still has a token axis after ATS (a feature extractor's sequence,
+        HF ``last_hidden_state``) becomes what ``token_output`` says: the original length, or the kept
+        tokens with their positions and mask."""
         for arg in node.all_input_nodes:
             lab = self.label(arg)
-            if isinstance(lab, TokenAxis) and lab.version > 0:
-                raise Unsupported(
-                    f"returns {arg.name}, which still has a token axis after ATS: the model returns its "
-                    "token sequence (e.g. HF last_hidden_state), which ATS shortens, so the output shape "
-                    "would change. Transform a module that returns the pooled output or logits instead, "
-                    "e.g. a wrapper whose forward returns model(x).pooler_output"
-                )
+            if not (isinstance(lab, TokenAxis) and lab.version > 0):
+                continue
+            with self.graph.inserting_before(node):
+                if self.options.token_output == "kept":
+                    new = self._kept_output(arg, lab)
+                else:
+                    new = self._full_output(arg, lab)
+            node.replace_input_with(arg, new)
         return None
+
+    def _kept_output(self, arg: fx.Node, lab: TokenAxis) -> fx.Node:
+        if lab.outer != 1 or lab.inner != 1:
+            raise Unsupported(f"returns {arg.name} with its token axis merged with another axis; "
+                              "token_output='kept' needs the tokens on an axis of their own")
+        return self.graph.call_function(ops.kept_output, (arg, self.sets[lab.version].positions, lab.start))
+
+    def _full_output(self, arg: fx.Node, lab: TokenAxis) -> fx.Node:
+        """Scatter the last token set back into the original sequence, over the values each dropped
+        token had when its stage dropped it (the residual stream entering that block). The row-wise
+        ops between the residual stream and the output (a final norm) then run on every token, so
+        dropped tokens come out as the kept ones do."""
+        if not (lab.plain and lab.dim == 1 and batch_dim(arg) == 0 and len(concrete_shape(arg)) == 3):
+            raise Unsupported(
+                f"returns {arg.name}, a token sequence not laid out as (batch, tokens, channels) from token 0; "
+                "token_output='full' cannot put the dropped tokens back. Use token_output='kept'")
+        tail, start = [], arg
+        while start.op == "call_function" and self._row_wise(start, lab.version):
+            tail.append(start)
+            start = next(a for a in start.all_input_nodes if isinstance(self.label(a), TokenAxis))
+        missing = [u for u in range(1, lab.version + 1) if u not in self.residuals]
+        if missing:
+            raise Unsupported(
+                f"returns {arg.name}, a token sequence, but ats_fx found no residual stream entering the stage of "
+                f"token set {missing[0]} to take the dropped tokens' values from; use token_output='kept'")
+        full = self.residuals[1]
+        for u in range(2, lab.version + 1):
+            full = self.graph.call_function(ops.token_scatter, (full, self.sets[u - 1].positions, self.residuals[u]))
+        out = self.graph.call_function(ops.token_scatter, (full, self.sets[lab.version].positions, start))
+        copies = {start: out}
+        for n in reversed(tail):
+            copies[n] = self.graph.node_copy(n, lambda a: copies.get(a, a))
+        return copies[arg]
+
+    def _row_wise(self, node: fx.Node, version: int) -> bool:
+        """One token-indexed input of the same token set, transformed token by token (a final norm,
+        a linear projection, a pointwise op with constants): it may run on the original sequence."""
+        tokens = [a for a in node.all_input_nodes if isinstance(self.label(a), TokenAxis)]
+        if len(tokens) != 1 or self.label(tokens[0]).version != version or self.label(tokens[0]) != self.label(node):
+            return False
+        t = node.target
+        if t in NORMS or t is aten.linear.default:
+            return True
+        return isinstance(t, torch._ops.OpOverload) and torch.Tag.pointwise in t.tags
 
 
 RULES = {

@@ -6,7 +6,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .. import dispatch
+from .. import dispatch, ops
 from ..errors import ATSUnsupportedModel
 from .graph import BATCH_PROBE, concrete
 
@@ -29,17 +29,20 @@ def validate(gm: fx.GraphModule, example: tuple, expected: list) -> None:
             result = ShapeProp(gm).propagate(*flat)
     except Exception as err:
         raise ATSUnsupportedModel(f"the rewritten graph failed shape propagation: {type(err).__name__}: {err}") from err
-    leaves = [x for x in pytree.tree_leaves(result)]
+    leaves = pytree.tree_leaves(result, is_leaf=lambda x: isinstance(x, ops.KeptTokens))
     batch = flat[0].shape[0]
     for got, want in zip(leaves, expected):
-        if want is None or not isinstance(got, torch.Tensor):
+        if want is None:
             continue
         want = tuple(batch if d == BATCH_PROBE else d for d in want)
-        if tuple(got.shape) != want:
+        if isinstance(got, ops.KeptTokens):  # token_output="kept": fewer tokens, nothing else changes
+            shape = tuple(got.tokens.shape)
+            if shape[0] != batch or len(shape) != len(want) or tuple(got.positions.shape) != tuple(got.mask.shape):
+                raise ATSUnsupportedModel(f"the rewritten graph returns kept tokens of shape {shape} where the "
+                                          f"model returned {want}")
+            continue
+        if isinstance(got, torch.Tensor) and tuple(got.shape) != want:
             raise ATSUnsupportedModel(
                 f"the rewritten graph returns shape {tuple(got.shape)} where the model returned {want}: "
-                "a token axis leaks into the output (the model returns its token sequence, e.g. HF "
-                "last_hidden_state, which ATS shortens). Transform a module that returns the pooled "
-                "output or logits instead, e.g. a wrapper whose forward returns "
-                "model(x).pooler_output"
+                "a token axis that ats_fx did not follow leaks into the output"
             )

@@ -33,17 +33,22 @@ def budget_for(n_in: int, prefix: int, ratio=None, k=None) -> int:
     return min(want, n_in - prefix)
 
 
-def attention_with_ats(q, k, v, scale, prefix, stage, bias=None):
+def attention_with_ats(q, k, v, scale, prefix, stage, bias=None, class_token=True):
     """q, k, v: (H, N, dh) for one image. stage: None or dict(ratio=..)/dict(k=..).
-    bias: None or an additive (H, N, N) position bias. Returns (output rows (H, N', dh), kept
-    row indices)."""
+    bias: None or an additive (H, N, N) position bias. Without a class token (``class_token``
+    False: the prefix, if any, is registers) a token's score is the attention it receives, the
+    mean of its column over every query row. Returns (output rows (H, N', dh), kept row indices)."""
     n = q.shape[1]
     rows = list(range(n))
     bias = torch.zeros(1, n, n, dtype=q.dtype, device=q.device) if bias is None else bias
     if stage is not None:
         dt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        logits0 = (q[:, :1].to(dt) @ k.to(dt).transpose(1, 2))[:, 0] * scale + bias[:, 0].to(dt)
-        a0 = torch.softmax(logits0, dim=-1)  # (H, N)
+        if class_token and prefix:
+            logits0 = (q[:, :1].to(dt) @ k.to(dt).transpose(1, 2))[:, 0] * scale + bias[:, 0].to(dt)
+            a0 = torch.softmax(logits0, dim=-1)  # (H, N)
+        else:
+            logits = (q.to(dt) @ k.to(dt).transpose(1, 2)) * scale + bias.to(dt)
+            a0 = torch.softmax(logits, dim=-1).mean(dim=1)  # (H, N): attention received
         s = a0 * v.to(dt).norm(dim=-1) if stage.get("score", "attn_vnorm") == "attn_vnorm" else a0
         s[:, :prefix] = 0
         s = s.sum(0)
@@ -67,11 +72,12 @@ def merge_heads(t):
     return t.transpose(0, 1).reshape(n, h * d)
 
 
-def run_blocks(x, blocks, prefix, stages, kept_log=None):
+def run_blocks(x, blocks, prefix, stages, kept_log=None, class_token=True, dropped=None):
     """x: (N, C) tokens of one image. blocks: per block a dict of callables:
     norm1, qkv (-> q, k, v each (N, C)), heads, proj, post_attn (layer scale), mlp_branch; and
     optionally qk (q, k, positions -> q, k: RoPE) and bias (positions -> (H, N, N)), which see
-    the original positions of the tokens still present."""
+    the original positions of the tokens still present. ``dropped`` (a dict) receives, for each
+    token a stage drops, its value when dropped (the block's input); ``kept_log`` K' per stage."""
     positions = list(range(x.shape[0]))
     for i, b in enumerate(blocks):
         h = b["norm1"](x)
@@ -80,12 +86,16 @@ def run_blocks(x, blocks, prefix, stages, kept_log=None):
             q, k = b["qk"](q, k, positions)
         bias = b["bias"](positions) if "bias" in b else None
         scale = q.shape[-1] ** -0.5
-        o, rows = attention_with_ats(q, k, v, scale, prefix, stages.get(i), bias)
+        o, rows = attention_with_ats(q, k, v, scale, prefix, stages.get(i), bias, class_token)
+        if dropped is not None:
+            dropped.update({positions[r]: x[r] for r in set(range(len(positions))) - set(rows)})
         positions = [positions[r] for r in rows]
         x = x[rows] + b["post_attn"](b["proj"](merge_heads(o)))
         x = x + b["mlp_branch"](x)
         if kept_log is not None and i in stages:
             kept_log.append(len(rows) - prefix)
+    if dropped is not None:
+        dropped["positions"] = positions
     return x
 
 
@@ -107,13 +117,32 @@ def timm_blocks(model):
     return out
 
 
-def timm_forward(model, image, stages):
+def timm_forward(model, image, stages, head=True, dropped=None):
+    """timm ``VisionTransformer``: class token, registers only, or no prefix (average pool,
+    attention pooling as in SigLIP). Without ``head``: the final tokens (N', C)."""
     x = model.patch_embed(image[None])
     x = model._pos_embed(x)
     x = model.norm_pre(x)[0]
-    x = run_blocks(x, timm_blocks(model), model.num_prefix_tokens, stages)
+    x = run_blocks(x, timm_blocks(model), model.num_prefix_tokens, stages, class_token=model.cls_token is not None,
+                   dropped=dropped)
     x = model.norm(x)[None]
-    return model.forward_head(x)[0]
+    return model.forward_head(x)[0] if head else x[0]
+
+
+def timm_relpos_forward(model, image, stages):
+    """timm ``VisionTransformerRelPos``: a relative position bias per block (or shared), gathered at
+    the kept positions; no class token in the average-pool variants."""
+    x = model.patch_embed(image[None])
+    if model.cls_token is not None:
+        x = torch.cat((model.cls_token.expand(1, -1, -1), x), dim=1)
+    shared = model.shared_rel_pos.get_bias() if model.shared_rel_pos is not None else None
+    blocks = timm_blocks(model)
+    for block, blk in zip(blocks, model.blocks):
+        table = blk.attn.rel_pos.get_bias() if blk.attn.rel_pos is not None else shared
+        if table is not None:
+            block["bias"] = lambda positions, table=table: table.reshape(-1, *table.shape[-2:])[:, positions][:, :, positions]
+    x = run_blocks(x[0], blocks, model.num_prefix_tokens, stages, class_token=model.cls_token is not None)
+    return model.forward_head(model.norm(x)[None])[0]
 
 
 def cait_forward(model, image, stages):
@@ -253,7 +282,7 @@ def eva_forward(model, image, stages):
             proj=lambda t, attn=attn: attn.proj(attn.norm(t)), post_attn=_scaled(blk.gamma_1),
             mlp_branch=lambda x, blk=blk: _scaled(blk.gamma_2)(blk.mlp(blk.norm2(x))),
         ))
-    x = run_blocks(x[0], blocks, prefix, stages)
+    x = run_blocks(x[0], blocks, prefix, stages, class_token=model.cls_token is not None)
     x = model.norm(x)[None]
     return model.forward_head(x)[0]
 
@@ -296,6 +325,23 @@ def hf_beit_forward(model, image, stages):
     return model.classifier(pooled)
 
 
+def hf_dinov2_tokens(model, image, stages, dropped=None):
+    """HF Dinov2Model's last_hidden_state rows (N', C) after ATS: class token and registers first."""
+    prefix = 1 + getattr(model.config, "num_register_tokens", 0)
+    x = model.embeddings(image[None])[0]
+    blocks = [_hf_block(layer, layer.attention, layer.norm1, layer.norm2, layer.layer_scale1, layer.layer_scale2,
+                        model.config.num_attention_heads) for layer in model.encoder.layer]
+    return model.layernorm(run_blocks(x, blocks, prefix, stages, dropped=dropped))
+
+
+def hf_clip_tokens(model, image, stages, dropped=None):
+    """HF CLIPVisionModel's last_hidden_state rows (N', C) after ATS (no norm after the encoder)."""
+    x = model.pre_layrnorm(model.embeddings(image[None]))[0]
+    blocks = [_hf_block(layer, layer.self_attn, layer.layer_norm1, layer.layer_norm2, lambda t: t, lambda t: t,
+                        model.config.num_attention_heads) for layer in model.encoder.layers]
+    return run_blocks(x, blocks, 1, stages, dropped=dropped)
+
+
 def hf_dinov2_forward(model, image, stages):
     """HF Dinov2(WithRegisters)ForImageClassification: class token + registers are the prefix;
     the head reads the class token and the mean of the patch tokens."""
@@ -316,6 +362,18 @@ def hf_clip_pooled_forward(model, image, stages):
                         model.config.num_attention_heads) for layer in model.encoder.layers]
     x = run_blocks(x, blocks, 1, stages)
     return model.post_layernorm(x[0])
+
+
+def hf_siglip_pooled_forward(model, image, stages, head=True, dropped=None):
+    """HF SiglipVisionModel's pooler_output: no class token (each stage scores by the mean query row),
+    then the attention-pooling head's learned probe over the kept tokens. Without ``head``: the
+    last_hidden_state rows (N', C)."""
+    body = getattr(model, "vision_model", model)
+    x = body.embeddings(image[None])[0]
+    blocks = [_hf_block(layer, layer.self_attn, layer.layer_norm1, layer.layer_norm2, lambda t: t, lambda t: t,
+                        body.config.num_attention_heads) for layer in body.encoder.layers]
+    x = body.post_layernorm(run_blocks(x, blocks, 0, stages, class_token=False, dropped=dropped))
+    return body.head(x[None])[0] if head else x
 
 
 def hf_vivit_forward(model, video, stages):

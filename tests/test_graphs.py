@@ -1,0 +1,86 @@
+"""CUDA graphs for eager ATS models at inference (ats_fx/graphs.py). The replay tests need a GPU; the
+decision of when a call replays is tested everywhere."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ats_fx
+from ats_fx import dispatch
+from conftest import timm_model
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def test_graphs_apply_only_at_inference_on_cuda_without_tracing():
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        assert not dispatch.graphs_apply(True, False, "auto", "ats", (x,))  # CPU
+    if torch.cuda.is_available():
+        y = x.cuda()
+        with torch.no_grad():
+            assert dispatch.graphs_apply(True, False, "auto", "ats", (y,))
+            assert not dispatch.graphs_apply(False, False, "auto", "ats", (y,))  # cuda_graphs=False
+            assert not dispatch.graphs_apply(True, True, "auto", "ats", (y,))  # train mode
+            assert not dispatch.graphs_apply(True, False, "batch_max", "ats", (y,))
+            assert not dispatch.graphs_apply(True, False, "auto", "topk", (y,))
+        assert not dispatch.graphs_apply(True, False, "auto", "ats", (y,))  # autograd on
+
+
+def test_static_padding_block_fixes_auto_padding():
+    q = torch.randn(1, 2, 20, 8)
+    assert dispatch.padding_for("auto", q, 10) == "batch_max"
+    with dispatch.static_padding():
+        assert dispatch.padding_for("auto", q, 10) == "static"
+        assert dispatch.padding_for("batch_max", q, 10) == "batch_max"
+
+
+def _models(name="deit_small_patch16_224", **kw):
+    model = timm_model(name, img_size=64).cuda().eval()
+    graphed = ats_fx.transform(model, range(1, 4), ratio=0.5, **kw).cuda()
+    plain = ats_fx.transform(model, range(1, 4), ratio=0.5, cuda_graphs=False, **kw).cuda()
+    return model, graphed, plain
+
+
+@cuda
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "vit_base_patch16_reg4_gap_256", "beitv2_base_patch16_224"])
+def test_replayed_forward_equals_eager_on_fresh_inputs(name):
+    _, graphed, plain = _models(name)
+    with torch.no_grad():
+        for batch in (1, 3, 3, 5, 3):  # capture, replay, new shapes, replay again
+            x = torch.randn(batch, 3, 64, 64, device="cuda")
+            got = graphed(x)
+            want = plain(x)
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            kept = [t.kept for t in ats_fx.kept_tokens(graphed)]
+            assert all(torch.equal(a, t.kept) for a, t in zip(kept, ats_fx.kept_tokens(plain)))
+    assert len(graphed._ats_graphs.graphs) == 3 and not graphed._ats_graphs.failed
+
+
+@cuda
+def test_outputs_are_not_overwritten_by_the_next_replay():
+    _, graphed, _ = _models()
+    with torch.no_grad():
+        a_in, b_in = torch.randn(2, 3, 64, 64, device="cuda"), torch.randn(2, 3, 64, 64, device="cuda")
+        a = graphed(a_in)
+        a_copy = a.clone()
+        graphed(b_in)
+    assert torch.equal(a, a_copy)
+
+
+@cuda
+def test_moving_the_model_drops_its_graphs_and_training_runs_eagerly():
+    model, graphed, plain = _models()
+    x = torch.randn(2, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        graphed(x)
+    graphed.half()
+    assert not graphed._ats_graphs.graphs
+    with torch.no_grad():
+        torch.testing.assert_close(graphed(x.half()), plain.half()(x.half()), atol=2e-2, rtol=2e-2)
+    out = graphed.float()(x)  # autograd on: eager, with a graph to differentiate
+    assert out.grad_fn is not None
+    copied = copy.deepcopy(graphed)
+    assert not copied._ats_graphs.graphs
