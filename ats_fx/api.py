@@ -47,7 +47,7 @@ class ATSGraphModule(fx.GraphModule):
                 and not torch.compiler.is_compiling()):
             return self._empty_batch(args, kwargs)
         cache = self.__dict__.get("_ats_graphs")
-        if (cache is not None and not cache.failed and not kwargs and not self._forward_hooks
+        if (cache is not None and self.ats_cuda_graphs and not cache.failed and not kwargs and not self._forward_hooks
                 and len(self._forward_pre_hooks) == 1  # only the input check, called below
                 and dispatch.graphs_apply(True, self.training, self.ats_options.padding,
                                           self.ats_options.selection, args)):
@@ -328,9 +328,8 @@ def transform(
     result.ats_options = options
     result.ats_captured_training = model.training
     result.ats_check_inputs = check_inputs
-    result.ats_cuda_graphs = cuda_graphs
-    if cuda_graphs:
-        result._ats_graphs = graphs.GraphCache()
+    result.ats_cuda_graphs = cuda_graphs  # may be switched later: model.ats_cuda_graphs = False
+    result._ats_graphs = graphs.GraphCache()
     result.ats_input_shapes = [tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves(example)]
     result.register_forward_pre_hook(_check_inputs)
     result.train(model.training)

@@ -14,7 +14,9 @@ configurations and the dense baseline are timed in one process, in rotating roun
   called at every batch as a user would (Dynamo recompiles once for a dynamic batch).
 
 Rows appended per cell: ``img_s``, ``speedup`` (median over rounds against the dense model of the same
-run, with ``speedup_min``/``speedup_max``), ``speedup_vs_eager_dense`` for compiled runs, and, once per
+run, with ``speedup_min``/``speedup_max``), ``speedup_vs_eager_dense`` for compiled runs,
+``speedup_vs_graphed_dense`` for eager runs on CUDA (the dense model replayed as CUDA graphs, as the
+eager ATS model is at inference: what ATS itself adds), and, once per
 model and configuration, ``flops_ratio`` (dense / ATS GFLOPs per image, FlopCounterMode, the method's
 rows) and ``stage_host_us`` (host time of one eager call of the first stage at batch 1: its launches
 and the torch ops around it).
@@ -31,6 +33,7 @@ from typing import Callable, Optional
 import torch
 
 import ats_fx
+from ats_fx import graphs
 from benchmarks import harness
 
 log = logging.getLogger("benchmarks.speed")
@@ -38,6 +41,7 @@ log = logging.getLogger("benchmarks.speed")
 MODELS = ["deit_small_patch16_224", "vit_base_patch16_224", "beitv2_base_patch16_224", "eva02_small_patch14_224"]
 RUNS = ["eager", "compile:default", "compile:reduce-overhead"]
 DENSE = "dense"
+GRAPHED_DENSE = "dense, CUDA graphs"
 
 
 def point_kwargs(label: str) -> dict:
@@ -89,8 +93,10 @@ def stage_host_us(model: torch.nn.Module, x: torch.Tensor, calls: int = 200) -> 
         seen.setdefault("call", (args, kwargs))
 
     handle = stage.register_forward_pre_hook(grab, with_kwargs=True)
+    graphed, model.ats_cuda_graphs = model.ats_cuda_graphs, False  # a replay calls no module
     with torch.no_grad():
         model(x)
+    model.ats_cuda_graphs = graphed
     handle.remove()
     args, kwargs = seen["call"]
     with torch.no_grad():
@@ -111,25 +117,33 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
         models = eager_models(base, configs, device, dtype)
     else:
         models = compiled_models(base, configs, run.split(":", 1)[1], device, dtype)
-    eager_dense = None
+    eager_dense = graphed_dense = None
     if run != "eager":
         eager_dense = copy.deepcopy(base).to(device, dtype)
+    elif device.type == "cuda":
+        # An eager ATS model replays CUDA graphs at inference (ats_fx/graphs.py): the dense model replayed
+        # the same way tells what ATS itself adds.
+        cache, dense = graphs.GraphCache(), models[DENSE]
+        graphed_dense = lambda x: cache(dense.forward, [], [x])  # noqa: E731
     rows = []
     for batch in batches:
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
         fns = {label: (lambda m=m: m(x)) for label, m in models.items()}
         if eager_dense is not None:
             fns["eager dense"] = lambda: eager_dense(x)
+        if graphed_dense is not None:
+            fns[GRAPHED_DENSE] = lambda: graphed_dense(x)
         t0 = time.time()
         times = harness.rounds(fns, device, args.rounds, args.budget_ms)
         ups = harness.speedups(times, DENSE)
         vs_eager = harness.speedups(times, "eager dense") if eager_dense is not None else {}
+        vs_graphed = harness.speedups(times, GRAPHED_DENSE) if graphed_dense is not None else {}
         cell = {"benchmark": "speed", "model": name, "run": run, "batch": batch, "dtype": args.dtype}
-        for label in models:
+        for label in [*models, *([GRAPHED_DENSE] if graphed_dense is not None else [])]:
             ms = sorted(times[label])[len(times[label]) // 2]
             base_row = {**cell, "config": label}
             rows.append({**base_row, "metric": "img_s", "value": batch / ms * 1e3})
-            if label == DENSE:
+            if label in (DENSE, GRAPHED_DENSE):
                 continue
             med, lo, hi = ups[label]
             rows += [{**base_row, "metric": "speedup", "value": med},
@@ -137,6 +151,8 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
                      {**base_row, "metric": "speedup_max", "value": hi}]
             if vs_eager:
                 rows.append({**base_row, "metric": "speedup_vs_eager_dense", "value": vs_eager[label][0]})
+            if vs_graphed:
+                rows.append({**base_row, "metric": "speedup_vs_graphed_dense", "value": vs_graphed[label][0]})
         log.info("%s %s batch %d: %s (%.0f s)", name, run, batch,
                  ", ".join(f"{k} {v[0]:.3f}x" for k, v in ups.items() if k != DENSE), time.time() - t0)
     if run == "eager" and 1 in batches:

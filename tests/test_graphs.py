@@ -84,3 +84,18 @@ def test_moving_the_model_drops_its_graphs_and_training_runs_eagerly():
     assert out.grad_fn is not None
     copied = copy.deepcopy(graphed)
     assert not copied._ats_graphs.graphs
+
+
+@cuda
+def test_ats_backend_replays_cuda_graphs_without_a_mode_and_hands_out_copies():
+    model = timm_model("deit_small_patch16_224", img_size=64).cuda().eval()
+    plain = ats_fx.transform(model, range(1, 4), ratio=0.5, padding="static", cuda_graphs=False).cuda()
+    compiled = torch.compile(model, backend="ats", options={"stages": "1-3", "ratio": 0.5})
+    off = torch.compile(copy.deepcopy(model), backend="ats", options={"stages": "1-3", "ratio": 0.5,
+                                                                      "cuda_graphs": False})
+    with torch.no_grad():
+        xs = [torch.randn(4, 3, 64, 64, device="cuda") for _ in range(4)]
+        outs = [compiled(x) for x in xs]  # kept across calls: no "overwritten by a subsequent run"
+        for x, out in zip(xs, outs):
+            torch.testing.assert_close(out, plain(x), atol=2e-3, rtol=2e-3)
+            torch.testing.assert_close(off(x), plain(x), atol=2e-3, rtol=2e-3)

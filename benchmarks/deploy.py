@@ -1,0 +1,108 @@
+"""Deployment on a GPU: export an ATS model with a dynamic batch, package it with AOTInductor, load the
+package in a process that never imports ats_fx, check its logits, and time it against the dense model
+packaged the same way.
+
+    python -m benchmarks.deploy                               # DeiT-S, multi rho=0.87, fp16
+    python -m benchmarks.deploy --model vit_base_patch16_224 --batches 1 64 256
+
+Appends ``benchmark="deploy"`` rows to the results file: ``agreement`` (top-1 of the package against
+the eager ATS model, per batch), ``max_abs_diff``, ``img_s`` and ``speedup`` (against the dense
+package, rotating rounds), with ``run="aoti"``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import torch
+
+import ats_fx
+from benchmarks import harness
+from benchmarks.speed import point_kwargs
+
+log = logging.getLogger("benchmarks.deploy")
+
+
+def package(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
+    leftover = [str(n.target) for n in program.graph.nodes if "ats_fx" in str(n.target)]
+    if leftover:
+        raise RuntimeError(f"the exported program still calls {leftover}")
+    return torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+
+
+def run_without_ats_fx(package_path: str, inputs: Path, outputs: Path) -> None:
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["ats_fx"] = None  # any import of ats_fx fails
+        import torch
+        from torch._inductor import aoti_load_package
+
+        run = aoti_load_package({package_path!r})
+        batches = torch.load({str(inputs)!r})
+        with torch.no_grad():
+            torch.save([run(x).cpu() for x in batches], {str(outputs)!r})
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--point", default="multi rho=0.87", choices=list(harness.POINTS))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--results", type=Path, default=harness.RESULTS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    import timm
+
+    torch.manual_seed(0)
+    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
+    base = timm.create_model(args.model, pretrained=False).eval()
+    ats = ats_fx.transform(base, **point_kwargs(args.point), padding="static", cuda_graphs=False).to(device, dtype)
+    dense = base.to(device, dtype)
+    work = Path(tempfile.mkdtemp())
+    example = torch.randn(2, 3, 224, 224, device=device, dtype=dtype)
+    ats_pkg, dense_pkg = package(ats, example, work / "ats.pt2"), package(dense, example, work / "dense.pt2")
+    batches = [torch.randn(b, 3, 224, 224, device=device, dtype=dtype) for b in args.batches]
+    torch.save(batches, work / "inputs.pt")
+    run_without_ats_fx(ats_pkg, work / "inputs.pt", work / "outputs.pt")
+    got = torch.load(work / "outputs.pt")
+    rows = []
+    cell = {"benchmark": "deploy", "model": args.model, "run": "aoti", "dtype": args.dtype, "config": args.point}
+    with torch.no_grad():
+        for x, out in zip(batches, got):
+            want = ats(x).float().cpu()
+            agree = float((want.argmax(-1) == out.float().argmax(-1)).float().mean())
+            diff = float((want - out.float()).abs().max())
+            rows += [{**cell, "batch": len(x), "metric": "agreement", "value": agree},
+                     {**cell, "batch": len(x), "metric": "max_abs_diff", "value": diff}]
+            log.info("batch %d: top-1 agreement %.4f, max |diff| %.3g", len(x), agree, diff)
+    from torch._inductor import aoti_load_package
+
+    ats_run, dense_run = aoti_load_package(ats_pkg), aoti_load_package(dense_pkg)
+    for x in batches:
+        times = harness.rounds({"dense": lambda: dense_run(x), "ats": lambda: ats_run(x)}, device, args.rounds)
+        med, lo, hi = harness.speedups(times, "dense")["ats"]
+        for label in ("dense", "ats"):
+            ms = sorted(times[label])[len(times[label]) // 2]
+            rows.append({**cell, "batch": len(x), "config": args.point if label == "ats" else "dense",
+                         "metric": "img_s", "value": len(x) / ms * 1e3})
+        rows += [{**cell, "batch": len(x), "metric": "speedup", "value": med},
+                 {**cell, "batch": len(x), "metric": "speedup_min", "value": lo},
+                 {**cell, "batch": len(x), "metric": "speedup_max", "value": hi}]
+        log.info("batch %d: AOTI ATS %.3fx the AOTI dense model", len(x), med)
+    harness.append(rows, args.results)
+
+
+if __name__ == "__main__":
+    main()
