@@ -214,7 +214,10 @@ def inverse_transform_sample(
     k_max = max(T - num_prefix, 1)
     i = torch.arange(1, k_max + 1, device=device, dtype=scores.dtype)
     quantiles = (2 * i - 1) / (2 * budget.clamp_min(1).to(scores.dtype)[:, None])  # (B, k_max)
-    picks = torch.searchsorted(cdf.contiguous(), quantiles.contiguous(), right=False)
+    # The first token whose CDF reaches each quantile: how many CDF entries lie below it (the CDF never
+    # decreases). Written as a count, not torch.searchsorted, which Inductor (torch 2.11, triton 3.6)
+    # fails to compile on CUDA when an exported model is packaged.
+    picks = (cdf[:, None, :] < quantiles[:, :, None]).sum(dim=2)
     # Round-off can leave the last quantile above the CDF's end: clamp to the last real token.
     positions = torch.arange(T, device=device)
     real = key_mask if key_mask is not None else torch.ones(B, T, dtype=torch.bool, device=device)
