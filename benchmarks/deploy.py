@@ -50,7 +50,8 @@ def run_without_ats_fx(package_path: str, inputs: Path, outputs: Path) -> None:
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     if done.returncode:
-        raise RuntimeError(done.stderr[-3000:])
+        raise RuntimeError(f"the package failed without ats_fx (exit {done.returncode}):\n"
+                           f"{done.stdout[-1500:]}\n{done.stderr[-3000:]}")
 
 
 def main(argv=None) -> None:
