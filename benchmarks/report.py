@@ -3,8 +3,11 @@
     python -m benchmarks.report            # print the table
     python -m benchmarks.report --readme   # rewrite it in README.md, between its markers
 
-The newest row of each cell wins. A cell reads ``speed-up (FLOPs share)`` where a FLOPs ratio was
-counted: the share is speed-up / FLOPs ratio, how much of the saved arithmetic became time.
+Each (model, run) row shows the cells of the newest commit that measured it ("n/m": not measured
+at that commit, so numbers of different code never share a row). A cell reads ``speed-up (FLOPs
+share)`` where a FLOPs ratio was counted: the share is speed-up / FLOPs ratio, how much of the saved
+arithmetic became time. Eager runs measured against the dense model replayed as CUDA graphs get a
+second row, "eager vs dense graphs": what ATS itself adds, as the eager ATS model replays graphs.
 """
 from __future__ import annotations
 
@@ -30,30 +33,33 @@ def speed_table(rows: list[dict], configs: tuple[str, ...] = ("multi rho=0.87", 
     cells = newest(rows)
     if not cells:
         return "(no speed results yet: run python -m benchmarks.speed on a GPU)"
+    latest = {(r["model"], r["run"]): r["commit"] for r in rows if r["benchmark"] == "speed" and r["metric"] == "speedup"}
     batches = sorted({k[2] for k in cells if k[2] > 0})
     models = list(dict.fromkeys(k[0] for k in cells))
     runs = list(dict.fromkeys(k[1] for k in cells if k[1] != "any"))
-    head = ["model", "run"] + [f"{c}, batch {b}" for c in configs for b in batches]
+    head = ["model", "run", "commit"] + [f"{c}, batch {b}" for c in configs for b in batches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     env = set()
     for model in models:
         for run in runs:
-            row, seen = [SHORT.get(model, model), run], False
-            for config in configs:
-                ratio = cells.get((model, "any", 0, config, "flops_ratio"))
-                for batch in batches:
-                    cell = cells.get((model, run, batch, config, "speedup"))
-                    if cell is None:
-                        row.append("-")
-                        continue
-                    seen = True
-                    env.add((cell["device"], cell["torch"], cell["triton"], cell["dtype"], cell["commit"], cell["date"]))
-                    text = f"{cell['value']:.2f}x"
-                    if ratio is not None and batch >= 64:
-                        text += f" ({cell['value'] / ratio['value']:.2f})"
-                    row.append(text)
-            if seen:
-                lines.append("| " + " | ".join(row) + " |")
+            for metric, label in (("speedup", run), ("speedup_vs_graphed_dense", f"{run} vs dense graphs")):
+                row, seen = [SHORT.get(model, model), label, latest.get((model, run), "-")], False
+                for config in configs:
+                    ratio = cells.get((model, "any", 0, config, "flops_ratio"))
+                    for batch in batches:
+                        cell = cells.get((model, run, batch, config, metric))
+                        if cell is None or cell["commit"] != latest.get((model, run)):
+                            row.append("n/m")
+                            continue
+                        seen = True
+                        env.add((cell["device"], cell["torch"], cell["triton"], cell["dtype"], cell["commit"],
+                                 cell["date"]))
+                        text = f"{cell['value']:.2f}x"
+                        if ratio is not None and batch >= 64:
+                            text += f" ({cell['value'] / ratio['value']:.2f})"
+                        row.append(text)
+                if seen:
+                    lines.append("| " + " | ".join(row) + " |")
     ratios = [f"{SHORT.get(m, m)} {c}: {cells[(m, 'any', 0, c, 'flops_ratio')]['value']:.2f}"
               for m in models for c in configs if (m, "any", 0, c, "flops_ratio") in cells]
     measured = "; ".join(f"{d}, torch {t}, triton {tr}, {dt}, commit {c}, {date}" for d, t, tr, dt, c, date in sorted(env))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import ats_fx
-from ats_fx.zoo import DIGITS_CHECKPOINT, digits_split, digits_vit
+from ats_fx.zoo import DIGITS_CHECKPOINT, DIGITS_GAP_CHECKPOINT, digits_split, digits_vit
 from benchmarks import digits_curves, digits_train
 from benchmarks.flops import mean_gflops
 
@@ -41,6 +41,18 @@ def test_ats_on_the_shipped_model_is_cheaper_and_stays_accurate(data):
     dense = float(ats_fx.count_flops(digits_vit(), data.test_x[:1])[0])
     assert acc >= 0.95 and gflops < 0.6 * dense
     assert kprime[0] < 64 and all(a >= b for a, b in zip(kprime, kprime[1:]))
+
+
+def test_shipped_model_without_a_class_token_converts_cheaper_and_accurate(data):
+    """The average-pool digits ViT: no class token, so its stages score by the mean query row."""
+    assert DIGITS_GAP_CHECKPOINT.stat().st_size < 2_000_000
+    dense = digits_vit(pool="avg")
+    assert dense.cls_token is None and digits_train.accuracy(dense, data.test_x, data.test_y) >= 0.97
+    ats = ats_fx.transform(dense, "1-5", ratio=0.8)
+    assert not ats.get_submodule("ats_stage_1").class_token
+    acc = digits_train.accuracy(ats, data.test_x, data.test_y)
+    gflops, _ = mean_gflops(ats, data.test_x[:32])
+    assert acc >= 0.95 and gflops < 0.9 * float(ats_fx.count_flops(dense, data.test_x[:1])[0])
 
 
 def test_mean_gflops_equals_per_image_flop_counts(data):
