@@ -289,7 +289,9 @@ def _inline(x: Tensor, width: int, kernels: str) -> bool:
     """Traced with a static width on the PyTorch path: the graph gets the reference's aten ops, not
     the custom op. An exported CPU model then needs no ats_fx to run (an AOTInductor package loads
     in a process that never imports it), and Inductor fuses the sampling with what surrounds it."""
-    return width >= 0 and not use_triton(x, kernels)
+    # Only when compiled or exported: FlopCounterMode (a dispatch mode on real tensors) keeps the op,
+    # so count_flops counts the same rows whatever the kernels.
+    return width >= 0 and not use_triton(x, kernels) and (torch.compiler.is_compiling() or type(x) is not Tensor)
 
 
 def sample_from_scores(scores: Tensor, bad: Tensor, key_mask: Optional[Tensor], *args) -> tuple:

@@ -134,7 +134,9 @@ def test_export_round_trip(name, padding):
     program = torch.export.export(ats, (x,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
     samplers = (torch.ops.ats_fx.sample_tokens.default, torch.ops.ats_fx.sample_scores.default)
     ops = [n for n in program.graph.nodes if n.target in samplers]
-    assert len(ops) == 3
+    # Static padding exports the reference's aten ops (it runs without ats_fx); batch_max's
+    # data-dependent width needs the op.
+    assert len(ops) == (3 if padding == "batch_max" else 0)
     for batch in (3, 5):
         x = torch.randn(batch, *chw)
         torch.testing.assert_close(logits(program.module()(x)), logits(ats(x)))

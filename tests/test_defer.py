@@ -134,9 +134,10 @@ def test_gather_add_kernel_every_row(B, T, W, C):
         assert torch.equal(ops.gather_add(x, index, y, 0, 1, "reference", every_row=True), want)
 
 
-def test_exported_deferred_program_matches_eager(overlap_mode):
-    """A static-batch export takes the overlapped op with every row and the gathering add; the
-    program runs and equals the sequential eager model."""
+def test_export_takes_the_reference_path_even_with_overlap_and_triton(overlap_mode):
+    """An export holds aten ops only (it must run without ats_fx), whatever OVERLAP and kernels say;
+    the program equals the sequential eager model. (The overlapped op under tracing is
+    test_overlap.py's compiled test.)"""
     overlap_mode("on")
     factory, _, chw = MODELS["timm_deit_small"]
     model = factory().to(DEVICE)
@@ -144,8 +145,7 @@ def test_exported_deferred_program_matches_eager(overlap_mode):
     x = torch.randn(2, *chw).to(DEVICE)
     with torch.no_grad():
         program = torch.export.export(ats, (x,), strict=False)
-        stages = [n for n in program.graph.nodes if n.target is torch.ops.ats_fx.overlapped_stage.default]
-        assert len(stages) == 3 and all(n.args[-1] is False for n in stages)  # gather=False
+        assert not [n for n in program.graph.nodes if "ats_fx" in str(n.target)]
         got = logits(program.module()(x))
         overlap_mode("off")
         want = logits(ats(x))
