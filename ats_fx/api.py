@@ -47,14 +47,16 @@ class ATSGraphModule(fx.GraphModule):
                 and not torch.compiler.is_compiling()):
             return self._empty_batch(args, kwargs)
         cache = self.__dict__.get("_ats_graphs")
-        if (cache is not None and self.ats_cuda_graphs and not cache.failed and not kwargs and not self._forward_hooks
+        if (cache is not None and not cache.failed and not kwargs and not self._forward_hooks
                 and len(self._forward_pre_hooks) == 1  # only the input check, called below
-                and dispatch.graphs_apply(True, self.training, self.ats_options.padding,
+                and dispatch.graphs_apply(self.ats_cuda_graphs, self.training, self.ats_options.padding,
                                           self.ats_options.selection, args)):
             _check_inputs(self, args)
-            stages = [m for m in self.modules() if isinstance(m, ops.ATSStage)]
-            return cache(self.forward, stages, list(args))
+            return cache(self.forward, self._stages, list(args))
         return super().__call__(*args, **kwargs)
+
+    def _stages(self) -> list:
+        return [m for m in self.modules() if isinstance(m, ops.ATSStage)]
 
     def _apply(self, fn, *args, **kwargs):
         # .to(), .half(), .cuda() move the weights: a captured graph would read the old memory.

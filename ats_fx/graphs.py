@@ -38,7 +38,9 @@ class GraphCache:
     def clear(self) -> None:
         self.graphs.clear()
 
-    def __call__(self, forward: Callable, stages: list, inputs: list) -> Any:
+    def __call__(self, forward: Callable, stages: Callable[[], list], inputs: list) -> Any:
+        """``forward(*inputs)`` replayed from the graph captured for these inputs' shapes (captured
+        now if new). ``stages()`` lists the model's ATS stages; it is called at capture only."""
         key = tuple((tuple(x.shape), x.dtype, x.device) for x in inputs)
         entry = self.graphs.get(key)
         if entry is None:
@@ -57,7 +59,7 @@ class GraphCache:
         # The graph rewrites its outputs on the next replay: hand out copies.
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, entry.outputs)
 
-    def _capture(self, forward: Callable, stages: list, inputs: list):
+    def _capture(self, forward: Callable, stages: Callable[[], list], inputs: list):
         static = [x.clone() for x in inputs]
         try:
             with dispatch.static_padding():
@@ -75,4 +77,4 @@ class GraphCache:
             log.warning("ATS model: CUDA graph capture failed (%s: %s); running eagerly from now on. "
                         "ats_fx.transform(..., cuda_graphs=False) skips the attempt.", type(err).__name__, err)
             return None
-        return _Graph(graph, static, outputs, {s: s.last for s in stages})
+        return _Graph(graph, static, outputs, {s: s.last for s in stages()})

@@ -124,7 +124,7 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
         # An eager ATS model replays CUDA graphs at inference (ats_fx/graphs.py): the dense model replayed
         # the same way tells what ATS itself adds.
         cache, dense = graphs.GraphCache(), models[DENSE]
-        graphed_dense = lambda x: cache(dense.forward, [], [x])  # noqa: E731
+        graphed_dense = lambda x: cache(dense.forward, list, [x])  # noqa: E731
     rows = []
     for batch in batches:
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)

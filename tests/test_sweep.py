@@ -11,7 +11,8 @@ SAMPLE = ["vit_small_patch16_224", "deit_tiny_distilled_patch16_224", "beitv2_ba
           "vit_tiny_r_s16_p8_224",  # hybrid: ResNet stem, then ViT
           "vit_pe_core_tiny_patch16_384",  # attention-pooling head
           # no class token: average pool, registers only, SigLIP's attention pooling
-          "vit_base_patch16_gap_224", "vit_base_patch16_reg4_gap_256", "vit_base_patch16_siglip_224"]
+          "vit_base_patch16_gap_224", "vit_base_patch16_reg4_gap_256", "vit_base_patch16_siglip_224",
+          "vit_so150m_patch16_reg4_map_256"]  # a pooling head whose keys skip the registers
 
 
 def _names():
@@ -38,7 +39,7 @@ def test_sample_verdicts_are_the_expected_ones():
               "eva02_small_patch14_224.mim_in22k", "flexivit_small", "vit_tiny_r_s16_p8_224",
               "vit_relpos_medium_patch16_cls_224", "cait_xxs24_224", "vit_pe_core_tiny_patch16_384",
               "vit_relpos_small_patch16_224", "vit_base_patch16_gap_224", "vit_base_patch16_reg4_gap_256",
-              "vit_base_patch16_siglip_224"):
+              "vit_base_patch16_siglip_224", "vit_so150m_patch16_reg4_map_256"):
         assert verdicts[n] == "converted", (n, verdicts[n])
     for n in ("xcit_nano_12_p16_224", "swin_tiny_patch4_window7_224", "pit_ti_224"):
         assert verdicts[n] == "refused", (n, verdicts[n])
