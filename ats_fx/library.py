@@ -57,29 +57,34 @@ def sample_tokens_impl(
     strict: bool,
     kernels: str,
     bias: Optional[Tensor] = None,
+    positions: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Score and sample one ATS stage: ``(index, mask, kept, budget)``.
 
     ``index``/``mask`` are (B, W): kept rows (prefix first, ascending positions, padding last).
     ``width`` is K + p for static padding, or -1 for batch_max (W = max_b K'_b + p). ``bias``
-    (B, L, T, T) is a position bias of the logits (BEiT): its class row enters the scores.
+    (L, N, N) is a position bias table of the logits (BEiT) over the original tokens, read at the
+    tokens' original ``positions`` (B, T) (None: they are the original tokens): its class row
+    enters the scores.
     """
     index, mask, kept, budget, _ = _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width,
-                                           strict, kernels, bias)
+                                           strict, kernels, bias, positions)
     # The operator's outputs are contiguous, as its fake implementation declares (batch_max slices).
     return index.contiguous(), mask.contiguous(), kept, budget
 
 
-def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels, bias=None):
+def _sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels, bias=None,
+            positions=None):
     """``sample_tokens_impl`` plus ``padded``: False when the host already knows that no image has
     padding rows (batch_max on the Triton path), None when it does not know."""
-    if use_triton(q, kernels) and bias is None:
+    if use_triton(q, kernels):
         # Per-head scores; the sampling kernel sums and normalises them (two launches a stage).
         from .kernels.scores import head_scores
 
-        heads = head_scores(q, k, v, key_mask, scale, score)
+        heads = head_scores(q, k, v, key_mask, scale, score, bias=bias, positions=positions)
         return _sample_scores(heads, None, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels)
-    # The scores kernel takes no bias: PyTorch scores, then (on CUDA) the sampling kernel.
+    if bias is not None:  # only the class row of the bias enters the scores
+        bias = reference.position_bias(bias, positions, q.shape[0], rows=1)
     s, bad = reference.class_token_scores(q, k, v, key_mask, num_prefix, scale, score, False, bias=bias,
                                           with_bad=True)
     return _sample_scores(s, bad, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels)
@@ -145,7 +150,7 @@ sample_tokens = torch.library.custom_op("ats_fx::sample_tokens", mutates_args=()
 
 @sample_tokens.register_fake
 def _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, strict, kernels,
-                        bias=None):
+                        bias=None, positions=None):
     B, T = q.shape[0], q.shape[2]
     if width < 0:
         ctx = torch.library.get_ctx()
@@ -170,14 +175,14 @@ def _sample_scores_fake(scores, bad, key_mask, num_prefix, ratio, k_tokens, widt
 
 @torch.library.custom_op("ats_fx::attention_rows", mutates_args=())
 def attention_rows_op(q: Tensor, k: Tensor, v: Tensor, index: Optional[Tensor], key_mask: Optional[Tensor],
-                      scale: float) -> Tensor:
+                      scale: float, bias: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
     """Triton attention (B, H, R, dh) of the query rows ``index`` (all rows without one) over the
-    real keys; forward only."""
-    return _launch(q, k, v, index, key_mask, scale)
+    real keys, plus a position bias table read at original positions; forward only."""
+    return _launch(q, k, v, index, key_mask, scale, bias, positions)
 
 
 @attention_rows_op.register_fake
-def _attention_rows_fake(q, k, v, index, key_mask, scale):
+def _attention_rows_fake(q, k, v, index, key_mask, scale, bias=None, positions=None):
     B, H, T, D = q.shape
     return q.new_empty((B, T if index is None else index.shape[1], H, v.shape[-1])).transpose(1, 2)
 
@@ -217,7 +222,8 @@ def _overlapped_direct(*args) -> tuple:
     return out, index, mask.view(torch.bool), kept, budget
 
 
-def _attention_rows_flops(q_shape, k_shape, v_shape, index_shape, mask_shape, scale, *, out_shape, **kwargs) -> int:
+def _attention_rows_flops(q_shape, k_shape, v_shape, index_shape, mask_shape, scale, bias_shape=None,
+                          positions_shape=None, *, out_shape, **kwargs) -> int:
     """FlopCounterMode's count for ``ats_fx::attention_rows``: what it counts for SDPA on the
     gathered query rows, the reference path (padded keys included, as SDPA with a mask counts
     them). Without it ``ats_fx.count_flops`` counted no attention on CUDA, where this op runs, and
@@ -251,35 +257,41 @@ _register_flop_formula()
 
 def attention(
     q: Tensor, k: Tensor, v: Tensor, index: Optional[Tensor], key_mask: Optional[Tensor], scale: float,
-    dropout_p: float, kernels: str,
+    dropout_p: float, kernels: str, bias: Optional[Tensor] = None, positions: Optional[Tensor] = None,
 ) -> Tensor:
     """Attention of the query rows ``index`` (eq. 6, the stage's kept rows) or, with ``index=None``,
-    of a layer after a stage, over the key-padding mask. On CUDA when no gradient or dropout is
-    needed: the Triton kernel (1.2-4x faster than the masked SDPA on H100,
-    docs/performance.md). Elsewhere SDPA (on gathered queries), which has a
-    backward. Without an index and without a mask nothing is padded: plain SDPA (flash)."""
-    triton_ok = index is not None or key_mask is not None
-    if triton_ok and dropout_p == 0.0 and use_triton(q, kernels) and not needs_grad(q, k, v):
+    of a layer after a stage, over the key-padding mask. ``bias`` (L, N, N) is a position bias
+    table over the original tokens, read at the tokens' original ``positions`` (B, T) (None: the
+    original tokens). On CUDA when no gradient or dropout is needed: the Triton kernel (1.2-4x
+    faster than the masked SDPA on H100, docs/performance.md), which reads the bias from the table.
+    Elsewhere SDPA (on gathered queries, the bias materialised per image), which has a backward.
+    Without an index, a mask or a bias nothing is padded: plain SDPA (flash)."""
+    triton_ok = index is not None or key_mask is not None or bias is not None
+    grads = needs_grad(q, k, v) or (bias is not None and needs_grad(bias))
+    if triton_ok and dropout_p == 0.0 and use_triton(q, kernels) and not grads:
         if tracing(q):
-            return torch.ops.ats_fx.attention_rows(q, k, v, index, key_mask, scale)
-        return _launch(q, k, v, index, key_mask, scale)
+            return torch.ops.ats_fx.attention_rows(q, k, v, index, key_mask, scale, bias, positions)
+        return _launch(q, k, v, index, key_mask, scale, bias, positions)
+    if bias is not None:
+        bias = reference.position_bias(bias, positions, q.shape[0])
     if index is None:
-        return reference.masked_attention(q, k, v, key_mask, scale, dropout_p)
-    return reference.attention_rows(q, k, v, index, key_mask, scale, dropout_p)
+        return reference.masked_attention(q, k, v, key_mask, scale, dropout_p, bias)
+    return reference.attention_rows(q, k, v, index, key_mask, scale, dropout_p, bias)
 
 
-def _launch(q, k, v, index, key_mask, scale):
+def _launch(q, k, v, index, key_mask, scale, bias=None, positions=None):
     from .kernels.attention_rows import launch_attention
 
-    return launch_attention(q, k, v, index, key_mask, scale, q.shape[2] if index is None else index.shape[1])
+    rows = q.shape[2] if index is None else index.shape[1]
+    return launch_attention(q, k, v, index, key_mask, scale, rows, bias=bias, positions=positions)
 
 
 def sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *args) -> tuple:
     """``ats_fx::sample_tokens`` on detached inputs (the indices are constants for autograd), and
     ``padded`` (see ``_sample``; always None when tracing)."""
     q, k, v = q.detach(), k.detach(), v.detach()
-    if len(args) > 8 and args[8] is not None:  # the position bias
-        args = (*args[:8], args[8].detach())
+    if len(args) > 8 and args[8] is not None:  # the position bias table
+        args = (*args[:8], args[8].detach(), *args[9:])
     if tracing(q) and not _inline(q, args[5], args[7]):
         return (*torch.ops.ats_fx.sample_tokens(q, k, v, key_mask, *args), None)
     return _sample(q, k, v, key_mask, *args)

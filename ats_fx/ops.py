@@ -94,18 +94,16 @@ class ATSStage(nn.Module):
             padding = dispatch.padding_for(self.padding, q, static_width)
         strict = padding == "batch_max"
         width = static_width if padding == "static" else -1  # -1: data-dependent (batch_max)
-        if bias is not None:  # a position bias on this stage's tokens: (..., T, T) -> (B, L, T, T)
-            if bias.dim() != 4:
-                bias = bias.reshape(-1, *bias.shape[-2:])[None]
-            bias = bias.expand(q.shape[0], -1, -1, -1)
+        # ``bias``: a position bias table (L, N, N) over the original tokens (``bias_table``); the
+        # kernels read it at ``positions``, the PyTorch paths materialise it per image.
         dropout_p = self.dropout_p if self.training else 0.0
         every_row = False  # out holds the kept rows (True: every input row, for a deferred gather)
         path = dispatch.stage_path(q, k, v, key_mask, class_token=self.class_token, width=width, kernels=self.kernels,
                                    selection=self.selection, dropout_p=dropout_p, bias=bias, mix=mix)
         if path == "weights":
             # Talking heads (CaiT) or no class token: the whole attention matrix, scored from its rows.
-            out, index, mask, kept, budget, padded = self._from_weights(q, k, v, key_mask, width, strict, bias, mix,
-                                                                        dropout_p)
+            out, index, mask, kept, budget, padded = self._from_weights(
+                q, k, v, key_mask, width, strict, _per_image(bias, positions, q.shape[0]), mix, dropout_p)
         elif path == "overlapped":
             # A small static batch: sampling on a side stream beside every row's attention.
             out, index, mask, kept, budget = library.overlapped_stage(
@@ -117,14 +115,13 @@ class ATSStage(nn.Module):
             if path == "sampled":
                 index, mask, kept, budget, padded = library.sample(
                     q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
-                    self.kernels, bias,
+                    self.kernels, bias, positions,
                 )
             else:
-                index, mask, kept, budget, padded = self._reference_select(q, k, v, key_mask, width, bias)
-            if bias is None:
-                out = library.attention(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels)
-            else:
-                out = reference.attention_rows(q, k, v, index, key_mask, self.scale, dropout_p, bias)
+                index, mask, kept, budget, padded = self._reference_select(
+                    q, k, v, key_mask, width, None if bias is None else reference.position_bias(bias, positions,
+                                                                                                q.shape[0], rows=1))
+            out = library.attention(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels, bias, positions)
         # Original positions of the kept rows; at the first stage the rows' positions are the index.
         source = index if positions is None else positions.gather(1, index)
         new_positions = source if padded is False else torch.where(mask, source, -1)
@@ -268,13 +265,14 @@ def masked_amin(x, mask, batch_dim: int, token_dim: int, start: int, dims, keepd
 
 
 def masked_attention(q, k, v, key_mask, batch_dim: int, scale: float, dropout_p: float = 0.0, bias=None,
-                     kernels: str = "auto"):
+                     kernels: str = "auto", positions=None):
     """Attention of a layer after an ATS stage: padded keys get zero weight (ATS-NOTES §4).
-    ``bias`` is an additive position bias already gathered to the kept tokens (``position_bias``).
-    Without a bias: the Triton kernel on CUDA at inference (``library.attention``)."""
-    if bias is None and batch_dim == 0 and q.dim() == 4:
-        return library.attention(q, k, v, None, key_mask, scale, dropout_p, kernels)
-    attn_mask = None if bias is None else bias.to(q.dtype)
+    ``bias`` is a position bias table (L, N, N) over the original tokens (``bias_table``), read at
+    the kept tokens' original ``positions``. The Triton kernel on CUDA at inference, the bias read
+    inside it; SDPA elsewhere (``library.attention``)."""
+    if batch_dim == 0 and q.dim() == 4:
+        return library.attention(q, k, v, None, key_mask, scale, dropout_p, kernels, bias, positions)
+    attn_mask = None if bias is None else reference.position_bias(bias, positions, q.shape[batch_dim]).to(q.dtype)
     if key_mask is not None:
         shape = [1] * q.dim()
         shape[batch_dim], shape[-1] = key_mask.shape[0], key_mask.shape[1]
@@ -298,10 +296,12 @@ def mask_from(mask: Optional[torch.Tensor], start: int) -> Optional[torch.Tensor
     return None if mask is None else mask[:, start:]
 
 
-def talking_heads_attention(q, k, v, key_mask, scale: float, mix: tuple, dropout_p: float = 0.0, bias=None):
+def talking_heads_attention(q, k, v, key_mask, scale: float, mix: tuple, dropout_p: float = 0.0, bias=None,
+                            positions=None):
     """Talking-heads attention (CaiT) of a layer after an ATS stage: heads mixed by ``mix = (w_l,
-    b_l, w_w, b_w)`` around the softmax, padded keys at weight 0 (``reference.attention_weights``)."""
-    attn = reference.attention_weights(q, k, key_mask, scale, bias, mix)
+    b_l, w_w, b_w)`` around the softmax, padded keys at weight 0 (``reference.attention_weights``).
+    ``bias``, ``positions``: a position bias table, as ``masked_attention``."""
+    attn = reference.attention_weights(q, k, key_mask, scale, _per_image(bias, positions, q.shape[0]), mix)
     if dropout_p:
         attn = torch.nn.functional.dropout(attn, dropout_p, True)
     return attn @ v
@@ -319,20 +319,19 @@ def prepend_tokens(mask: Optional[torch.Tensor], positions: torch.Tensor, extra:
     return mask, torch.cat([front, shifted], dim=1)
 
 
-def position_bias(bias: torch.Tensor, positions: torch.Tensor, batched: bool = False) -> torch.Tensor:
-    """An attention bias over the captured tokens, ``(..., T, T)`` with no batch dependence
-    (relative position bias), brought to each image's kept tokens: ``(B, L, T', T')`` with
-    ``out[b, l, i, j] = bias[l, positions[b, i], positions[b, j]]``. Padding rows read position 0
-    and stay masked by the key mask."""
-    T = bias.shape[-1]
-    if batched:  # (B, ..., T, T) with the same values for every image: take the first
+def bias_table(bias: torch.Tensor, batched: bool = False) -> torch.Tensor:
+    """An attention bias over the captured tokens, ``(..., N, N)`` with no batch dependence
+    (relative position bias), as the (L, N, N) table (L = heads, or 1) the stages and kernels read
+    at the kept tokens' original positions (``reference.position_bias`` materialises it per image).
+    ``batched``: (B, ..., N, N) with the same values for every image (HF expands it): the first."""
+    if batched:
         bias = bias[0]
-    flat = bias.reshape(-1, T, T)  # (L, T, T): heads, or 1
-    idx = positions.clamp_min(0)
-    B, n = idx.shape
-    rows = flat[:, idx]  # (L, B, n, T)
-    out = rows.gather(-1, idx[None, :, None, :].expand(flat.shape[0], B, n, n))
-    return out.transpose(0, 1)
+    return bias.reshape(-1, *bias.shape[-2:])
+
+
+def _per_image(table: Optional[torch.Tensor], positions: Optional[torch.Tensor], batch: int):
+    """The position bias (B, L, T, T) of a token set, for the paths that materialise it; None stays None."""
+    return None if table is None else reference.position_bias(table, positions, batch)
 
 
 def position_gather(const: torch.Tensor, positions: torch.Tensor, start: int, batch_dim: int, token_dim: int,

@@ -211,6 +211,79 @@ def test_attention_rows_kernel(shape, dtype, masked):
     torch.testing.assert_close(got.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
+def bias_inputs(B, H, T, masked, heads_in_table, positions_kind, seed=3):
+    """A position bias table (L, N, N) over N >= T original tokens, and each image's original
+    positions (B, T): the prefix at 0, then ascending kept positions, -1 where the mask pads."""
+    g = torch.Generator().manual_seed(seed)
+    mask = padding_mask(B, T, seed) if masked else None
+    N = T if positions_kind == "none" else T + 23
+    table = torch.randn(H if heads_in_table else 1, N, N, generator=g).to(DEVICE)
+    if positions_kind == "none":
+        return table, None, mask
+    positions = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long),
+                                        torch.randperm(N - 1, generator=g)[:T - 1].sort().values + 1]) for _ in range(B)])
+    positions = positions.to(DEVICE)
+    if mask is not None:
+        positions = torch.where(mask, positions, -1)
+    return table, positions, mask
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: f"T{s[2]}H{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("heads_in_table", [True, False], ids=["per-head", "shared"])
+@pytest.mark.parametrize("positions_kind", ["none", "sampled"])
+def test_attention_kernel_with_position_bias_table(shape, dtype, heads_in_table, positions_kind):
+    """The bias read inside the key loop from the (L, N, N) table at original positions equals SDPA
+    with the per-image bias materialised (``reference.position_bias``): kept rows through an index
+    (a stage) and every row without one (the layers after it), padded or not."""
+    B, H, T, D, p = shape
+    q, k, v = qkv(B, H, T, D, dtype, sharp=1.0)
+    for masked in (False, True):
+        table, positions, mask = bias_inputs(B, H, T, masked, heads_in_table, positions_kind)
+        full = reference.position_bias(table.double(), positions, B)
+        assert full.shape == (B, table.shape[0], T, T)
+        index = torch.stack([torch.arange(0, T, 3, device=DEVICE)] * B)
+        got = attention_rows(q, k, v, index, mask, D**-0.5, bias=table.to(dtype), positions=positions)
+        want = reference.attention_rows(q.double(), k.double(), v.double(), index, mask, D**-0.5,
+                                        bias=reference.position_bias(table.to(dtype).double(), positions, B))
+        torch.testing.assert_close(got.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+        got = masked_attention(q, k, v, mask, D**-0.5, bias=table, positions=positions) if mask is not None else \
+            attention_rows(q, k, v, torch.arange(T, device=DEVICE).expand(B, T), None, D**-0.5, table, positions)
+        want = reference.masked_attention(q.double(), k.double(), v.double(), mask, D**-0.5, bias=full)
+        if mask is not None:  # rows of padded tokens are never read
+            real = mask[:, None, :, None].expand_as(want)
+            got, want = got.double()[real], want[real]
+        torch.testing.assert_close(got.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: f"T{s[2]}H{s[1]}")
+@pytest.mark.parametrize("heads_in_table", [True, False], ids=["per-head", "shared"])
+@pytest.mark.parametrize("positions_kind", ["none", "sampled"])
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+def test_scores_kernel_with_position_bias_table(shape, heads_in_table, positions_kind, masked):
+    """The class row's bias, read from the table at the class token's and each key's original
+    position, enters the scores as the reference's materialised class row does."""
+    B, H, T, D, p = shape
+    q, k, v = qkv(B, H, T, D, torch.float32)
+    table, positions, mask = bias_inputs(B, H, T, masked, heads_in_table, positions_kind)
+    table = table * 4  # a bias that moves the scores
+    got, bad = class_token_scores(q, k, v, mask, p, D**-0.5, bias=table, positions=positions)
+    row = reference.position_bias(table.double(), positions, B, rows=1)
+    assert row.shape == (B, table.shape[0], 1, T)
+    want = reference.class_token_scores(q.double(), k.double(), v.double(), mask, p, D**-0.5, bias=row)
+    unbiased = reference.class_token_scores(q.double(), k.double(), v.double(), mask, p, D**-0.5)
+    assert not torch.allclose(want, unbiased, atol=1e-3)
+    assert not bad.any()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
+def test_position_bias_table_must_match_the_heads():
+    q, k, v = qkv(2, 3, 20, 16, torch.float32)
+    with pytest.raises(ValueError, match="heads or 1"):
+        attention_rows(q, k, v, torch.zeros(2, 4, dtype=torch.long, device=DEVICE), None, 0.25,
+                       bias=torch.zeros(2, 20, 20, device=DEVICE))
+
+
 @pytest.mark.parametrize("sms", [0, 132], ids=["batch-config", "small-grid-config"])
 @pytest.mark.parametrize("mask_kind", ["none", "one-run", "holes"])
 def test_attention_kernel_both_tile_configs(sms, mask_kind):
@@ -427,6 +500,34 @@ def test_model_with_kernels_equals_reference_path(name, padding):
     for a, b in zip(kept["triton"], kept["reference"]):
         assert torch.equal(a, b)
     torch.testing.assert_close(outs["triton"], outs["reference"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["timm_beit", "hf_beit"])
+def test_kernel_path_never_materialises_the_position_bias(monkeypatch, name):
+    """BEiT on the Triton path: every stage and every later layer reads the relative position bias
+    from the model's table inside the kernels; the per-image (B, heads, T', T') bias is built only
+    on the PyTorch path (and the class row alone for its scores)."""
+    import ats_fx
+    from conftest import MODELS
+
+    calls = {"triton": [], "reference": []}
+    real = reference.position_bias
+    factory, _, chw = MODELS[name]
+    model = factory().to(DEVICE)
+    x = torch.randn(2, *chw, device=DEVICE)
+    for kernels in calls:
+        ats = ats_fx.transform(model, "1-3", ratio=0.6, kernels=kernels)
+
+        def spy(table, positions, batch, rows=None, kernels=kernels):
+            calls[kernels].append(rows)
+            return real(table, positions, batch, rows)
+
+        monkeypatch.setattr(reference, "position_bias", spy)
+        with torch.no_grad():
+            ats(x)
+        monkeypatch.setattr(reference, "position_bias", real)
+    assert calls["triton"] == []
+    assert None in calls["reference"] and 1 in calls["reference"]
 
 
 @pytest.mark.parametrize("ratio", [0.87, 0.7, 0.5, 0.3, 0.05, 1.0])  # 65 x 0.7 = 45.5 exactly

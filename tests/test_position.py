@@ -9,14 +9,21 @@ from ats_fx import ops
 from ats_fx.testing import eager
 
 
-def test_position_bias_gathers_rows_and_columns():
+@pytest.mark.parametrize("batched", [False, True])
+def test_position_bias_gathers_rows_and_columns(batched):
+    from ats_fx.kernels import reference
+
     bias = torch.arange(2 * 5 * 5, dtype=torch.float64).reshape(1, 2, 5, 5)
+    table = ops.bias_table(bias.expand(3, 2, 5, 5) if batched else bias, batched)
+    assert table.shape == (2, 5, 5) and table.data_ptr() == bias.data_ptr()  # a view, never a copy
     positions = torch.tensor([[0, 2, 4], [0, 3, -1]])
-    out = ops.position_bias(bias, positions)
+    out = reference.position_bias(table, positions, 2)
     assert out.shape == (2, 2, 3, 3)
     for b in range(2):
         idx = positions[b].clamp_min(0)
         torch.testing.assert_close(out[b], bias[0][:, idx][:, :, idx])
+    torch.testing.assert_close(reference.position_bias(table, positions, 2, rows=1), out[:, :, :1])
+    assert reference.position_bias(table, None, 4).shape == (4, 2, 5, 5)
 
 
 @pytest.mark.parametrize("const_shape,batch_dim,token_dim,out_nd", [

@@ -4,7 +4,9 @@ A flash-attention forward whose query tile is gathered through the kept-index te
 gathered queries are never written to memory and the T×T matrix never exists; padded keys (the
 key-padding mask of an earlier stage) get zero weight. Online softmax in float32 with exp2.
 The same kernel, without an index, is the attention of the layers after a stage
-(``masked_attention.py``).
+(``masked_attention.py``). A relative position bias (BEiT) is read inside the key loop from the
+model's (heads, N, N) table at each row's and key's original position, so the per-image
+(B, heads, T', T') bias the PyTorch path gathers, and the float-masked SDPA it forces, never exist.
 
 The key loop stops after each image's last real key (padding is kept last), so padded keys cost
 nothing; when an image's real keys are one run (every mask ATS makes) it reads no mask in the loop.
@@ -27,11 +29,14 @@ from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 
 
 @triton.jit
-def _attend(q, K, V, MASK, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale, d, in_d,
-            CHECK_MASK: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _attend(q, K, V, MASK, BIAS, POS, k_base, v_base, m_base, bias_rows, p_base, skt, skd, svt, svd, smt, sbj, spt,
+            n_end, qk_scale, d, in_d,
+            CHECK_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, IEEE: tl.constexpr,
+            UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Online softmax of the q tile over keys [0, n_end), also reading the key mask column by column
-    with ``CHECK_MASK`` (a mask that is not one run of real keys followed by padding)."""
+    with ``CHECK_MASK`` (a mask that is not one run of real keys followed by padding). ``HAS_BIAS``:
+    adds the position bias ``BIAS[bias_rows + position(key) * sbj]`` (``bias_rows``: each query
+    row's offset into the table), the key's original position read from ``POS`` with ``HAS_POS``."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -48,7 +53,15 @@ def _attend(q, K, V, MASK, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_en
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
-        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # log2 units
+        s = s * qk_scale  # log2 units
+        if HAS_BIAS:
+            key_pos = cols
+            if HAS_POS:  # padding (-1) reads position 0; its column is masked below
+                key_pos = tl.maximum(tl.load(POS + p_base + cols * spt, mask=valid, other=0), 0)
+            b_tile = tl.load(BIAS + bias_rows[:, None] + key_pos[None, :].to(tl.int64) * sbj, mask=valid[None, :],
+                             other=0.0)
+            s += b_tile.to(tl.float32) * 1.4426950408889634  # log2(e): the bias is in natural units
+        s = tl.where(valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))  # the first key (kept first) is always real
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -68,21 +81,27 @@ def _attend(q, K, V, MASK, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_en
 
 @triton.jit
 def _attention_kernel(
-    Q, K, V, IDX, MASK, O,
+    Q, K, V, IDX, MASK, BIAS, POS, O,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     sib, sit,
     smb, smt,
+    sbl, sbi, sbj,
+    spb, spt,
     sob, soh, sot, sod,
     H, T, R, D, qk_scale,
-    HAS_INDEX: tl.constexpr, HAS_MASK: tl.constexpr, SELF: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr,
+    SELF: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, ONE_RUN_LOOP: tl.constexpr,
     Q_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Rows ``IDX[b]`` of q (or the first R rows without an index) over T keys. ``SELF``: the
-    queries are the key tokens themselves, so a tile past the last real key holds padding only."""
+    queries are the key tokens themselves, so a tile past the last real key holds padding only.
+    ``HAS_BIAS``: a position bias table ``BIAS`` (L, N, N) over the original tokens (L = heads, or
+    1 with ``sbl`` = 0), read at the rows' and keys' original positions ``POS[b]`` (their own
+    indices without ``HAS_POS``): the per-image bias is never materialised."""
     wait_for_previous_kernel(PDL)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -90,8 +109,11 @@ def _attention_kernel(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
     in_rows, in_d = rows < R, d < D
+    src = rows  # the query rows read from q
+    if HAS_INDEX:
+        src = tl.load(IDX + b * sib + rows * sit, mask=in_rows, other=0)
     if Q_FIRST:  # the index and query loads in flight while the mask is reduced (see Q_FIRST below)
-        q = _load_queries(Q, IDX, b, h, rows, d, in_rows, in_d, sqb, sqh, sqt, sqd, sib, sit, HAS_INDEX, UPCAST)
+        q = _load_queries(Q, src, b, h, d, in_rows, in_d, sqb, sqh, sqt, sqd, UPCAST)
     n_end = T
     one_run = True  # the real keys are exactly [0, n_end)
     if HAS_MASK:  # stop after the image's last real key: padding (kept last) costs nothing
@@ -104,25 +126,28 @@ def _attention_kernel(
         if SELF:  # a tile of padding rows only: no keys to visit, zeros out
             n_end = tl.where(pid_m * BLOCK_M < n_end, n_end, 0)
     if not Q_FIRST:
-        q = _load_queries(Q, IDX, b, h, rows, d, in_rows, in_d, sqb, sqh, sqt, sqd, sib, sit, HAS_INDEX, UPCAST)
-    k_base, v_base, m_base = b * skb + h * skh, b * svb + h * svh, b * smb
+        q = _load_queries(Q, src, b, h, d, in_rows, in_d, sqb, sqh, sqt, sqd, UPCAST)
+    k_base, v_base, m_base, p_base = b * skb + h * skh, b * svb + h * svh, b * smb, b * spb
+    bias_rows = src.to(tl.int64)  # each query row's offset into the bias table (its original position)
+    if HAS_BIAS:
+        if HAS_POS:
+            bias_rows = tl.maximum(tl.load(POS + p_base + src * spt, mask=in_rows, other=0), 0).to(tl.int64)
+        bias_rows = h * sbl + bias_rows * sbi
     if ONE_RUN_LOOP and one_run:
-        out = _attend(q, K, V, MASK, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale, d, in_d,
-                      False, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+        out = _attend(q, K, V, MASK, BIAS, POS, k_base, v_base, m_base, bias_rows, p_base, skt, skd, svt, svd, smt,
+                      sbj, spt, n_end, qk_scale, d, in_d,
+                      False, HAS_BIAS, HAS_POS, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
-        out = _attend(q, K, V, MASK, k_base, v_base, m_base, skt, skd, svt, svd, smt, n_end, qk_scale, d, in_d,
-                      HAS_MASK, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+        out = _attend(q, K, V, MASK, BIAS, POS, k_base, v_base, m_base, bias_rows, p_base, skt, skd, svt, svd, smt,
+                      sbj, spt, n_end, qk_scale, d, in_d,
+                      HAS_MASK, HAS_BIAS, HAS_POS, IEEE, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     tl.store(O + b * sob + h * soh + rows[:, None] * sot + d[None, :] * sod, out.to(O.dtype.element_ty),
              mask=in_rows[:, None] & in_d[None, :])
 
 
 @triton.jit
-def _load_queries(Q, IDX, b, h, rows, d, in_rows, in_d, sqb, sqh, sqt, sqd, sib, sit,
-                  HAS_INDEX: tl.constexpr, UPCAST: tl.constexpr):
-    """The program's query tile: rows ``IDX[b, rows]`` (or ``rows`` themselves) of head ``h``."""
-    src = rows
-    if HAS_INDEX:
-        src = tl.load(IDX + b * sib + rows * sit, mask=in_rows, other=0)
+def _load_queries(Q, src, b, h, d, in_rows, in_d, sqb, sqh, sqt, sqd, UPCAST: tl.constexpr):
+    """The program's query tile: rows ``src`` of image ``b``, head ``h``."""
     q = tl.load(Q + b * sqb + h * sqh + src[:, None] * sqt + d[None, :] * sqd,
                 mask=in_rows[:, None] & in_d[None, :], other=0.0)
     if UPCAST:
@@ -163,9 +188,13 @@ Q_FIRST = True
 
 
 def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], scale: float,
-                     rows: int, config: Optional[dict] = None) -> torch.Tensor:
+                     rows: int, config: Optional[dict] = None, bias: Optional[torch.Tensor] = None,
+                     positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Run ``_attention_kernel`` for ``rows`` query rows (gathered through ``index`` if given);
-    ``config`` overrides ``default_config`` (benchmarks/attention_configs.py sweeps it)."""
+    ``config`` overrides ``default_config`` (benchmarks/attention_configs.py sweeps it).
+    ``bias``: a position bias table (L, N, N), L = heads or 1, over the original tokens, added at
+    ``bias[h, positions[b, row], positions[b, key]]``; ``positions`` (B, T) maps the key set's
+    rows to original positions (-1: padding), or None when they are the original tokens."""
     B, H, _, D = q.shape
     T = k.shape[2]
     # (B, R, H, dh) memory: the model's following transpose(1, 2).reshape(B, R, C) is then a view.
@@ -173,16 +202,24 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
     config = config or default_config(rows, D, B * H, multiprocessors(q.device))
     mask = out if key_mask is None else key_mask.view(torch.int8) if key_mask.dtype == torch.bool else key_mask
     idx = index if index is not None else mask  # a dummy pointer without an index
+    if bias is not None and (bias.dim() != 3 or bias.shape[0] not in (1, H)):
+        raise ValueError(f"a position bias table must be (heads or 1, N, N), got {tuple(bias.shape)} for {H} heads")
+    table = bias if bias is not None else out  # dummy pointers without a bias or positions
+    pos = positions if positions is not None else idx
+    bias_strides = (0 if table.shape[0] == 1 else table.stride(0), table.stride(1), table.stride(2))
     grid = (triton.cdiv(rows, config["BLOCK_M"]), B * H)
     pdl = use_pdl(q)
     _attention_kernel[grid](
-        q, k, v, idx, mask, out,
+        q, k, v, idx, mask, table, pos, out,
         *q.stride(), *k.stride(), *v.stride(),
         idx.stride(0), idx.stride(1),
         mask.stride(0), mask.stride(1),
+        *bias_strides,
+        pos.stride(0), pos.stride(1),
         *out.stride(),
         H, T, rows, D, float(scale) * math.log2(math.e),
-        HAS_INDEX=index is not None, HAS_MASK=key_mask is not None,
+        HAS_INDEX=index is not None, HAS_MASK=key_mask is not None, HAS_BIAS=bias is not None,
+        HAS_POS=bias is not None and positions is not None,
         SELF=index is None and q.shape[2] == T,
         IEEE=q.dtype == torch.float32,
         # Triton's CPU interpreter (3.8) multiplies bfloat16 bit patterns in tl.dot: upcast there.
@@ -200,6 +237,9 @@ def attention_rows(
     index: torch.Tensor,
     key_mask: Optional[torch.Tensor],
     scale: float,
+    bias: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """softmax(q[index] kᵀ · scale) v over the real keys, for (B, H, T, dh) inputs: (B, H, T', dh)."""
-    return launch_attention(q, k, v, index, key_mask, scale, index.shape[1])
+    """softmax(q[index] kᵀ · scale + bias) v over the real keys, for (B, H, T, dh) inputs: (B, H, T', dh).
+    ``bias`` (L, N, N) and ``positions`` (B, T) as ``launch_attention``."""
+    return launch_attention(q, k, v, index, key_mask, scale, index.shape[1], bias=bias, positions=positions)

@@ -17,6 +17,8 @@ It is ``attention_rows.py``'s kernel run without a row index. Reference:
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .attention_rows import launch_attention
@@ -28,7 +30,10 @@ def masked_attention(
     v: torch.Tensor,
     key_mask: torch.Tensor,
     scale: float,
+    bias: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v over the real keys, for (B, H, T, dh) inputs and a (B, Tk) bool mask
-    whose first key is real. Returns (B, H, Tq, dh); rows of a self-attention's padded tokens are 0."""
-    return launch_attention(q, k, v, None, key_mask, scale, q.shape[2])
+    """softmax(q kᵀ · scale + bias) v over the real keys, for (B, H, T, dh) inputs and a (B, Tk) bool
+    mask whose first key is real. Returns (B, H, Tq, dh); rows of a self-attention's padded tokens
+    are 0. ``bias`` (L, N, N) and ``positions`` (B, T): a position bias table, as ``launch_attention``."""
+    return launch_attention(q, k, v, None, key_mask, scale, q.shape[2], bias=bias, positions=positions)

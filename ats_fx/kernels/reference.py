@@ -284,13 +284,10 @@ def attention_rows(
     (B, L, T, T) is an additive position bias; its kept rows are gathered too."""
     B, H, _, dh = q.shape
     rows = q.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], dh))
-    if bias is None:
-        return masked_attention(rows, k, v, key_mask, scale, dropout_p)
-    L, T = bias.shape[1], bias.shape[-1]
-    attn_mask = bias.gather(2, index[:, None, :, None].expand(B, L, index.shape[1], T)).to(q.dtype)
-    if key_mask is not None:
-        attn_mask = attn_mask.masked_fill(~key_mask[:, None, None, :], float("-inf"))
-    return F.scaled_dot_product_attention(rows, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+    if bias is not None:
+        L, T = bias.shape[1], bias.shape[-1]
+        bias = bias.expand(B, -1, -1, -1).gather(2, index[:, None, :, None].expand(B, L, index.shape[1], T))
+    return masked_attention(rows, k, v, key_mask, scale, dropout_p, bias)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -306,10 +303,34 @@ def masked_attention(
     key_mask: Optional[torch.Tensor],
     scale: float,
     dropout_p: float = 0.0,
+    bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v over the real keys only (padded keys get zero weight)."""
-    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    """softmax(q k^T * scale + bias) v over the real keys only (padded keys get zero weight);
+    ``bias`` (B|1, L, Tq, Tk) is an additive position bias (``position_bias``)."""
+    if bias is None:
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    else:
+        attn_mask = bias.to(q.dtype)
+        if key_mask is not None:
+            attn_mask = attn_mask.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, scale=scale)
+
+
+def position_bias(table: torch.Tensor, positions: Optional[torch.Tensor], batch: int,
+                  rows: Optional[int] = None) -> torch.Tensor:
+    """A position bias table (L, N, N) over the original tokens (L = heads, or 1) brought to each
+    image's token set: (B, L, R, T) with ``out[b, l, i, j] = table[l, positions[b, i],
+    positions[b, j]]``, for the first ``rows`` rows (all without; the class row: 1). ``positions``
+    (B, T) are original positions, -1 for padding (read as 0; a key mask hides those keys), or
+    None for the original tokens themselves (the table, not copied)."""
+    if positions is None:
+        out = table[None] if rows is None else table[None, :, :rows]
+        return out.expand(batch, *out.shape[1:])
+    idx = positions.clamp_min(0)
+    query = idx if rows is None else idx[:, :rows]
+    L, (B, R), T = table.shape[0], query.shape, idx.shape[1]
+    out = table[:, query].gather(-1, idx[None, :, None, :].expand(L, B, R, T))  # (L, B, R, T)
+    return out.transpose(0, 1)
 
 
 def ats_attention(

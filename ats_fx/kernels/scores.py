@@ -27,16 +27,20 @@ from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 
 @triton.jit
 def _head_logits_kernel(
-    Q, K, V, MASK, LOGITS, VNORM,
+    Q, K, V, MASK, BIAS, POS, LOGITS, VNORM,
     sqb, sqh, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
     smb, smt,
+    sbl, sbi, sbj,
+    spb, spt,
     T, H, D, scale,
-    HAS_MASK: tl.constexpr, USE_VNORM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    LAST_IMAGE_FIRST: tl.constexpr, PDL: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, USE_VNORM: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, LAST_IMAGE_FIRST: tl.constexpr, PDL: tl.constexpr,
 ):
-    """One (head, token chunk, image): the class row's logits (-inf at padded keys) and ||V_j||."""
+    """One (head, token chunk, image): the class row's logits (-inf at padded keys) and ||V_j||.
+    ``HAS_BIAS``: plus the position bias ``BIAS[h, pos(class), pos(j)]`` of a (L, N, N) table, at
+    original positions ``POS[b]`` with ``HAS_POS`` (else the tokens' own indices)."""
     wait_for_previous_kernel(PDL)
     h = tl.program_id(0).to(tl.int64)  # heads fastest: neighbouring programs read neighbouring bytes
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -59,8 +63,16 @@ def _head_logits_kernel(
             v = tl.load(V + b * svb + h * svh + t[:, None] * svt + d[None, :] * svd, mask=tile, other=0.0)
             v = v.to(tl.float32)
             vsq += tl.sum(v * v, axis=1)
+    logits = logits * scale
+    if HAS_BIAS:
+        row = 0  # the class token's position
+        col = t
+        if HAS_POS:  # padding (-1) reads position 0; it is masked to -inf below
+            row = tl.maximum(tl.load(POS + b * spb), 0)
+            col = tl.maximum(tl.load(POS + b * spb + t * spt, mask=inside, other=0), 0)
+        logits += tl.load(BIAS + h * sbl + row * sbi + col.to(tl.int64) * sbj, mask=inside, other=0.0).to(tl.float32)
     out = (b * H + h) * T + t
-    tl.store(LOGITS + out, tl.where(real, logits * scale, float("-inf")), mask=inside)
+    tl.store(LOGITS + out, tl.where(real, logits, float("-inf")), mask=inside)
     tl.store(VNORM + out, tl.sqrt(vsq) if USE_VNORM else tl.full([BLOCK_T], 1.0, tl.float32), mask=inside)
 
 
@@ -126,26 +138,35 @@ def head_scores(
     scale: float,
     score: str = "attn_vnorm",
     out: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """(2, B, H, T) float32: each head's class-row logits (``scale`` applied, -inf at padded keys)
     and ‖V_j‖ (1 with ``score="attn"``). ``q, k, v`` are (B, H, T, dh) with any strides; only
     the class row of q is read. ``combine_heads`` turns them into scores. ``out``: a contiguous
-    (2, B, H, T) float32 buffer to write instead of a new one."""
+    (2, B, H, T) float32 buffer to write instead of a new one. ``bias`` (L, N, N), L = heads or 1:
+    a position bias table over the original tokens, read at ``positions`` (B, T) (the original
+    positions of this token set, -1 for padding; None: the tokens are the original ones)."""
     B, H, T, D = k.shape
     if out is None:
         out = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32)
     block_t = BLOCK_T
     block_d = min(triton.next_power_of_2(D), 64)
     mask = key_mask if key_mask is not None else out  # dummy pointer when HAS_MASK is False
+    table = bias if bias is not None else out  # dummy pointers without a bias or positions
+    pos = positions if positions is not None else mask
     pdl = use_pdl(q)
     _head_logits_kernel[(H, triton.cdiv(T, block_t), B)](
-        q, k, v, mask, out[0], out[1],
+        q, k, v, mask, table, pos, out[0], out[1],
         q.stride(0), q.stride(1), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
         mask.stride(0), mask.stride(-1),
+        0 if table.shape[0] == 1 else table.stride(0), table.stride(-2), table.stride(-1),
+        pos.stride(0), pos.stride(-1),
         T, H, D, float(scale),
-        HAS_MASK=key_mask is not None, USE_VNORM=score == "attn_vnorm",
+        HAS_MASK=key_mask is not None, HAS_BIAS=bias is not None, HAS_POS=bias is not None and positions is not None,
+        USE_VNORM=score == "attn_vnorm",
         BLOCK_T=block_t, BLOCK_D=block_d, LAST_IMAGE_FIRST=LAST_IMAGE_FIRST, PDL=pdl,
         num_warps=NUM_WARPS, **launch_options(pdl),
     )
@@ -160,11 +181,13 @@ def class_token_scores(
     num_prefix: int,
     scale: float,
     score: str = "attn_vnorm",
+    bias: Optional[torch.Tensor] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scores S (B, T) float32 and a per-image flag (B,) int8, 1 for rows that fell back to uniform:
     ``head_scores`` then ``combine_heads`` (two launches; the library folds the second into the
-    sampling kernel)."""
-    heads = head_scores(q, k, v, key_mask, scale, score)
+    sampling kernel). ``bias``, ``positions``: a position bias table, as ``head_scores``."""
+    heads = head_scores(q, k, v, key_mask, scale, score, bias=bias, positions=positions)
     _, B, H, T = heads.shape
     scores = torch.empty(B, T, device=q.device, dtype=torch.float32)
     bad = torch.empty(B, device=q.device, dtype=torch.int8)

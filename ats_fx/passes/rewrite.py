@@ -366,14 +366,14 @@ class TokenWalk:
             return None
         return bias
 
-    def _bias_for(self, site: AttentionSite, version: int) -> Optional[fx.Node]:
-        """The position bias brought to token set ``version`` (None without a position bias)."""
+    def _bias_table(self, site: AttentionSite) -> Optional[fx.Node]:
+        """The site's position bias as an (L, N, N) table over the captured tokens (``ops.bias_table``),
+        read at each token set's original positions; None without a position bias."""
         bias = self._position_bias(site)
-        if bias is None or version == 0:
-            return bias
+        if bias is None:
+            return None
         with self.graph.inserting_before(site.out):
-            batched = BATCH_PROBE in concrete_shape(bias)[:-2]
-            return self.graph.call_function(ops.position_bias, (bias, self.sets[version].positions, batched))
+            return self.graph.call_function(ops.bias_table, (bias, BATCH_PROBE in concrete_shape(bias)[:-2]))
 
     def _key(self, site: AttentionSite) -> fx.Node:
         if site.k is not None:
@@ -393,9 +393,8 @@ class TokenWalk:
         self.gm.add_submodule(name, module)
         with self.graph.inserting_before(site.out):
             key = self._key(site)
-            bias = self._bias_for(site, q.version)
-            args = (site.q, key, site.v, prev.mask if prev else None, prev.positions if prev else None, bias,
-                    site.mix)
+            args = (site.q, key, site.v, prev.mask if prev else None, prev.positions if prev else None,
+                    self._bias_table(site), site.mix)
             call = self.graph.call_module(name, args)
             out, index, mask, positions = (self.graph.call_function(operator.getitem, (call, i)) for i in range(4))
         out.meta = dict(site.out.meta)  # rules reason on captured shapes; only T changes
@@ -410,7 +409,8 @@ class TokenWalk:
         """The site over the key-padding mask of token set ``q.version``; its output is labelled
         like ``q`` (``out_label`` for class attention, whose output has no token axis)."""
         head_dim = concrete_shape(site.q)[-1]
-        mask, scale, bias = self.sets[q.version].mask, site.resolved_scale(head_dim), self._bias_for(site, q.version)
+        token_set, scale, bias = self.sets[q.version], site.resolved_scale(head_dim), self._bias_table(site)
+        mask, positions = token_set.mask, None if bias is None else token_set.positions
         with self.graph.inserting_before(site.out):
             if q.start:  # keys sliced past the prefix: so is their mask
                 if bias is not None:
@@ -419,11 +419,12 @@ class TokenWalk:
             key = self._key(site)
             if site.mix is not None:
                 out = self.graph.call_function(
-                    ops.talking_heads_attention, (site.q, key, site.v, mask, scale, site.mix, site.dropout_p, bias))
+                    ops.talking_heads_attention,
+                    (site.q, key, site.v, mask, scale, site.mix, site.dropout_p, bias, positions))
             else:
                 out = self.graph.call_function(
                     ops.masked_attention,
-                    (site.q, key, site.v, mask, 0, scale, site.dropout_p, bias, self.options.kernels),
+                    (site.q, key, site.v, mask, 0, scale, site.dropout_p, bias, self.options.kernels, positions),
                 )
         out.meta = dict(site.out.meta)
         site.out.replace_all_uses_with(out)
