@@ -175,7 +175,8 @@ def stage_path(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *, c
         return "weights"
     if selection != "ats":
         return "baseline"
-    if (bias is None and (key_mask is not None or UNMASKED) and width >= 0 and dropout_p == 0.0
-            and use_triton(q, kernels) and not needs_grad(q, k, v) and overlap_pays(q)):
+    grads = needs_grad(q, k, v) or (bias is not None and needs_grad(bias))
+    if ((key_mask is not None or UNMASKED) and width >= 0 and dropout_p == 0.0 and use_triton(q, kernels)
+            and not grads and overlap_pays(q)):
         return "overlapped"
     return "sampled"

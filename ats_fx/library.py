@@ -190,15 +190,18 @@ def _attention_rows_fake(q, k, v, index, key_mask, scale, bias=None, positions=N
 @torch.library.custom_op("ats_fx::overlapped_stage", mutates_args=())
 def overlapped_stage_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
                         ratio: Optional[float], k_tokens: Optional[int], score: str,
-                        width: int, gather: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        width: int, gather: bool = True, bias: Optional[Tensor] = None,
+                        positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A static-width stage with the sampling beside the attention (``overlap.py``): ``(out, index,
     mask, kept, budget)``, the outputs of ``sample_tokens`` then ``attention_rows``; forward only.
     With ``gather=False`` ``out`` holds every query row (B, H, T, dh), not the kept ones."""
-    return _overlapped_direct(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather)
+    return _overlapped_direct(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather, bias,
+                              positions)
 
 
 @overlapped_stage_op.register_fake
-def _overlapped_stage_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather=True):
+def _overlapped_stage_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather=True,
+                           bias=None, positions=None):
     index, mask, kept, budget = _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score,
                                                     width, False, "triton")
     rows = width if gather else q.shape[2]
@@ -208,10 +211,12 @@ def _overlapped_stage_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens
 
 def overlapped_stage(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
                      ratio: Optional[float], k_tokens: Optional[int], score: str, width: int,
-                     gather: bool = True) -> tuple:
+                     gather: bool = True, bias: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> tuple:
     """``ats_fx::overlapped_stage`` (the registered op when tracing, else a direct call):
-    ``(out, index, mask, kept, budget)``; ``gather=False``: ``out`` is every row's attention."""
-    args = (q.detach(), k.detach(), v.detach(), key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather)
+    ``(out, index, mask, kept, budget)``; ``gather=False``: ``out`` is every row's attention.
+    ``bias``, ``positions``: a position bias table read inside the kernels (``attention``)."""
+    args = (q.detach(), k.detach(), v.detach(), key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather,
+            None if bias is None else bias.detach(), positions)
     if tracing(q):
         return torch.ops.ats_fx.overlapped_stage(*args)
     return _overlapped_direct(*args)  # eager: no dispatcher overhead
@@ -235,7 +240,7 @@ def _attention_rows_flops(q_shape, k_shape, v_shape, index_shape, mask_shape, sc
 
 
 def _overlapped_stage_flops(q_shape, k_shape, v_shape, mask_shape, num_prefix, scale, ratio, k_tokens, score, width,
-                            gather=True, *, out_shape, **kwargs) -> int:
+                            gather=True, bias_shape=None, positions_shape=None, *, out_shape, **kwargs) -> int:
     """FlopCounterMode's count for ``ats_fx::overlapped_stage``: the kept rows' attention (``width``
     of them), as for ``attention_rows``. (It computes every row's, where that costs no more time
     than the kept rows': the FLOPs ratio stays the method's, not this schedule's.)"""

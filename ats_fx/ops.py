@@ -108,7 +108,7 @@ class ATSStage(nn.Module):
             # A small static batch: sampling on a side stream beside every row's attention.
             out, index, mask, kept, budget = library.overlapped_stage(
                 q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width,
-                not self.defer_gather)
+                not self.defer_gather, bias, positions)
             padded = None
             every_row = self.defer_gather
         else:

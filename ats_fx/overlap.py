@@ -38,11 +38,13 @@ def _side_stream(device: int) -> torch.cuda.Stream:
 def overlapped_stage_attention(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
     ratio: Optional[float], k_tokens: Optional[int], score: str, width: int, gather: bool = True,
+    bias: Optional[Tensor] = None, positions: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, index, mask, kept, budget)`` of a static-width stage (``width`` = K + p), as
     ``sample_tokens`` followed by ``attention_rows``, with the sampling on a side stream. With
     ``gather=False`` ``out`` is every row's attention (B, H, T, dh), for a graph that gathers the
-    kept rows after the output projection instead (``passes/defer.py``)."""
+    kept rows after the output projection instead (``passes/defer.py``). ``bias``, ``positions``:
+    a position bias table and the tokens' original positions (``library.attention``)."""
     from .kernels.attention_rows import launch_attention
     from .kernels.gather_rows import gather_rows
     from .kernels.sample import empty_outputs, sample_with_budget
@@ -58,10 +60,10 @@ def overlapped_stage_attention(
         side = _side_stream(q.device.index if q.device.index is not None else torch.cuda.current_device())
         side.wait_stream(main)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        head_scores(q, k, v, key_mask, scale, score, out=heads)
+        head_scores(q, k, v, key_mask, scale, score, out=heads, bias=bias, positions=positions)
         index, mask, kept, budget, _, _ = sample_with_budget(heads, key_mask, num_prefix, ratio, k_tokens, width,
                                                              None, stats=False, out=buffers)
-    full = launch_attention(q, k, v, None, key_mask, scale, T)
+    full = launch_attention(q, k, v, None, key_mask, scale, T, bias=bias, positions=positions)
     if side is not None:
         main.wait_stream(side)
     return (gather_rows(full, index) if gather else full), index, mask, kept, budget

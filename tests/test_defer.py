@@ -31,7 +31,7 @@ def _by_mode(model, x, overlap_mode) -> dict:
     return outs
 
 
-# The whole-model comparison over five families, deferred and not, is
+# The whole-model comparison over seven families (BEiT with its position bias too), deferred and not, is
 # test_overlap.py::test_model_overlapped_equals_sequential.
 
 

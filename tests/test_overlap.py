@@ -59,7 +59,7 @@ def _stage_ops(model) -> list:
 
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred-gather", "gather-in-stage"])
 @pytest.mark.parametrize("name", ["timm_deit_small", "timm_deit3_layerscale", "hf_vit_sdpa", "torchvision_vit",
-                                  "hf_dinov2"])
+                                  "hf_dinov2", "timm_beit", "hf_beit"])
 def test_model_overlapped_equals_sequential(name, defer, overlap_mode, monkeypatch):
     """The whole model, overlapped (with the gather deferred to the residual add, passes/defer.py,
     or in the stage) against the sequential stage: same kept tokens, same logits."""
@@ -113,6 +113,11 @@ def test_training_and_batch_max_never_overlap(overlap_mode):
     assert not _overlaps(w, q, 5, "triton", 0.0)  # a gradient: SDPA has the backward
     with torch.no_grad():
         assert _overlaps(w, q, 5, "triton", 0.0)
+    table = torch.randn(2, 9, 9, device=DEVICE)  # a position bias table (BEiT) overlaps too
+    assert dispatch.stage_path(q, q, q, None, class_token=True, width=5, kernels="triton", selection="ats",
+                               dropout_p=0.0, bias=table, mix=None) == "overlapped"
+    assert dispatch.stage_path(q, q, q, None, class_token=True, width=5, kernels="triton", selection="ats",
+                               dropout_p=0.0, bias=table.requires_grad_(), mix=None) == "sampled"
     overlap_mode("off")
     assert not _overlaps(q, q, 5, "triton", 0.0)
     overlap_mode("auto")

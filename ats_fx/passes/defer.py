@@ -38,13 +38,22 @@ ROW_WISE = {
 }
 
 
+# Row-wise ops whose source may be either operand (BEiT's layer scale is ``gamma * x``).
+COMMUTATIVE = {aten.mul.Tensor, aten.add.Tensor}
+
+
 def _row_wise(node: fx.Node, source: fx.Node) -> bool:
-    """``node`` applies a row-wise op to ``source`` (its first operand); every other operand is a
-    parameter, a buffer or a non-tensor."""
-    if node.op != "call_function" or node.target not in ROW_WISE or not node.args or node.args[0] is not source:
+    """``node`` applies a row-wise op to ``source`` (its first operand, or either operand of a
+    commutative op); every other operand is a parameter, a buffer or a non-tensor."""
+    if node.op != "call_function" or node.target not in ROW_WISE or not node.args:
         return False
+    args = list(node.args)
+    if args[0] is not source:
+        if node.target not in COMMUTATIVE or len(args) < 2 or args[1] is not source:
+            return False
+        args[0], args[1] = args[1], args[0]
     operands: list = []
-    fx.node.map_arg((node.args[1:], node.kwargs), operands.append)
+    fx.node.map_arg((args[1:], node.kwargs), operands.append)
     # get_attr: weights, biases, layer scales. sym_size: the batch size a reshape pins (the
     # rewrite turned the token count into -1).
     return all(a.op == "get_attr" or a.target is aten.sym_size.int for a in operands)
