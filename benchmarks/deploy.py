@@ -5,19 +5,26 @@ packaged the same way.
     python -m benchmarks.deploy                               # DeiT-S, multi rho=0.87, fp16
     python -m benchmarks.deploy --model vit_base_patch16_224 --batches 1 64 256
 
-Appends ``benchmark="deploy"`` rows to the results file: ``agreement`` (top-1 of the package against
-the eager ATS model, per batch), ``max_abs_diff``, ``img_s`` and ``speedup`` (against the dense
-package, rotating rounds), with ``run="aoti"``.
+Appends ``benchmark="deploy"`` rows to the results file: ``runs_without_ats_fx`` (1 or 0, per
+package and batch: the dense package too, so a failure of AOTInductor itself shows as such),
+``agreement`` (top-1 of the package against the eager ATS model, per batch), ``max_abs_diff``,
+``img_s`` and ``speedup`` (against the dense package, rotating rounds), with ``run="aoti"``.
+
+The packages check their inputs' shapes at run time (``AOTI_RUNTIME_CHECK_INPUTS=1`` when they are
+compiled; AOTInductor does not otherwise), and the fresh process runs one batch at a time under
+``faulthandler``, so a crash names the package, the batch and the Python frame.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -29,29 +36,42 @@ log = logging.getLogger("benchmarks.deploy")
 
 
 def package(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
-    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},), strict=False)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
     leftover = [str(n.target) for n in program.graph.nodes if "ats_fx" in str(n.target)]
     if leftover:
         raise RuntimeError(f"the exported program still calls {leftover}")
+    log.info("%s: batch range %s", path.name, program.range_constraints)
+    os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"  # a shape outside the export's range raises, never reads past
     return torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 
 
-def run_without_ats_fx(package_path: str, inputs: Path, outputs: Path) -> None:
+def run_without_ats_fx(package_path: str, inputs: Path, outputs: Path) -> Optional[str]:
+    """Run the package on each saved batch in a fresh process that cannot import ats_fx; the
+    outputs go to ``outputs``. Returns None, or what the process printed when it failed."""
     script = textwrap.dedent(f"""
+        import faulthandler
         import sys
+        faulthandler.enable()  # a segfault prints the Python frame it happened in
         sys.modules["ats_fx"] = None  # any import of ats_fx fails
         import torch
         from torch._inductor import aoti_load_package
 
+        print("loading", flush=True)
         run = aoti_load_package({package_path!r})
         batches = torch.load({str(inputs)!r})
+        outs = []
         with torch.no_grad():
-            torch.save([run(x).cpu() for x in batches], {str(outputs)!r})
+            for x in batches:
+                print("batch", len(x), flush=True)
+                outs.append(run(x).cpu())
+        torch.save(outs, {str(outputs)!r})
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"})
     if done.returncode:
-        raise RuntimeError(f"the package failed without ats_fx (exit {done.returncode}):\n"
-                           f"{done.stdout[-1500:]}\n{done.stderr[-3000:]}")
+        return f"exit {done.returncode}:\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}"
+    return None
 
 
 def main(argv=None) -> None:
@@ -62,24 +82,36 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--results", type=Path, default=harness.RESULTS)
+    p.add_argument("--device", default="cuda", help="cpu only to try the script (the reference path)")
+    p.add_argument("--img-size", type=int, default=224)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import timm
 
     torch.manual_seed(0)
-    device, dtype = torch.device("cuda"), getattr(torch, args.dtype)
-    base = timm.create_model(args.model, pretrained=False).eval()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    base = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
     ats = ats_fx.transform(base, **point_kwargs(args.point), padding="static", cuda_graphs=False).to(device, dtype)
     dense = base.to(device, dtype)
     work = Path(tempfile.mkdtemp())
-    example = torch.randn(2, 3, 224, 224, device=device, dtype=dtype)
+    example = torch.randn(2, 3, args.img_size, args.img_size, device=device, dtype=dtype)
     ats_pkg, dense_pkg = package(ats, example, work / "ats.pt2"), package(dense, example, work / "dense.pt2")
-    batches = [torch.randn(b, 3, 224, 224, device=device, dtype=dtype) for b in args.batches]
+    batches = [torch.randn(b, 3, args.img_size, args.img_size, device=device, dtype=dtype) for b in args.batches]
     torch.save(batches, work / "inputs.pt")
-    run_without_ats_fx(ats_pkg, work / "inputs.pt", work / "outputs.pt")
-    got = torch.load(work / "outputs.pt")
     rows = []
     cell = {"benchmark": "deploy", "model": args.model, "run": "aoti", "dtype": args.dtype, "config": args.point}
+    failed = {}
+    for label, pkg in (("dense", dense_pkg), ("ats", ats_pkg)):  # dense first: is AOTInductor itself at fault?
+        failed[label] = run_without_ats_fx(pkg, work / "inputs.pt", work / f"{label}.pt")
+        if failed[label]:
+            log.error("the %s package failed in a process without ats_fx: %s", label, failed[label])
+        rows += [{**cell, "config": args.point if label == "ats" else "dense", "batch": len(x),
+                  "metric": "runs_without_ats_fx", "value": float(not failed[label])} for x in batches]
+    if failed["ats"]:
+        harness.append(rows, args.results)
+        raise SystemExit(f"the ATS package does not run without ats_fx (dense package: "
+                         f"{'fails too' if failed['dense'] else 'runs'})")
+    got = torch.load(work / "ats.pt")
     with torch.no_grad():
         for x, out in zip(batches, got):
             want = ats(x).float().cpu()

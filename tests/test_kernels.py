@@ -585,6 +585,31 @@ def test_compiled_triton_path_equals_reference(padding):
         torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_triton_path_reads_the_position_bias_table(monkeypatch):
+    """backend="ats" on BEiT with the Triton kernels: the attention op gets the bias table and the
+    positions (no per-image bias in the graph) and the logits equal the reference path's."""
+    from conftest import timm_model
+
+    torch._dynamo.reset()
+    base = timm_model("beitv2_base_patch16_224", img_size=32, patch_size=8, depth=3).to(DEVICE)
+    ref = ats_fx.transform(base, "1", ratio=0.8, kernels="reference", padding="static")
+    compiled = torch.compile(base, backend="ats",
+                             options={"stages": "1", "ratio": 0.8, "kernels": "triton", "padding": "static"})
+    launched = []
+    real = library._launch
+
+    def spy(q, k, v, index, key_mask, scale, bias=None, positions=None):
+        launched.append((index is not None, bias is not None, positions is not None))
+        return real(q, k, v, index, key_mask, scale, bias, positions)
+
+    monkeypatch.setattr(library, "_launch", spy)
+    x = torch.randn(3, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
+    # the stage's kept rows, then layer 2's attention over the kept tokens: each with the table
+    assert launched == [(True, True, False), (False, True, True)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_mode_with_triton_kernels_equals_reference():
     """mode='reduce-overhead' records the Triton ops in CUDA graphs: no op may keep a tensor it
