@@ -122,7 +122,7 @@ def main(argv=None) -> None:
                   "metric": "runs_without_ats_fx", "value": float(out is not None)} for x, out in zip(batches, outs)]
         failed[label] = failed[label] or {len(x) for x, out in zip(batches, outs) if out is None}
     if isinstance(failed["ats"], str) or failed["ats"] - (failed["dense"] if isinstance(failed["dense"], set) else set()):
-        harness.append(rows, args.results)
+        harness.append(rows, args.results, device)
         raise SystemExit(f"the ATS package does not run without ats_fx where the dense package does: "
                          f"ats {failed['ats']}, dense {failed['dense']}")
     if failed["ats"]:
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
                  {**cell, "batch": len(x), "metric": "speedup_min", "value": lo},
                  {**cell, "batch": len(x), "metric": "speedup_max", "value": hi}]
         log.info("batch %d: AOTI ATS %.3fx the AOTI dense model", len(x), med)
-    harness.append(rows, args.results)
+    harness.append(rows, args.results, device)
 
 
 if __name__ == "__main__":

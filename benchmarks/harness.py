@@ -47,7 +47,23 @@ def commit() -> str:
         return "unknown"
 
 
-def environment() -> dict:
+def device_name(device: Optional[torch.device] = None) -> str:
+    """What a results row calls the device: the GPU's name, or the CPU's model and the threads torch uses."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # not Linux
+        pass
+    return f"CPU ({model}, {torch.get_num_threads()} threads)"
+
+
+def environment(device: Optional[torch.device] = None) -> dict:
     """Device, library versions, commit and date: the fields every results row carries."""
     try:
         import triton
@@ -61,16 +77,16 @@ def environment() -> dict:
         timm_version = timm.__version__
     except ImportError:  # pragma: no cover
         timm_version = "-"
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else (platform.processor() or "cpu")
-    return {"device": device, "torch": torch.__version__.split("+")[0], "triton": triton_version,
+    return {"device": device_name(device), "torch": torch.__version__.split("+")[0], "triton": triton_version,
             "timm": timm_version, "commit": commit(), "date": time.strftime("%Y-%m-%d")}
 
 
-def append(rows: Iterable[dict], path: Optional[Path] = None) -> int:
-    """Append ``rows`` (each with the environment's fields added) to the results file; returns the count."""
+def append(rows: Iterable[dict], path: Optional[Path] = None, device: Optional[torch.device] = None) -> int:
+    """Append ``rows`` (each with the environment's fields added, ``device`` the one that ran them) to
+    the results file; returns the count."""
     path = Path(path or RESULTS)
     path.parent.mkdir(parents=True, exist_ok=True)
-    env = environment()
+    env = environment(device)
     n = 0
     with path.open("a") as f:
         for row in rows:

@@ -1,6 +1,7 @@
 """The speed matrix: ATS against the dense model run the same way, on a GPU, into the results file.
 
     python -m benchmarks.speed                       # the whole matrix (DeiT-S, ViT-B/16, BEiTv2-B, EVA02-S)
+    python -m benchmarks.speed --device cpu --dtype float32 --runs eager --batches 1 8 64   # on the CPU
     python -m benchmarks.speed --models deit_small_patch16_224 --runs eager --batches 1 256
 
 For each model (timm, random weights from seed 0), each way of running it and each batch, the ATS
@@ -179,11 +180,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--flops-images", type=int, default=8)
     p.add_argument("--results", type=Path, default=harness.RESULTS)
     p.add_argument("--deadline", type=float, default=None, help="seconds; start no new (model, run) after it")
-    p.add_argument("--device", default="cuda", help="cpu only to try the harness on small models")
+    p.add_argument("--device", default="cuda", help="cpu: the same matrix on the CPU (use --dtype float32)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks.speed needs a CUDA GPU (--device cpu only tries the harness)")
+        raise SystemExit("no CUDA GPU here: pass --device cpu --dtype float32 to measure on the CPU")
     start = time.time()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.backends.cudnn.benchmark = True
@@ -194,14 +195,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         x = torch.randn(args.flops_images, 3, args.img_size, args.img_size, generator=g)
         rows = [{"benchmark": "speed", "model": name, "run": "any", "batch": 0, "dtype": "float32", "config": pt,
                  "metric": "flops_ratio", "value": flops_ratio(base, pt, x)} for pt in args.points]
-        harness.append(rows, args.results)
+        harness.append(rows, args.results, device)
         for run in args.runs:
             if args.deadline and time.time() - start > args.deadline:
                 log.warning("deadline reached: %s %s not measured", name, run)
                 continue
             run_configs = configs if run == "eager" else list(args.points)
             n = harness.append(measure_run(name, base, run, run_configs, args.batches, args, device, dtype),
-                               args.results)
+                               args.results, device)
             log.info("%s %s: %d rows appended to %s", name, run, n, args.results)
 
 
