@@ -24,18 +24,25 @@ SHORT = {"deit_small_patch16_224": "DeiT-S", "vit_base_patch16_224": "ViT-B/16",
 
 
 def newest(rows: list[dict]) -> dict:
-    """(model, run, batch, config, metric) -> the newest row's value (rows are in file order)."""
-    return {(r["model"], r["run"], r["batch"], r["config"], r["metric"]): r for r in rows if r["benchmark"] == "speed"}
+    """(device, model, run, batch, config, metric) -> the newest row (rows are in file order)."""
+    return {(r["device"], r["model"], r["run"], r["batch"], r["config"], r["metric"]): r
+            for r in rows if r["benchmark"] == "speed"}
 
 
-def speed_table(rows: list[dict], configs: tuple[str, ...] = ("multi rho=0.87", "single K=108")) -> str:
-    """Markdown: one row per (model, run), one column per (config, batch)."""
-    cells = newest(rows)
-    if not cells:
-        return "(no speed results yet: run python -m benchmarks.speed on a GPU)"
-    latest = {(r["model"], r["run"]): r["commit"] for r in rows if r["benchmark"] == "speed" and r["metric"] == "speedup"}
+def devices(rows: list[dict]) -> list[str]:
+    """Devices with speed-up rows, GPUs first, each once."""
+    seen = dict.fromkeys(r["device"] for r in rows if r["benchmark"] == "speed" and r["metric"] == "speedup")
+    return sorted(seen, key=lambda d: d.startswith("CPU") or d == "cpu")
+
+
+def speed_table(rows: list[dict], device: str, configs: tuple[str, ...] = ("multi rho=0.87", "single K=108")) -> str:
+    """Markdown for one device: one row per (model, run), one column per (config, batch)."""
+    cells = {k[1:]: v for k, v in newest(rows).items() if k[0] == device}
+    ratios_any = {k[1:]: v for k, v in newest(rows).items() if k[3] == 0 and k[5] == "flops_ratio"}
+    latest = {(r["model"], r["run"]): r["commit"] for r in rows
+              if r["benchmark"] == "speed" and r["metric"] == "speedup" and r["device"] == device}
     batches = sorted({k[2] for k in cells if k[2] > 0})
-    models = list(dict.fromkeys(k[0] for k in cells))
+    models = list(dict.fromkeys(k[0] for k in cells if k[1] != "any"))
     runs = list(dict.fromkeys(k[1] for k in cells if k[1] != "any"))
     head = ["model", "run", "commit"] + [f"{c}, batch {b}" for c in configs for b in batches]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -45,25 +52,33 @@ def speed_table(rows: list[dict], configs: tuple[str, ...] = ("multi rho=0.87", 
             for metric, label in (("speedup", run), ("speedup_vs_graphed_dense", f"{run} vs dense graphs")):
                 row, seen = [SHORT.get(model, model), label, latest.get((model, run), "-")], False
                 for config in configs:
-                    ratio = cells.get((model, "any", 0, config, "flops_ratio"))
+                    ratio = ratios_any.get((model, "any", 0, config, "flops_ratio"))
                     for batch in batches:
                         cell = cells.get((model, run, batch, config, metric))
                         if cell is None or cell["commit"] != latest.get((model, run)):
                             row.append("n/m")
                             continue
                         seen = True
-                        env.add((cell["device"], cell["torch"], cell["triton"], cell["dtype"], cell["commit"],
-                                 cell["date"]))
+                        env.add((cell["torch"], cell["triton"], cell["dtype"], cell["commit"], cell["date"]))
                         text = f"{cell['value']:.2f}x"
                         if ratio is not None and batch >= 64:
                             text += f" ({cell['value'] / ratio['value']:.2f})"
                         row.append(text)
                 if seen:
                     lines.append("| " + " | ".join(row) + " |")
-    ratios = [f"{SHORT.get(m, m)} {c}: {cells[(m, 'any', 0, c, 'flops_ratio')]['value']:.2f}"
-              for m in models for c in configs if (m, "any", 0, c, "flops_ratio") in cells]
-    measured = "; ".join(f"{d}, torch {t}, triton {tr}, {dt}, commit {c}, {date}" for d, t, tr, dt, c, date in sorted(env))
-    return "\n".join(lines) + f"\n\nMeasured on: {measured}. FLOPs ratios (dense / ATS, per image): {', '.join(ratios)}."
+    ratios = [f"{SHORT.get(m, m)} {c}: {ratios_any[(m, 'any', 0, c, 'flops_ratio')]['value']:.2f}"
+              for m in models for c in configs if (m, "any", 0, c, "flops_ratio") in ratios_any]
+    measured = "; ".join(f"torch {t}, triton {tr}, {dt}, commit {c}, {date}" for t, tr, dt, c, date in sorted(env))
+    return ("\n".join(lines) + f"\n\nMeasured on {device}: {measured}. "
+            f"FLOPs ratios (dense / ATS, per image): {', '.join(ratios)}.")
+
+
+def speed_tables(rows: list[dict]) -> str:
+    """One table per device, each under the device's name."""
+    found = devices(rows)
+    if not found:
+        return "(no speed results yet: run python -m benchmarks.speed)"
+    return "\n\n".join(f"**{device}**\n\n{speed_table(rows, device)}" for device in found)
 
 
 def rewrite_readme(table: str, readme: Path = README) -> None:
@@ -80,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--results", type=Path, default=harness.RESULTS)
     p.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
     args = p.parse_args(argv)
-    table = speed_table(harness.load(args.results))
+    table = speed_tables(harness.load(args.results))
     if args.readme:
         rewrite_readme(table)
     print(table)

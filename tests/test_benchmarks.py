@@ -30,8 +30,24 @@ def test_speed_appends_rows_with_environment_and_report_renders_them(tmp_path):
     assert {"img_s", "speedup", "speedup_min", "speedup_max", "flops_ratio"} <= metrics
     for r in rows:
         assert {"device", "torch", "triton", "commit", "date", "model", "run", "batch", "config", "value"} <= set(r)
-    table = report.speed_table(harness.load(results), configs=("single K=48",))
+    assert {r["device"] for r in rows} == {harness.device_name(torch.device("cpu"))}
+    table = report.speed_table(harness.load(results), rows[0]["device"], configs=("single K=48",))
     assert "| vit_tiny_patch16_224 | eager |" in table and "single K=48, batch 2" in table
+
+
+def test_report_gives_each_device_its_own_table():
+    base = {"benchmark": "speed", "model": "deit_small_patch16_224", "config": "multi rho=0.87", "torch": "2",
+            "triton": "3", "dtype": "float16", "date": "d"}
+    rows = [{**base, "device": "CPU (x, 2 threads)", "run": "eager", "batch": 1, "metric": "speedup", "value": 1.05,
+             "commit": "c1"},
+            {**base, "device": "NVIDIA H200", "run": "eager", "batch": 256, "metric": "speedup", "value": 1.3,
+             "commit": "c2"},
+            {**base, "device": "NVIDIA H200", "run": "any", "batch": 0, "metric": "flops_ratio", "value": 1.5,
+             "commit": "c2"}]
+    text = report.speed_tables(rows)
+    gpu, cpu = text.split("**CPU (x, 2 threads)**")
+    assert gpu.startswith("**NVIDIA H200**") and "1.30x (0.87)" in gpu and "batch 1" not in gpu
+    assert "1.05x" in cpu and "batch 256" not in cpu and "1.30x" not in cpu
 
 
 def test_report_rewrites_only_between_the_markers(tmp_path):
