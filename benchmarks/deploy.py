@@ -112,23 +112,23 @@ def main(argv=None) -> None:
     torch.save(batches, work / "inputs.pt")
     rows = []
     cell = {"benchmark": "deploy", "model": args.model, "run": "aoti", "dtype": args.dtype, "config": args.point}
-    failed = {}
+    crashed, refused = {}, {}  # per package: what the dead process printed; the batches that raised
     for label, pkg in (("dense", dense_pkg), ("ats", ats_pkg)):  # dense first: is AOTInductor itself at fault?
-        failed[label] = run_without_ats_fx(pkg, work / "inputs.pt", work / f"{label}.pt")
-        if failed[label]:
-            log.error("the %s package failed in a process without ats_fx: %s", label, failed[label])
-        outs = [None] * len(batches) if failed[label] else torch.load(work / f"{label}.pt")
+        crashed[label] = run_without_ats_fx(pkg, work / "inputs.pt", work / f"{label}.pt")
+        if crashed[label]:
+            log.error("the %s package failed in a process without ats_fx: %s", label, crashed[label])
+        outs = [None] * len(batches) if crashed[label] else torch.load(work / f"{label}.pt")
+        refused[label] = {len(x) for x, out in zip(batches, outs) if out is None}
         rows += [{**cell, "config": args.point if label == "ats" else "dense", "batch": len(x),
                   "metric": "runs_without_ats_fx", "value": float(out is not None)} for x, out in zip(batches, outs)]
-        failed[label] = failed[label] or {len(x) for x, out in zip(batches, outs) if out is None}
-    if isinstance(failed["ats"], str) or failed["ats"] - (failed["dense"] if isinstance(failed["dense"], set) else set()):
+    if crashed["ats"] or refused["ats"] - refused["dense"]:
         harness.append(rows, args.results, device)
         raise SystemExit(f"the ATS package does not run without ats_fx where the dense package does: "
-                         f"ats {failed['ats']}, dense {failed['dense']}")
-    if failed["ats"]:
-        log.warning("batches %s fail in both packages (AOTInductor's range): skipped", sorted(failed["ats"]))
+                         f"ats refused {sorted(refused['ats'])}, dense refused {sorted(refused['dense'])}")
+    if refused["ats"]:
+        log.warning("batches %s fail in both packages (AOTInductor's range): skipped", sorted(refused["ats"]))
     got = [out for out in torch.load(work / "ats.pt") if out is not None]
-    batches = [x for x in batches if len(x) not in failed["ats"]]
+    batches = [x for x in batches if len(x) not in refused["ats"]]
     with torch.no_grad():
         for x, out in zip(batches, got):
             want = ats(x).float().cpu()

@@ -32,13 +32,15 @@ def newest(rows: list[dict]) -> dict:
 def devices(rows: list[dict]) -> list[str]:
     """Devices with speed-up rows, GPUs first, each once."""
     seen = dict.fromkeys(r["device"] for r in rows if r["benchmark"] == "speed" and r["metric"] == "speedup")
-    return sorted(seen, key=lambda d: d.startswith("CPU") or d == "cpu")
+    return sorted(seen, key=lambda d: d.startswith("CPU"))
 
 
 def speed_table(rows: list[dict], device: str, configs: tuple[str, ...] = ("multi rho=0.87", "single K=108")) -> str:
     """Markdown for one device: one row per (model, run), one column per (config, batch)."""
     cells = {k[1:]: v for k, v in newest(rows).items() if k[0] == device}
-    ratios_any = {k[1:]: v for k, v in newest(rows).items() if k[3] == 0 and k[5] == "flops_ratio"}
+    # FLOPs are counted, not timed: the newest ratio holds for every device.
+    flops = {(r["model"], r["config"]): r["value"] for r in rows
+             if r["benchmark"] == "speed" and r["metric"] == "flops_ratio"}
     latest = {(r["model"], r["run"]): r["commit"] for r in rows
               if r["benchmark"] == "speed" and r["metric"] == "speedup" and r["device"] == device}
     batches = sorted({k[2] for k in cells if k[2] > 0})
@@ -52,7 +54,7 @@ def speed_table(rows: list[dict], device: str, configs: tuple[str, ...] = ("mult
             for metric, label in (("speedup", run), ("speedup_vs_graphed_dense", f"{run} vs dense graphs")):
                 row, seen = [SHORT.get(model, model), label, latest.get((model, run), "-")], False
                 for config in configs:
-                    ratio = ratios_any.get((model, "any", 0, config, "flops_ratio"))
+                    ratio = flops.get((model, config))
                     for batch in batches:
                         cell = cells.get((model, run, batch, config, metric))
                         if cell is None or cell["commit"] != latest.get((model, run)):
@@ -62,12 +64,11 @@ def speed_table(rows: list[dict], device: str, configs: tuple[str, ...] = ("mult
                         env.add((cell["torch"], cell["triton"], cell["dtype"], cell["commit"], cell["date"]))
                         text = f"{cell['value']:.2f}x"
                         if ratio is not None and batch >= 64:
-                            text += f" ({cell['value'] / ratio['value']:.2f})"
+                            text += f" ({cell['value'] / ratio:.2f})"
                         row.append(text)
                 if seen:
                     lines.append("| " + " | ".join(row) + " |")
-    ratios = [f"{SHORT.get(m, m)} {c}: {ratios_any[(m, 'any', 0, c, 'flops_ratio')]['value']:.2f}"
-              for m in models for c in configs if (m, "any", 0, c, "flops_ratio") in ratios_any]
+    ratios = [f"{SHORT.get(m, m)} {c}: {flops[(m, c)]:.2f}" for m in models for c in configs if (m, c) in flops]
     measured = "; ".join(f"torch {t}, triton {tr}, {dt}, commit {c}, {date}" for t, tr, dt, c, date in sorted(env))
     return ("\n".join(lines) + f"\n\nMeasured on {device}: {measured}. "
             f"FLOPs ratios (dense / ATS, per image): {', '.join(ratios)}.")

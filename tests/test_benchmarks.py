@@ -67,3 +67,19 @@ def test_kernels_benchmark_checks_each_kernel_against_its_reference(tmp_path):
     assert checks.pop("sample") == 1.0
     assert max(checks.values()) < 1e-5, checks
     assert {r["config"] for r in rows if r["metric"] == "ms"} == {"2x2x17x8 triton", "2x2x17x8 reference"}
+
+
+def test_deploy_checks_the_package_against_eager_ats_and_records_refused_batches(tmp_path):
+    from benchmarks import deploy
+
+    results = tmp_path / "results.jsonl"
+    deploy.main(["--device", "cpu", "--dtype", "float32", "--model", "vit_tiny_patch16_224", "--img-size", "32",
+                 "--batches", "1", "3", "--rounds", "1", "--results", str(results)])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    runs = {(r["config"], r["batch"]): r["value"] for r in rows if r["metric"] == "runs_without_ats_fx"}
+    assert runs[("dense", 3)] == runs[("multi rho=0.87", 3)] == 1.0
+    assert runs[("dense", 1)] == runs[("multi rho=0.87", 1)]  # AOTInductor's batch range, not ATS
+    agreement = {r["batch"]: r["value"] for r in rows if r["metric"] == "agreement"}
+    diff = {r["batch"]: r["value"] for r in rows if r["metric"] == "max_abs_diff"}
+    assert agreement[3] == 1.0 and diff[3] < 1e-4
+    assert {r["batch"] for r in rows if r["metric"] == "speedup"} == set(agreement)
