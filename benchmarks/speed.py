@@ -29,7 +29,7 @@ import copy
 import logging
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -112,8 +112,10 @@ def stage_host_us(model: torch.nn.Module, x: torch.Tensor, calls: int = 200) -> 
     return host / calls * 1e6
 
 
-def measure_run(name: str, base, run: str, configs: list[str], batches: list[int], args, device, dtype) -> list[dict]:
-    """Every batch of one (model, run): rows for the results file."""
+def measure_run(name: str, base, run: str, configs: list[str], batches: list[int], args, device,
+                dtype) -> Iterator[list[dict]]:
+    """Every batch of one (model, run): each batch's rows for the results file, as soon as they are
+    measured (a run cut off by a time limit keeps the batches it finished)."""
     if run == "eager":
         models = eager_models(base, configs, device, dtype)
     else:
@@ -126,8 +128,8 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
         # the same way tells what ATS itself adds.
         cache, dense = graphs.GraphCache(), models[DENSE]
         graphed_dense = lambda x: cache(dense.forward, list, [x])  # noqa: E731
-    rows = []
     for batch in batches:
+        rows = []
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
         fns = {label: (lambda m=m: m(x)) for label, m in models.items()}
         if eager_dense is not None:
@@ -156,13 +158,12 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
                 rows.append({**base_row, "metric": "speedup_vs_graphed_dense", "value": vs_graphed[label][0]})
         log.info("%s %s batch %d: %s (%.0f s)", name, run, batch,
                  ", ".join(f"{k} {v[0]:.3f}x" for k, v in ups.items() if k != DENSE), time.time() - t0)
+        yield rows
     if run == "eager" and 1 in batches:
         x = torch.randn(1, 3, args.img_size, args.img_size, device=device, dtype=dtype)
-        for label, m in models.items():
-            if label != DENSE:
-                rows.append({"benchmark": "speed", "model": name, "run": "eager", "batch": 1, "dtype": args.dtype,
-                             "config": label, "metric": "stage_host_us", "value": stage_host_us(m, x)})
-    return rows
+        yield [{"benchmark": "speed", "model": name, "run": "eager", "batch": 1, "dtype": args.dtype,
+                "config": label, "metric": "stage_host_us", "value": stage_host_us(m, x)}
+               for label, m in models.items() if label != DENSE]
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -201,8 +202,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 log.warning("deadline reached: %s %s not measured", name, run)
                 continue
             run_configs = configs if run == "eager" else list(args.points)
-            n = harness.append(measure_run(name, base, run, run_configs, args.batches, args, device, dtype),
-                               args.results, device)
+            n = sum(harness.append(rows, args.results, device)
+                    for rows in measure_run(name, base, run, run_configs, args.batches, args, device, dtype))
             log.info("%s %s: %d rows appended to %s", name, run, n, args.results)
 
 

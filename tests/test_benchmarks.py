@@ -1,6 +1,7 @@
 """The benchmark harness: rotating rounds, the results file and the README table generated from it."""
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
@@ -33,6 +34,19 @@ def test_speed_appends_rows_with_environment_and_report_renders_them(tmp_path):
     assert {r["device"] for r in rows} == {harness.device_name(torch.device("cpu"))}
     table = report.speed_table(harness.load(results), rows[0]["device"], configs=("single K=48",))
     assert "| vit_tiny_patch16_224 | eager |" in table and "single K=48, batch 2" in table
+
+
+def test_speed_hands_over_each_batch_as_soon_as_it_is_measured():
+    # A GPU call cut off by its time limit keeps the batches it finished: rows come per batch.
+    args = argparse.Namespace(img_size=32, rounds=1, budget_ms=1.0, dtype="float32")
+    base = harness.build_timm("vit_tiny_patch16_224", img_size=32)
+    cells = speed.measure_run("vit_tiny_patch16_224", base, "eager", ["single K=48"], [1, 2], args,
+                              torch.device("cpu"), torch.float32)
+    first = next(cells)
+    assert {r["batch"] for r in first} == {1} and {"img_s", "speedup"} <= {r["metric"] for r in first}
+    assert {r["batch"] for r in next(cells)} == {2}
+    assert {r["metric"] for r in next(cells)} == {"stage_host_us"}
+    assert next(cells, None) is None
 
 
 def test_report_gives_each_device_its_own_table():
