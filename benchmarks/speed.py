@@ -10,6 +10,8 @@ configurations and the dense baseline are timed in one process, in rotating roun
 
 - ``eager``: ``ats_fx.transform(model, stages, ratio=/k=)`` with its default arguments, against the
   dense model; ``--eager-paddings`` adds each padding as its own configuration ("... padding=static").
+- ``eager:no-graphs``: the same with ``cuda_graphs=False``, every launch issued from the host (what
+  a user who turns graphs off gets), against the dense model; not in the default matrix.
 - ``compile:MODE``: ``torch.compile(model, backend="ats", options={..., "mode": MODE})`` against plain
   ``torch.compile(model, mode=MODE)`` (``default`` is no mode). One compiled module per configuration,
   called at every batch as a user would (Dynamo recompiles once for a dynamic batch).
@@ -20,7 +22,8 @@ run, with ``speedup_min``/``speedup_max``), ``speedup_vs_eager_dense`` for compi
 eager ATS model is at inference: what ATS itself adds), and, once per
 model and configuration, ``flops_ratio`` (dense / ATS GFLOPs per image, FlopCounterMode, the method's
 rows) and ``stage_host_us`` (host time of one eager call of the first stage at batch 1: its launches
-and the torch ops around it).
+and the torch ops around it), on CUDA also ``stage_host_us_triton_launch`` (the same with every kernel
+launched through Triton's own ``JITFunction.run`` instead of ``ats_fx/kernels/launch.py``'s cache).
 """
 from __future__ import annotations
 
@@ -30,17 +33,22 @@ import logging
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
+from unittest import mock
 
 import torch
 
 import ats_fx
 from ats_fx import graphs
+from ats_fx.kernels import launch
 from benchmarks import harness
 
 log = logging.getLogger("benchmarks.speed")
 
 MODELS = ["deit_small_patch16_224", "vit_base_patch16_224", "beitv2_base_patch16_224", "eva02_small_patch14_224"]
 RUNS = ["eager", "compile:default", "compile:reduce-overhead"]
+# "eager:no-graphs": transform(..., cuda_graphs=False), every launch from the host (what training-time
+# inference or a user who turns graphs off gets); not in the default matrix.
+EAGER_RUNS = ("eager", "eager:no-graphs")
 DENSE = "dense"
 GRAPHED_DENSE = "dense, CUDA graphs"
 
@@ -55,12 +63,13 @@ def point_kwargs(label: str) -> dict:
     return {key: v for key, v in kw.items() if v is not None}
 
 
-def eager_models(base: torch.nn.Module, configs: list[str], device, dtype) -> dict[str, torch.nn.Module]:
+def eager_models(base: torch.nn.Module, configs: list[str], device, dtype,
+                 cuda_graphs: bool = True) -> dict[str, torch.nn.Module]:
     """The dense model and one ``ats_fx.transform`` per configuration (captured on the CPU in float32,
     then moved, as a user converting a checkpoint would)."""
     models = {DENSE: copy.deepcopy(base).to(device, dtype)}
     for label in configs:
-        models[label] = ats_fx.transform(base, **point_kwargs(label)).to(device, dtype)
+        models[label] = ats_fx.transform(base, **point_kwargs(label), cuda_graphs=cuda_graphs).to(device, dtype)
     return models
 
 
@@ -116,12 +125,12 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
                 dtype) -> Iterator[list[dict]]:
     """Every batch of one (model, run): each batch's rows for the results file, as soon as they are
     measured (a run cut off by a time limit keeps the batches it finished)."""
-    if run == "eager":
-        models = eager_models(base, configs, device, dtype)
+    if run in EAGER_RUNS:
+        models = eager_models(base, configs, device, dtype, cuda_graphs=run == "eager")
     else:
         models = compiled_models(base, configs, run.split(":", 1)[1], device, dtype)
     eager_dense = graphed_dense = None
-    if run != "eager":
+    if run not in EAGER_RUNS:
         eager_dense = copy.deepcopy(base).to(device, dtype)
     elif device.type == "cuda":
         # An eager ATS model replays CUDA graphs at inference (ats_fx/graphs.py): the dense model replayed
@@ -161,9 +170,17 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
         yield rows
     if run == "eager" and 1 in batches:
         x = torch.randn(1, 3, args.img_size, args.img_size, device=device, dtype=dtype)
-        yield [{"benchmark": "speed", "model": name, "run": "eager", "batch": 1, "dtype": args.dtype,
-                "config": label, "metric": "stage_host_us", "value": stage_host_us(m, x)}
-               for label, m in models.items() if label != DENSE]
+        cell = {"benchmark": "speed", "model": name, "run": "eager", "batch": 1, "dtype": args.dtype}
+        rows = []
+        for label, m in models.items():
+            if label == DENSE:
+                continue
+            rows.append({**cell, "config": label, "metric": "stage_host_us", "value": stage_host_us(m, x)})
+            if device.type == "cuda":  # the same stage with every kernel launched through Triton's own path
+                with mock.patch.object(launch, "ENABLED", False):
+                    rows.append({**cell, "config": label, "metric": "stage_host_us_triton_launch",
+                                 "value": stage_host_us(m, x)})
+        yield rows
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -201,7 +218,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             if args.deadline and time.time() - start > args.deadline:
                 log.warning("deadline reached: %s %s not measured", name, run)
                 continue
-            run_configs = configs if run == "eager" else list(args.points)
+            run_configs = configs if run in EAGER_RUNS else list(args.points)
             n = sum(harness.append(rows, args.results, device)
                     for rows in measure_run(name, base, run, run_configs, args.batches, args, device, dtype))
             log.info("%s %s: %d rows appended to %s", name, run, n, args.results)
