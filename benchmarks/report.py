@@ -72,8 +72,6 @@ def speed_table(rows: list[dict], device: str, configs: tuple[str, ...] = ("mult
     ratios = [f"{SHORT.get(m, m)} {c}: {flops[(m, c)]:.2f}" for m in models for c in configs if (m, c) in flops]
     measured = "; ".join(f"torch {t}, triton {tr}, {dt}, commit {c}, {date}" for t, tr, dt, c, date in sorted(env))
     host = [f"{SHORT.get(m, m)} {c}: {cells[(m, 'eager', 1, c, 'stage_host_us')]['value']:.0f} us"
-            + (f" ({cells[k]['value']:.0f} us through Triton's own launch)"
-               if (k := (m, "eager", 1, c, "stage_host_us_triton_launch")) in cells else "")
             for m in models for c in configs if (m, "eager", 1, c, "stage_host_us") in cells]
     host_text = f" Host time of one eager stage at batch 1 (first stage, no graphs): {', '.join(host)}." if host else ""
     return ("\n".join(lines) + f"\n\nMeasured on {device}: {measured}. "

@@ -22,8 +22,7 @@ run, with ``speedup_min``/``speedup_max``), ``speedup_vs_eager_dense`` for compi
 eager ATS model is at inference: what ATS itself adds), and, once per
 model and configuration, ``flops_ratio`` (dense / ATS GFLOPs per image, FlopCounterMode, the method's
 rows) and ``stage_host_us`` (host time of one eager call of the first stage at batch 1: its launches
-and the torch ops around it), on CUDA also ``stage_host_us_triton_launch`` (the same with every kernel
-launched through Triton's own ``JITFunction.run`` instead of ``ats_fx/kernels/launch.py``'s cache).
+and the torch ops around it).
 """
 from __future__ import annotations
 
@@ -33,13 +32,11 @@ import logging
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
-from unittest import mock
 
 import torch
 
 import ats_fx
 from ats_fx import graphs
-from ats_fx.kernels import launch
 from benchmarks import harness
 
 log = logging.getLogger("benchmarks.speed")
@@ -132,7 +129,7 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
     eager_dense = graphed_dense = None
     if run not in EAGER_RUNS:
         eager_dense = copy.deepcopy(base).to(device, dtype)
-    elif device.type == "cuda":
+    elif run == "eager" and device.type == "cuda":
         # An eager ATS model replays CUDA graphs at inference (ats_fx/graphs.py): the dense model replayed
         # the same way tells what ATS itself adds.
         cache, dense = graphs.GraphCache(), models[DENSE]
@@ -176,10 +173,6 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
             if label == DENSE:
                 continue
             rows.append({**cell, "config": label, "metric": "stage_host_us", "value": stage_host_us(m, x)})
-            if device.type == "cuda":  # the same stage with every kernel launched through Triton's own path
-                with mock.patch.object(launch, "ENABLED", False):
-                    rows.append({**cell, "config": label, "metric": "stage_host_us_triton_launch",
-                                 "value": stage_host_us(m, x)})
         yield rows
 
 

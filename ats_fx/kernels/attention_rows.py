@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from .pdl import launch_options, use_pdl, wait_for_previous_kernel
-from .launch import cached_launch
 
 
 @triton.jit
@@ -80,7 +79,6 @@ def _attend(q, K, V, MASK, BIAS, POS, k_base, v_base, m_base, bias_rows, p_base,
     return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
 
 
-@cached_launch  # eager launches skip Triton's per-call binding (launch.py)
 @triton.jit
 def _attention_kernel(
     Q, K, V, IDX, MASK, BIAS, POS, O,
