@@ -63,9 +63,6 @@ def run_without_ats_fx(package_path: str, inputs: Path, outputs: Path) -> Option
         import torch
         from torch._inductor import aoti_load_package
 
-        if torch.cuda.is_available():  # the CUDA context exists before the package's loader runs
-            torch.empty(1, device="cuda")
-            torch.cuda.synchronize()
         print("loading", flush=True)
         run = aoti_load_package({package_path!r})
         batches = torch.load({str(inputs)!r})

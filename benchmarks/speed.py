@@ -43,8 +43,6 @@ log = logging.getLogger("benchmarks.speed")
 
 MODELS = ["deit_small_patch16_224", "vit_base_patch16_224", "beitv2_base_patch16_224", "eva02_small_patch14_224"]
 RUNS = ["eager", "compile:default", "compile:reduce-overhead"]
-# "eager:no-graphs": transform(..., cuda_graphs=False), every launch from the host (what training-time
-# inference or a user who turns graphs off gets); not in the default matrix.
 EAGER_RUNS = ("eager", "eager:no-graphs")
 DENSE = "dense"
 GRAPHED_DENSE = "dense, CUDA graphs"
@@ -167,13 +165,9 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
         yield rows
     if run == "eager" and 1 in batches:
         x = torch.randn(1, 3, args.img_size, args.img_size, device=device, dtype=dtype)
-        cell = {"benchmark": "speed", "model": name, "run": "eager", "batch": 1, "dtype": args.dtype}
-        rows = []
-        for label, m in models.items():
-            if label == DENSE:
-                continue
-            rows.append({**cell, "config": label, "metric": "stage_host_us", "value": stage_host_us(m, x)})
-        yield rows
+        yield [{"benchmark": "speed", "model": name, "run": "eager", "batch": 1, "dtype": args.dtype,
+                "config": label, "metric": "stage_host_us", "value": stage_host_us(m, x)}
+               for label, m in models.items() if label != DENSE]
 
 
 def main(argv: Optional[list[str]] = None) -> None:

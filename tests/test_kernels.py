@@ -594,7 +594,7 @@ def test_compiled_triton_path_reads_the_position_bias_table(monkeypatch):
     torch._dynamo.reset()
     base = timm_model("beitv2_base_patch16_224", img_size=32, patch_size=8, depth=3).to(DEVICE)
     ref = ats_fx.transform(base, "1", ratio=0.8, kernels="reference", padding="static")
-    # cuda_graphs=False: with graphs (the CUDA default) the ops also run at warm-up and recording
+    # cuda_graphs=False: one call, one launch per op (CUDA graphs, the backend's CUDA default, warm up and record)
     compiled = torch.compile(base, backend="ats", options={"stages": "1", "ratio": 0.8, "kernels": "triton",
                                                            "padding": "static", "cuda_graphs": False})
     launched = []
