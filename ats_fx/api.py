@@ -53,7 +53,25 @@ class ATSGraphModule(fx.GraphModule):
                                           self.ats_options.selection, args)):
             _check_inputs(self, args)
             return cache(self.forward, self._stages, list(args))
+        if cache is not None and not cache.failed and torch.is_grad_enabled() and not kwargs:
+            self._note_autograd(args)
         return super().__call__(*args, **kwargs)
+
+    def _note_autograd(self, args: tuple) -> None:
+        """Warn once when only autograd keeps a call from replaying its CUDA graph: an inference call
+        without ``torch.no_grad()`` runs op by op, at 0.42x the dense model at batch 1 (DeiT-S,
+        stages 3-11, rho=0.87, H100; docs/performance.md, "Host time")."""
+        if self.__dict__.get("_ats_autograd_noted"):
+            return
+        with torch.no_grad():
+            graphed = dispatch.graphs_apply(self.ats_cuda_graphs, self.training, self.ats_options.padding,
+                                            self.ats_options.selection, args)
+        if graphed:
+            self._ats_autograd_noted = True
+            log.warning("ATS model called in eval mode with autograd on: its CUDA graphs replay only under "
+                        "torch.no_grad() or torch.inference_mode(), so this call runs op by op (up to 2.4x "
+                        "slower than the dense model at batch 1). Wrap inference in torch.inference_mode(); "
+                        "transform(..., cuda_graphs=False) silences this.")
 
     def _stages(self) -> list:
         return [m for m in self.modules() if isinstance(m, ops.ATSStage)]

@@ -3,6 +3,7 @@ and the gather that brings an older token set (the residual stream) to a newer o
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -378,7 +379,9 @@ def token_scatter(full: torch.Tensor, positions: torch.Tensor, rows: torch.Tenso
 
 def check_finite(x: torch.Tensor) -> torch.Tensor:
     """Refuse NaN/inf inputs before they turn into a silent wrong answer."""
-    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+    # One reduction and one host read: max |x| is NaN or inf exactly when some element is. (isfinite
+    # then all launched five kernels, ~0.3 ms of host time a call at batch 1 on the H100.)
+    if x.is_floating_point() and x.numel() and not math.isfinite(torch.linalg.vector_norm(x, float("inf"))):
         from .errors import ATSInputError
 
         bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero().flatten().tolist() if x.dim() else []

@@ -99,3 +99,17 @@ def test_deploy_checks_the_package_against_eager_ats_and_records_refused_batches
     diff = {r["batch"]: r["value"] for r in rows if r["metric"] == "max_abs_diff"}
     assert agreement[3] == 1.0 and diff[3] < 1e-4
     assert {r["batch"] for r in rows if r["metric"] == "speedup"} == set(agreement)
+
+
+def test_stage_host_times_each_piece_of_the_first_stage(tmp_path):
+    from benchmarks import stage_host
+
+    results = tmp_path / "results.jsonl"
+    stage_host.main(["--device", "cpu", "--dtype", "float32", "--models", "vit_tiny_patch16_224", "--img-size", "32",
+                     "--point", "single K=48", "--results", str(results)])
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    pieces = {r["config"]: r["value"] for r in rows}
+    assert {"single K=48: stage (whole call)", "single K=48: sdpa (the dense layer's attention)",
+            "single K=48: input finite check"} <= set(pieces)
+    assert all(r["benchmark"] == "stage_host" and r["metric"] == "host_us" and r["batch"] == 1 for r in rows)
+    assert all(0 < us < 1e6 for us in pieces.values())

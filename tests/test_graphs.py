@@ -29,6 +29,24 @@ def test_graphs_apply_only_at_inference_on_cuda_without_tracing():
         assert not dispatch.graphs_apply(True, False, "auto", "ats", (y,))  # autograd on
 
 
+def test_inference_with_autograd_on_warns_once_that_graphs_need_no_grad(monkeypatch, caplog):
+    # On the CPU no call replays a graph: pretend this one would, but for autograd.
+    monkeypatch.setattr(dispatch, "graphs_apply", lambda enabled, *a: enabled and not torch.is_grad_enabled())
+    model = timm_model("vit_tiny_patch16_224", img_size=32, patch_size=8).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ats = ats_fx.transform(model, "1-3", ratio=0.5)
+    with caplog.at_level("WARNING", logger="ats_fx.api"):
+        first, second = ats(x), ats(x)
+    noted = [r for r in caplog.records if "autograd on" in r.getMessage()]
+    assert len(noted) == 1 and "torch.inference_mode()" in noted[0].getMessage()
+    assert first.requires_grad and torch.equal(first, second)
+    plain = ats_fx.transform(model, "1-3", ratio=0.5, cuda_graphs=False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ats_fx.api"):
+        plain(x)
+    assert not [r for r in caplog.records if "autograd on" in r.getMessage()]
+
+
 def test_static_padding_block_fixes_auto_padding():
     q = torch.randn(1, 2, 20, 8)
     assert dispatch.padding_for("auto", q, 10) == "batch_max"
