@@ -10,8 +10,7 @@ the inputs the forward pass gave it, beside the attention call it replaces (SDPA
 every call makes. On CUDA the pieces are the stage's Triton launches (head logits, sampling with its
 width read, kept-row attention, the residual gather-add), a 3-argument Triton kernel (the cost of a
 launch itself) and, where this Triton exposes it, the head-logits kernel launched through its
-compiled kernel with every argument bound beforehand (the floor any launcher could reach), and through
-Triton's own launch instead of ``ats_fx.kernels.launch``.
+compiled kernel with every argument bound beforehand: the floor any launcher could reach.
 
 Rows: ``benchmark="stage_host"``, ``metric="host_us"``, ``config`` = the piece.
 """
@@ -63,7 +62,7 @@ def _triton_pieces(stage: ops.ATSStage, q, k, v, device) -> dict[str, Callable[[
     import triton
     import triton.language as tl
 
-    from ats_fx.kernels import launch, scores
+    from ats_fx.kernels import scores
     from ats_fx.kernels.attention_rows import launch_attention
     from ats_fx.kernels.gather_add import gather_add
     from ats_fx.kernels.sample import sample_with_budget
@@ -90,14 +89,6 @@ def _triton_pieces(stage: ops.ATSStage, q, k, v, device) -> dict[str, Callable[[
         "kept-row attention (triton)": lambda: launch_attention(q, k, v, index, None, stage.scale, width),
         "gather-add (triton)": lambda: gather_add(x, index, y),
     }
-    def triton_own_launch():
-        launch.ENABLED = False
-        try:
-            scores.head_scores(q, k, v, None, stage.scale, stage.score)
-        finally:
-            launch.ENABLED = True
-
-    pieces["head logits (Triton's own launch)"] = triton_own_launch
     floor = _prebound_head_logits(q, k, v, stage)
     if floor is not None:
         pieces["head logits, arguments pre-bound"] = floor
@@ -111,7 +102,6 @@ def _prebound_head_logits(q, k, v, stage: ops.ATSStage) -> Optional[Callable[[],
 
     calls = []
     real = scores._head_logits_kernel
-    jit = getattr(real, "kernel", real)  # under launch.fast_launch, Triton's JITFunction
 
     class Spy:  # records the arguments head_scores launches with, and the compiled kernel
         def __getitem__(self, grid):
@@ -128,7 +118,7 @@ def _prebound_head_logits(q, k, v, stage: ops.ATSStage) -> Optional[Callable[[],
         scores._head_logits_kernel = real
     grid, args, kwargs, compiled = calls[0]
     try:
-        names = tuple(jit.signature.parameters)[len(args):]
+        names = tuple(real.signature.parameters)[len(args):]
         bound = args + tuple(kwargs[n] for n in names)
         run, function, meta = compiled.run, compiled.function, compiled.packed_metadata
         stream = torch.cuda.current_stream(q.device).cuda_stream
@@ -182,10 +172,6 @@ def main(argv: Optional[list[str]] = None) -> None:
                 for label, us in times.items() if math.isfinite(us)]
         harness.append(rows, args.results, device)
         log.info("%s: %s", name, ", ".join(f"{label} {us:.1f} us" for label, us in times.items()))
-    if args.device == "cuda":
-        from ats_fx.kernels import launch
-
-        log.info("launches: %s", dict(launch.COUNTS))
 
 
 if __name__ == "__main__":

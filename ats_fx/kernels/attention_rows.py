@@ -25,7 +25,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import fast_launch
 from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 
 
@@ -80,7 +79,6 @@ def _attend(q, K, V, MASK, BIAS, POS, k_base, v_base, m_base, bias_rows, p_base,
     return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
 
 
-@fast_launch  # eager launches skip Triton's per-call binding (launch.py)
 @triton.jit
 def _attention_kernel(
     Q, K, V, IDX, MASK, BIAS, POS, O,

@@ -17,10 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import fast_launch
 
-
-@fast_launch  # eager launches skip Triton's per-call binding (launch.py)
 @triton.jit
 def _gather_add_kernel(X, IDX, Y, O, T, W, C, sib, sit, EVERY_ROW: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # b * W + t

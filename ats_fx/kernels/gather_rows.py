@@ -15,10 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import fast_launch
 
-
-@fast_launch  # eager launches skip Triton's per-call binding (launch.py)
 @triton.jit
 def _gather_rows_kernel(X, IDX, O, sxb, sxh, sxt, sxd, sib, sit, W, H, D,
                         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):

@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import fast_launch
 from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 from .reference import MIN_TOKENS
 from .scores import combine_heads
@@ -30,7 +29,6 @@ def _quantile(i, K):
     return tl.math.div_rn((2 * i - 1).to(tl.float32), (2 * K).to(tl.float32))
 
 
-@fast_launch  # eager launches skip Triton's per-call binding (launch.py)
 @triton.jit
 def _sample_kernel(
     S, VN, BUDGET, MASK, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,

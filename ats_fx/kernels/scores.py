@@ -22,11 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import fast_launch
 from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 
 
-@fast_launch  # eager launches skip Triton's per-call binding (launch.py)
 @triton.jit
 def _head_logits_kernel(
     Q, K, V, MASK, BIAS, POS, LOGITS, VNORM,
@@ -103,7 +101,6 @@ def combine_heads(LOGITS, VNORM, b, t, T, H, scored, BLOCK_H: tl.constexpr):
     return tl.where(bad, uniform, s / safe), bad
 
 
-@fast_launch  # eager launches skip Triton's per-call binding (launch.py)
 @triton.jit
 def _normalise_kernel(LOGITS, VNORM, MASK, S, BAD, smb, smt, T, H, num_prefix,
                       HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
