@@ -380,7 +380,7 @@ def token_scatter(full: torch.Tensor, positions: torch.Tensor, rows: torch.Tenso
 def check_finite(x: torch.Tensor) -> torch.Tensor:
     """Refuse NaN/inf inputs before they turn into a silent wrong answer."""
     # One reduction and one host read: max |x| is NaN or inf exactly when some element is. (isfinite
-    # then all launched five kernels, ~0.3 ms of host time a call at batch 1 on the H100.)
+    # then all: five kernels, ~260 us of host time a call at batch 1 on the H100; this: ~30 us.)
     if x.is_floating_point() and x.numel() and not math.isfinite(torch.linalg.vector_norm(x, float("inf"))):
         from .errors import ATSInputError
 
