@@ -75,7 +75,24 @@ def speed_table(rows: list[dict], device: str, configs: tuple[str, ...] = ("mult
             for m in models for c in configs if (m, "eager", 1, c, "stage_host_us") in cells]
     host_text = f" Host time of one eager stage at batch 1 (first stage, no graphs): {', '.join(host)}." if host else ""
     return ("\n".join(lines) + f"\n\nMeasured on {device}: {measured}. "
-            f"FLOPs ratios (dense / ATS, per image): {', '.join(ratios)}.{host_text}")
+            f"FLOPs ratios (dense / ATS, per image): {', '.join(ratios)}.{host_text}{pieces_text(rows, device)}")
+
+
+def pieces_text(rows: list[dict], device: str) -> str:
+    """The newest ``benchmarks.stage_host`` rows of ``device``, one sentence per (model, point)."""
+    latest: dict = {}
+    commits: dict = {}  # the commit of each cell's newest row: only its pieces are shown
+    for r in rows:
+        if r["benchmark"] == "stage_host" and r["device"] == device:
+            point, _, piece = r["config"].partition(": ")
+            latest.setdefault((r["model"], point, r["batch"]), {})[piece] = r
+            commits[(r["model"], point, r["batch"])] = r["commit"]
+    parts = []
+    for (model, point, batch), pieces in latest.items():
+        commit = commits[(model, point, batch)]
+        shown = ", ".join(f"{piece} {r['value']:.0f} us" for piece, r in pieces.items() if r["commit"] == commit)
+        parts.append(f"{SHORT.get(model, model)} {point}, batch {batch} (commit {commit}): {shown}")
+    return f" Host time of an eager stage's pieces (python -m benchmarks.stage_host): {'; '.join(parts)}." if parts else ""
 
 
 def speed_tables(rows: list[dict]) -> str:

@@ -113,3 +113,5 @@ def test_stage_host_times_each_piece_of_the_first_stage(tmp_path):
             "single K=48: input finite check"} <= set(pieces)
     assert all(r["benchmark"] == "stage_host" and r["metric"] == "host_us" and r["batch"] == 1 for r in rows)
     assert all(0 < us < 1e6 for us in pieces.values())
+    text = report.pieces_text(harness.load(results), rows[0]["device"])
+    assert "vit_tiny_patch16_224 single K=48, batch 1" in text and "stage (whole call)" in text
