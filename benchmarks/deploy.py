@@ -8,7 +8,10 @@ packaged the same way.
 Appends ``benchmark="deploy"`` rows to the results file: ``runs_without_ats_fx`` (1 or 0, per
 package and batch: the dense package too, so a failure of AOTInductor itself shows as such),
 ``agreement`` (top-1 of the package against the eager ATS model, per batch), ``max_abs_diff``,
-``img_s`` and ``speedup`` (against the dense package, rotating rounds), with ``run="aoti"``.
+``img_s`` and ``speedup`` (against the dense package, rotating rounds), with ``run="aoti"``. Each row
+names the C++ compiler that built the packages (``cxx``): a package's ``.so`` runs its own copy of
+libstdc++'s templates against the loading process's libstdc++, so the compiler is part of the result.
+Set ``CXX`` to build with another one (Inductor reads it).
 
 The packages check their inputs' shapes at run time (``AOTI_RUNTIME_CHECK_INPUTS=1`` when they are
 compiled; AOTInductor does not otherwise), and the fresh process runs one batch at a time under
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +42,27 @@ from benchmarks import harness
 from benchmarks.speed import point_kwargs
 
 log = logging.getLogger("benchmarks.deploy")
+
+
+def cpp_compiler() -> str:
+    """The C++ compiler Inductor builds packages with, as ``path (version line)``."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        cxx = get_cpp_compiler()
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except Exception as error:  # noqa: BLE001 - a label for the results, never a reason to stop
+        return f"unknown ({type(error).__name__}: {error})"
+    return f"{shutil.which(cxx) or cxx} ({version.splitlines()[0] if version else 'no version'})"
+
+
+# What a crash while loading looked like on the GPU machines this project was lent (torch 2.11, H100
+# and H200): the native stack ends in the package's own .so, in std::regex, compiling the pattern of
+# torch::aot_inductor::parse_device_str inside AOTInductorModelContainerCreateWithDevice, for every
+# package (a two-layer CPU model as well). docs/performance.md, "Deployment".
+CRASH_HINT = ("a crash inside aoti_load_package, for the dense package too, is the loader or the "
+              "compiler that built the package, not ATS; try another compiler with CXX=... "
+              "(docs/performance.md, Deployment)")
 
 
 def package(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
@@ -111,12 +136,14 @@ def main(argv=None) -> None:
     batches = [torch.randn(b, 3, args.img_size, args.img_size, device=device, dtype=dtype) for b in args.batches]
     torch.save(batches, work / "inputs.pt")
     rows = []
-    cell = {"benchmark": "deploy", "model": args.model, "run": "aoti", "dtype": args.dtype, "config": args.point}
+    cell = {"benchmark": "deploy", "model": args.model, "run": "aoti", "dtype": args.dtype, "config": args.point,
+            "cxx": cpp_compiler()}
+    log.info("packages built by %s", cell["cxx"])
     crashed, refused = {}, {}  # per package: what the dead process printed; the batches that raised
     for label, pkg in (("dense", dense_pkg), ("ats", ats_pkg)):  # dense first: is AOTInductor itself at fault?
         crashed[label] = run_without_ats_fx(pkg, work / "inputs.pt", work / f"{label}.pt")
         if crashed[label]:
-            log.error("the %s package failed in a process without ats_fx: %s", label, crashed[label])
+            log.error("the %s package failed in a process without ats_fx (%s): %s", label, CRASH_HINT, crashed[label])
         outs = [None] * len(batches) if crashed[label] else torch.load(work / f"{label}.pt")
         refused[label] = {len(x) for x, out in zip(batches, outs) if out is None}
         rows += [{**cell, "config": args.point if label == "ats" else "dense", "batch": len(x),

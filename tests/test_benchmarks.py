@@ -99,6 +99,7 @@ def test_deploy_checks_the_package_against_eager_ats_and_records_refused_batches
     diff = {r["batch"]: r["value"] for r in rows if r["metric"] == "max_abs_diff"}
     assert agreement[3] == 1.0 and diff[3] < 1e-4
     assert {r["batch"] for r in rows if r["metric"] == "speedup"} == set(agreement)
+    assert all(r["cxx"] and not r["cxx"].startswith("unknown") for r in rows)  # the compiler is part of the result
 
 
 def test_stage_host_times_each_piece_of_the_first_stage(tmp_path):
