@@ -56,13 +56,13 @@ def cpp_compiler() -> str:
     return f"{shutil.which(cxx) or cxx} ({version.splitlines()[0] if version else 'no version'})"
 
 
-# What a crash while loading looked like on the GPU machines this project was lent (torch 2.11, H100
-# and H200): the native stack ends in the package's own .so, in std::regex, compiling the pattern of
-# torch::aot_inductor::parse_device_str inside AOTInductorModelContainerCreateWithDevice, for every
-# package (a two-layer CPU model as well). docs/performance.md, "Deployment".
-CRASH_HINT = ("a crash inside aoti_load_package, for the dense package too, is the loader or the "
-              "compiler that built the package, not ATS; try another compiler with CXX=... "
-              "(docs/performance.md, Deployment)")
+# What a crash while loading looked like on the H100 machine this project was lent (torch 2.11; the
+# H200 one died at the same Python line): the native stack runs through the package's own .so, in
+# std::regex, compiling the pattern of torch::aot_inductor::parse_device_str inside
+# AOTInductorModelContainerCreateWithDevice, for a two-layer CPU model as well.
+# docs/performance.md, "Deployment".
+CRASH_HINT = ("the dense package dies as well: the loader or the compiler that built the packages, not "
+              "ATS; try another compiler with CXX=... (docs/performance.md, Deployment)")
 
 
 def package(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
@@ -143,7 +143,8 @@ def main(argv=None) -> None:
     for label, pkg in (("dense", dense_pkg), ("ats", ats_pkg)):  # dense first: is AOTInductor itself at fault?
         crashed[label] = run_without_ats_fx(pkg, work / "inputs.pt", work / f"{label}.pt")
         if crashed[label]:
-            log.error("the %s package failed in a process without ats_fx (%s): %s", label, CRASH_HINT, crashed[label])
+            hint = f" ({CRASH_HINT})" if crashed["dense"] else ""  # dense runs first
+            log.error("the %s package failed in a process without ats_fx%s: %s", label, hint, crashed[label])
         outs = [None] * len(batches) if crashed[label] else torch.load(work / f"{label}.pt")
         refused[label] = {len(x) for x, out in zip(batches, outs) if out is None}
         rows += [{**cell, "config": args.point if label == "ats" else "dense", "batch": len(x),
