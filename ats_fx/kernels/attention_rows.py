@@ -103,6 +103,9 @@ def _attention_kernel(
     1 with ``sbl`` = 0), read at the rows' and keys' original positions ``POS[b]`` (their own
     indices without ``HAS_POS``): the per-image bias is never materialised."""
     wait_for_previous_kernel(PDL)
+    # Inductor passes a user kernel's Python floats as fp64; Triton's launcher as fp32. Pin fp32 so the
+    # online-softmax state keeps one type either way (docs/performance.md, "Host time").
+    qk_scale = tl.cast(qk_scale, tl.float32)
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H

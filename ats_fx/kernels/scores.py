@@ -42,6 +42,7 @@ def _head_logits_kernel(
     ``HAS_BIAS``: plus the position bias ``BIAS[h, pos(class), pos(j)]`` of a (L, N, N) table, at
     original positions ``POS[b]`` with ``HAS_POS`` (else the tokens' own indices)."""
     wait_for_previous_kernel(PDL)
+    scale = tl.cast(scale, tl.float32)  # fp32 under Inductor's launcher too (it passes Python floats as fp64)
     h = tl.program_id(0).to(tl.int64)  # heads fastest: neighbouring programs read neighbouring bytes
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     b = tl.program_id(2).to(tl.int64)
