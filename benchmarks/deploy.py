@@ -8,10 +8,13 @@ packaged the same way.
 Appends ``benchmark="deploy"`` rows to the results file: ``runs_without_ats_fx`` (1 or 0, per
 package and batch: the dense package too, so a failure of AOTInductor itself shows as such),
 ``agreement`` (top-1 of the package against the eager ATS model, per batch), ``max_abs_diff``,
-``img_s`` and ``speedup`` (against the dense package, rotating rounds), with ``run="aoti"``. Each row
-names the C++ compiler that built the packages (``cxx``): a package's ``.so`` runs its own copy of
-libstdc++'s templates against the loading process's libstdc++, so the compiler is part of the result.
-Set ``CXX`` to build with another one (Inductor reads it).
+``img_s`` and ``speedup`` (against the dense package, rotating rounds, timed in a fresh process
+without ats_fx too), with ``run="aoti"``. Each row names the C++ compiler that built the packages
+(``cxx``) and the libstdc++ the loading processes preloaded (``ld_preload``, "" for none): a
+package's ``.so`` runs its own copy of libstdc++'s templates against the loading process's
+libstdc++, so both are part of the result. When the dense package's process segfaults, it is run
+once more with the compiler's libstdc++ preloaded, and that is used from then on. Set ``CXX`` to
+build with another compiler (Inductor reads it).
 
 The packages check their inputs' shapes at run time (``AOTI_RUNTIME_CHECK_INPUTS=1`` when they are
 compiled; AOTInductor does not otherwise), and the fresh process runs one batch at a time under
@@ -25,6 +28,7 @@ both packages, dense and ATS, refuse batch 1 with "dim value is too small" (meas
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -56,13 +60,14 @@ def cpp_compiler() -> str:
     return f"{shutil.which(cxx) or cxx} ({version.splitlines()[0] if version else 'no version'})"
 
 
-# What a crash while loading looked like on the H100 machine this project was lent (torch 2.11; the
-# H200 one died at the same Python line): the native stack runs through the package's own .so, in
-# std::regex, compiling the pattern of torch::aot_inductor::parse_device_str inside
-# AOTInductorModelContainerCreateWithDevice, for a two-layer CPU model as well.
-# docs/performance.md, "Deployment".
+# On the lent H100 machine (torch 2.11) every package built there died at load with SIGSEGV in
+# std::regex inside its own .so, until the loading process preloaded the libstdc++ of the compiler
+# that built it: the process had another libstdc++ loaded first, and the .so's inlined templates did
+# not match it (docs/performance.md, "Deployment"). So a crash of the dense package is retried once
+# with LD_PRELOAD set to the compiler's runtime, and the rows record it.
 CRASH_HINT = ("the dense package dies as well: the loader or the compiler that built the packages, not "
               "ATS; try another compiler with CXX=... (docs/performance.md, Deployment)")
+SIGSEGV = -11  # subprocess's return code for a process killed by signal 11
 
 
 def package(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
@@ -76,24 +81,43 @@ def package(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
     return torch._inductor.aoti_compile_and_package(program, package_path=str(path))
 
 
-def run_without_ats_fx(package_path: str, inputs: Path, outputs: Path) -> Optional[str]:
-    """Run the package on each saved batch in a fresh process that cannot import ats_fx; the
-    outputs go to ``outputs`` (None for a batch that raised). Returns None, or what the process
-    printed when it died."""
-    script = textwrap.dedent(f"""
+def compiler_runtime() -> Optional[str]:
+    """The libstdc++ that Inductor's C++ compiler links against, or None where it names none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        path = subprocess.run([get_cpp_compiler(), "-print-file-name=libstdc++.so.6"], capture_output=True,
+                              text=True, timeout=60).stdout.strip()
+    except Exception:  # noqa: BLE001 - no compiler answer means no retry, never a failure
+        return None
+    return os.path.realpath(path) if os.path.isabs(path) and os.path.exists(path) else None
+
+
+def fresh_process(body: str, env: dict) -> subprocess.CompletedProcess:
+    """Run ``body`` in a new Python process that cannot import ats_fx (a segfault prints its frame)."""
+    script = textwrap.dedent("""
         import faulthandler
         import sys
-        faulthandler.enable()  # a segfault prints the Python frame it happened in
+        faulthandler.enable()
         sys.modules["ats_fx"] = None  # any import of ats_fx fails
+        sys.path.insert(0, {root!r})  # benchmarks.harness (torch and the standard library only)
+    """).format(root=str(Path(__file__).resolve().parents[1])) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
+                          env={**env, "AOTI_RUNTIME_CHECK_INPUTS": "1"})
+
+
+def run_without_ats_fx(package_path: str, inputs: Path, outputs: Path, env: dict) -> tuple[int, str]:
+    """Run the package on each saved batch in a fresh process without ats_fx; the outputs go to
+    ``outputs`` (None for a batch that raised). Returns the exit code and, if it died, what it printed."""
+    done = fresh_process(f"""
         import torch
         from torch._inductor import aoti_load_package
 
         print("loading", flush=True)
         run = aoti_load_package({package_path!r})
-        batches = torch.load({str(inputs)!r})
         outs = []
         with torch.no_grad():
-            for x in batches:
+            for x in torch.load({str(inputs)!r}):
                 print("batch", len(x), flush=True)
                 try:
                     outs.append(run(x).cpu())
@@ -101,14 +125,54 @@ def run_without_ats_fx(package_path: str, inputs: Path, outputs: Path) -> Option
                     print("batch", len(x), "failed:", error, flush=True)
                     outs.append(None)
         torch.save(outs, {str(outputs)!r})
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "AOTI_RUNTIME_CHECK_INPUTS": "1"})
+    """, env)
     if done.returncode:
-        return f"exit {done.returncode}:\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}"
+        return done.returncode, f"exit {done.returncode}:\n{done.stdout[-1500:]}\n{done.stderr[-3000:]}"
     if "failed:" in done.stdout:
         log.warning("%s", done.stdout[-1500:])
-    return None
+    return 0, ""
+
+
+def loader_env(package_path: str, inputs: Path, outputs: Path) -> tuple[dict, str, str]:
+    """Run the dense package without ats_fx; if its process segfaults, once more with the compiler's
+    libstdc++ preloaded. Returns the environment that worked (or the plain one), the preload it
+    needed ("" for none) and what the last dead process printed ("" if it ran)."""
+    env = dict(os.environ)
+    code, crash = run_without_ats_fx(package_path, inputs, outputs, env)
+    runtime = compiler_runtime()
+    if code != SIGSEGV or "LD_PRELOAD" in env or not runtime:
+        return env, env.get("LD_PRELOAD", ""), crash
+    log.warning("the dense package segfaulted at load; retrying with LD_PRELOAD=%s (the runtime of the "
+                "compiler that built it)", runtime)
+    preloaded = {**env, "LD_PRELOAD": runtime}
+    code, crash_again = run_without_ats_fx(package_path, inputs, outputs, preloaded)
+    if code:
+        return env, "", crash
+    log.warning("it runs with the compiler's libstdc++ preloaded: load packages built here with "
+                "LD_PRELOAD=%s (docs/performance.md, Deployment)", runtime)
+    return preloaded, runtime, ""
+
+
+def time_without_ats_fx(dense_pkg: str, ats_pkg: str, inputs: Path, times: Path, device: torch.device,
+                        n_rounds: int, env: dict) -> None:
+    """Time both packages on each saved batch, in rotating rounds, in one fresh process without ats_fx
+    (where a deployed model runs); ms per call per round go to ``times``, keyed by batch."""
+    done = fresh_process(f"""
+        import json
+        import torch
+        from torch._inductor import aoti_load_package
+        from benchmarks import harness
+
+        device = torch.device({device.type!r})
+        runs = {{"dense": aoti_load_package({dense_pkg!r}), "ats": aoti_load_package({ats_pkg!r})}}
+        out = {{}}
+        for x in torch.load({str(inputs)!r}):
+            fns = {{label: (lambda run=run, x=x: run(x)) for label, run in runs.items()}}
+            out[len(x)] = harness.rounds(fns, device, {n_rounds})
+        open({str(times)!r}, "w").write(json.dumps(out))
+    """, env)
+    if done.returncode:
+        raise RuntimeError(f"timing the packages failed: exit {done.returncode}\n{done.stderr[-3000:]}")
 
 
 def main(argv=None) -> None:
@@ -140,10 +204,11 @@ def main(argv=None) -> None:
             "cxx": cpp_compiler()}
     log.info("packages built by %s", cell["cxx"])
     crashed, refused = {}, {}  # per package: what the dead process printed; the batches that raised
-    for label, pkg in (("dense", dense_pkg), ("ats", ats_pkg)):  # dense first: is AOTInductor itself at fault?
-        crashed[label] = run_without_ats_fx(pkg, work / "inputs.pt", work / f"{label}.pt")
+    env, cell["ld_preload"], crashed["dense"] = loader_env(dense_pkg, work / "inputs.pt", work / "dense.pt")
+    crashed["ats"] = run_without_ats_fx(ats_pkg, work / "inputs.pt", work / "ats.pt", env)[1]
+    for label in ("dense", "ats"):  # dense first: is AOTInductor itself at fault?
         if crashed[label]:
-            hint = f" ({CRASH_HINT})" if crashed["dense"] else ""  # dense runs first
+            hint = f" ({CRASH_HINT})" if crashed["dense"] else ""
             log.error("the %s package failed in a process without ats_fx%s: %s", label, hint, crashed[label])
         outs = [None] * len(batches) if crashed[label] else torch.load(work / f"{label}.pt")
         refused[label] = {len(x) for x, out in zip(batches, outs) if out is None}
@@ -165,11 +230,11 @@ def main(argv=None) -> None:
             rows += [{**cell, "batch": len(x), "metric": "agreement", "value": agree},
                      {**cell, "batch": len(x), "metric": "max_abs_diff", "value": diff}]
             log.info("batch %d: top-1 agreement %.4f, max |diff| %.3g", len(x), agree, diff)
-    from torch._inductor import aoti_load_package
-
-    ats_run, dense_run = aoti_load_package(ats_pkg), aoti_load_package(dense_pkg)
+    torch.save(batches, work / "timed.pt")  # the batches both packages accept
+    time_without_ats_fx(dense_pkg, ats_pkg, work / "timed.pt", work / "times.json", device, args.rounds, env)
+    timed = json.loads((work / "times.json").read_text())
     for x in batches:
-        times = harness.rounds({"dense": lambda: dense_run(x), "ats": lambda: ats_run(x)}, device, args.rounds)
+        times = timed[str(len(x))]
         med, lo, hi = harness.speedups(times, "dense")["ats"]
         for label in ("dense", "ats"):
             ms = sorted(times[label])[len(times[label]) // 2]

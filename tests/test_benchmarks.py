@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -100,6 +101,37 @@ def test_deploy_checks_the_package_against_eager_ats_and_records_refused_batches
     assert agreement[3] == 1.0 and diff[3] < 1e-4
     assert {r["batch"] for r in rows if r["metric"] == "speedup"} == set(agreement)
     assert all(r["cxx"] and not r["cxx"].startswith("unknown") for r in rows)  # the compiler is part of the result
+    assert all(r["ld_preload"] == "" for r in rows)  # this machine's loader needs no preload
+
+
+def test_deploy_retries_a_segfaulting_loader_with_the_compilers_libstdcxx(monkeypatch, tmp_path):
+    from benchmarks import deploy
+
+    runtime = deploy.compiler_runtime()
+    assert runtime and Path(runtime).name.startswith("libstdc++.so.6")  # Inductor's compiler names its runtime
+    calls = []
+
+    def loader(exit_without_preload):
+        def run(package, inputs, outputs, env):
+            calls.append(env.get("LD_PRELOAD"))
+            return (exit_without_preload, "died") if "LD_PRELOAD" not in env else (0, "")
+        return run
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(deploy, "run_without_ats_fx", loader(deploy.SIGSEGV))
+    env, preload, crash = deploy.loader_env("dense.pt2", tmp_path / "in.pt", tmp_path / "out.pt")
+    assert (env["LD_PRELOAD"], preload, crash, calls) == (runtime, runtime, "", [None, runtime])
+
+    calls.clear()  # an exit that is not a segfault (a Python error) is reported, not retried
+    monkeypatch.setattr(deploy, "run_without_ats_fx", loader(1))
+    env, preload, crash = deploy.loader_env("dense.pt2", tmp_path / "in.pt", tmp_path / "out.pt")
+    assert ("LD_PRELOAD" in env, preload, crash, calls) == (False, "", "died", [None])
+
+    calls.clear()  # a preload that does not help either: the first crash is what the caller reports
+    monkeypatch.setattr(deploy, "run_without_ats_fx", lambda package, inputs, outputs, env: (
+        calls.append(env.get("LD_PRELOAD")) or (deploy.SIGSEGV, f"died with {env.get('LD_PRELOAD')}")))
+    env, preload, crash = deploy.loader_env("dense.pt2", tmp_path / "in.pt", tmp_path / "out.pt")
+    assert ("LD_PRELOAD" in env, preload, crash, calls) == (False, "", "died with None", [None, runtime])
 
 
 def test_stage_host_times_each_piece_of_the_first_stage(tmp_path):
