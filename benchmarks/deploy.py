@@ -60,11 +60,11 @@ def cpp_compiler() -> str:
     return f"{shutil.which(cxx) or cxx} ({version.splitlines()[0] if version else 'no version'})"
 
 
-# On the lent H100 machine (torch 2.11) every package built there died at load with SIGSEGV in
-# std::regex inside its own .so, until the loading process preloaded the libstdc++ of the compiler
-# that built it: the process had another libstdc++ loaded first, and the .so's inlined templates did
-# not match it (docs/performance.md, "Deployment"). So a crash of the dense package is retried once
-# with LD_PRELOAD set to the compiler's runtime, and the rows record it.
+# On the lent H100 machine (torch 2.11) packages built by /opt/gcc/bin/g++ died at load with SIGSEGV
+# in std::regex inside their own .so, and ran once the loading process preloaded the system
+# libstdc++; packages built by /usr/bin/g++ ran as they were (docs/performance.md, "Deployment").
+# So a crash of the dense package is retried once with the compiler's libstdc++ preloaded, and the
+# rows record the preload.
 CRASH_HINT = ("the dense package dies as well: the loader or the compiler that built the packages, not "
               "ATS; try another compiler with CXX=... (docs/performance.md, Deployment)")
 SIGSEGV = -11  # subprocess's return code for a process killed by signal 11

@@ -1,4 +1,4 @@
-"""The README's performance table, generated from the results file.
+"""The README's performance tables, generated from the results file: speed, then deployment.
 
     python -m benchmarks.report            # print the table
     python -m benchmarks.report --readme   # rewrite it in README.md, between its markers
@@ -103,6 +103,42 @@ def speed_tables(rows: list[dict]) -> str:
     return "\n\n".join(f"**{device}**\n\n{speed_table(rows, device)}" for device in found)
 
 
+def deploy_table(rows: list[dict]) -> str:
+    """``benchmarks.deploy`` rows as one table: per (device, model, config, dtype), the newest commit's
+    batches, each with the package's top-1 agreement with eager ATS, its largest logit difference,
+    both packages' images per second and the speed-up; "" without deploy rows."""
+    deploy = [r for r in rows if r["benchmark"] == "deploy"]
+    latest = {(r["device"], r["model"], r["dtype"]): r["commit"] for r in deploy}
+    cells: dict = {}
+    for r in deploy:
+        if r["commit"] == latest[(r["device"], r["model"], r["dtype"])]:
+            name = r["metric"] if r["config"] != "dense" else "dense_" + r["metric"]
+            cells.setdefault((r["device"], r["model"], r["dtype"], r["batch"]), {})[name] = r
+    if not cells:
+        return ""
+    head = ["device", "model", "dtype", "batch", "packages that ran", "top-1 agreement", "max abs diff",
+            "dense img/s", "ATS img/s", "speed-up", "commit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (device, model, dtype, batch), got in sorted(cells.items(), key=lambda kv: (kv[0][:3], kv[0][3])):
+        def fmt(metric: str, spec: str) -> str:
+            return format(got[metric]["value"], spec) if metric in got else "-"
+        runs = {"dense": got.get("dense_runs_without_ats_fx", {}).get("value") == 1.0,
+                "ATS": got.get("runs_without_ats_fx", {}).get("value") == 1.0}
+        runs_text = "both" if all(runs.values()) else " and ".join(k for k, ok in runs.items() if ok) or "neither"
+        config = next((r["config"] for r in got.values() if r["config"] != "dense"), "")
+        lines.append("| " + " | ".join([
+            device, f"{SHORT.get(model, model)} {config}".strip(), dtype, str(batch),
+            runs_text, fmt("agreement", ".4f"), fmt("max_abs_diff", ".2g"), fmt("dense_img_s", ".0f"),
+            fmt("img_s", ".0f"), fmt("speedup", ".2f") + ("x" if "speedup" in got else ""),
+            next(iter(got.values()))["commit"]]) + " |")
+    versions = sorted({(r["torch"], r["triton"], r.get("cxx", "?"), r.get("ld_preload", "") or "none") for r in deploy
+                       if r["commit"] == latest[(r["device"], r["model"], r["dtype"])]})
+    env = "; ".join(f"torch {t}, triton {tr}, packages built by {cxx}, preload {pre}" for t, tr, cxx, pre in versions)
+    return ("**AOTInductor packages, loaded in a process without ats_fx** (`python -m benchmarks.deploy`; "
+            "the ATS package against eager ATS, and timed against the dense package)\n\n"
+            + "\n".join(lines) + f"\n\n{env}.")
+
+
 def rewrite_readme(table: str, readme: Path = README) -> None:
     text = readme.read_text()
     if BEGIN not in text or END not in text:
@@ -117,7 +153,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--results", type=Path, default=harness.RESULTS)
     p.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
     args = p.parse_args(argv)
-    table = speed_tables(harness.load(args.results))
+    rows = harness.load(args.results)
+    table = "\n\n".join(part for part in (speed_tables(rows), deploy_table(rows)) if part)
     if args.readme:
         rewrite_readme(table)
     print(table)

@@ -67,6 +67,30 @@ def test_report_gives_each_device_its_own_table():
     assert "1.05x" in cpu and "batch 256" not in cpu and "1.30x" not in cpu
 
 
+def test_report_deploy_table_shows_the_newest_commit_per_device_and_dtype():
+    base = {"benchmark": "deploy", "model": "deit_small_patch16_224", "run": "aoti", "torch": "2", "triton": "3",
+            "dtype": "float16", "date": "d", "device": "GPU", "cxx": "/usr/bin/g++ (13)", "ld_preload": ""}
+
+    def cell(commit, batch, speedup, ran=1.0):
+        ats = {**base, "config": "multi rho=0.87", "commit": commit, "batch": batch}
+        dense = {**ats, "config": "dense"}
+        return [{**dense, "metric": "runs_without_ats_fx", "value": 1.0},
+                {**ats, "metric": "runs_without_ats_fx", "value": ran},
+                {**ats, "metric": "agreement", "value": 0.96875}, {**ats, "metric": "max_abs_diff", "value": 0.1},
+                {**dense, "metric": "img_s", "value": 1000.0}, {**ats, "metric": "img_s", "value": 1500.0},
+                {**ats, "metric": "speedup", "value": speedup}]
+
+    rows = cell("old", 8, 0.5) + cell("new", 8, 1.5) + cell("new", 64, 1.25, ran=0.0)
+    text = report.deploy_table(rows)
+    lines = [line for line in text.splitlines() if line.startswith("| GPU")]
+    assert len(lines) == 2 and "0.50x" not in text  # an older commit's cell never shares the table
+    assert lines[0].split(" | ")[1:] == ["DeiT-S multi rho=0.87", "float16", "8", "both", "0.9688", "0.1", "1000",
+                                         "1500", "1.50x", "new |"]
+    assert " | 64 | dense | " in lines[1]  # the ATS package did not run there
+    assert "packages built by /usr/bin/g++ (13), preload none" in text
+    assert report.deploy_table([r for r in rows if r["benchmark"] == "speed"]) == ""
+
+
 def test_report_rewrites_only_between_the_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
