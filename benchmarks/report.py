@@ -119,7 +119,7 @@ def deploy_table(rows: list[dict]) -> str:
     head = ["device", "model", "dtype", "batch", "packages that ran", "top-1 agreement", "max abs diff",
             "dense img/s", "ATS img/s", "speed-up", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (device, model, dtype, batch), got in sorted(cells.items(), key=lambda kv: (kv[0][:3], kv[0][3])):
+    for (device, model, dtype, batch), got in sorted(cells.items(), key=lambda kv: (kv[0][0].startswith("CPU"), kv[0])):
         def fmt(metric: str, spec: str) -> str:
             return format(got[metric]["value"], spec) if metric in got else "-"
         runs = {"dense": got.get("dense_runs_without_ats_fx", {}).get("value") == 1.0,
