@@ -48,13 +48,18 @@ from benchmarks.speed import point_kwargs
 log = logging.getLogger("benchmarks.deploy")
 
 
+def ask_compiler(flag: str) -> tuple[str, str]:
+    """Inductor's C++ compiler (what ``CXX`` names, else its default) and its answer to ``flag``."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    cxx = get_cpp_compiler()
+    return cxx, subprocess.run([cxx, flag], capture_output=True, text=True, timeout=60).stdout.strip()
+
+
 def cpp_compiler() -> str:
     """The C++ compiler Inductor builds packages with, as ``path (version line)``."""
     try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        cxx = get_cpp_compiler()
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60).stdout
+        cxx, version = ask_compiler("--version")
     except Exception as error:  # noqa: BLE001 - a label for the results, never a reason to stop
         return f"unknown ({type(error).__name__}: {error})"
     return f"{shutil.which(cxx) or cxx} ({version.splitlines()[0] if version else 'no version'})"
@@ -84,10 +89,7 @@ def package(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
 def compiler_runtime() -> Optional[str]:
     """The libstdc++ that Inductor's C++ compiler links against, or None where it names none."""
     try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        path = subprocess.run([get_cpp_compiler(), "-print-file-name=libstdc++.so.6"], capture_output=True,
-                              text=True, timeout=60).stdout.strip()
+        path = ask_compiler("-print-file-name=libstdc++.so.6")[1]
     except Exception:  # noqa: BLE001 - no compiler answer means no retry, never a failure
         return None
     return os.path.realpath(path) if os.path.isabs(path) and os.path.exists(path) else None
@@ -139,14 +141,13 @@ def loader_env(package_path: str, inputs: Path, outputs: Path) -> tuple[dict, st
     needed ("" for none) and what the last dead process printed ("" if it ran)."""
     env = dict(os.environ)
     code, crash = run_without_ats_fx(package_path, inputs, outputs, env)
-    runtime = compiler_runtime()
-    if code != SIGSEGV or "LD_PRELOAD" in env or not runtime:
+    runtime = compiler_runtime() if code == SIGSEGV and "LD_PRELOAD" not in env else None
+    if not runtime:
         return env, env.get("LD_PRELOAD", ""), crash
     log.warning("the dense package segfaulted at load; retrying with LD_PRELOAD=%s (the runtime of the "
                 "compiler that built it)", runtime)
     preloaded = {**env, "LD_PRELOAD": runtime}
-    code, crash_again = run_without_ats_fx(package_path, inputs, outputs, preloaded)
-    if code:
+    if run_without_ats_fx(package_path, inputs, outputs, preloaded)[0]:
         return env, "", crash
     log.warning("it runs with the compiler's libstdc++ preloaded: load packages built here with "
                 "LD_PRELOAD=%s (docs/performance.md, Deployment)", runtime)

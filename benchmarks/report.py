@@ -131,9 +131,10 @@ def deploy_table(rows: list[dict]) -> str:
             runs_text, fmt("agreement", ".4f"), fmt("max_abs_diff", ".2g"), fmt("dense_img_s", ".0f"),
             fmt("img_s", ".0f"), fmt("speedup", ".2f") + ("x" if "speedup" in got else ""),
             next(iter(got.values()))["commit"]]) + " |")
-    versions = sorted({(r["torch"], r["triton"], r.get("cxx", "?"), r.get("ld_preload", "") or "none") for r in deploy
-                       if r["commit"] == latest[(r["device"], r["model"], r["dtype"])]})
-    env = "; ".join(f"torch {t}, triton {tr}, packages built by {cxx}, preload {pre}" for t, tr, cxx, pre in versions)
+    versions = sorted({(r["device"], r["torch"], r["triton"], r.get("cxx", "?"), r.get("ld_preload", "") or "none")
+                       for r in deploy if r["commit"] == latest[(r["device"], r["model"], r["dtype"])]})
+    env = "; ".join(f"{device}: torch {t}, triton {tr}, packages built by {cxx}, preload {pre}"
+                    for device, t, tr, cxx, pre in versions)
     return ("**AOTInductor packages, loaded in a process without ats_fx** (`python -m benchmarks.deploy`; "
             "the ATS package against eager ATS, and timed against the dense package)\n\n"
             + "\n".join(lines) + f"\n\n{env}.")

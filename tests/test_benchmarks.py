@@ -87,7 +87,7 @@ def test_report_deploy_table_shows_the_newest_commit_per_device_and_dtype():
     assert lines[0].split(" | ")[1:] == ["DeiT-S multi rho=0.87", "float16", "8", "both", "0.9688", "0.1", "1000",
                                          "1500", "1.50x", "new |"]
     assert " | 64 | dense | " in lines[1]  # the ATS package did not run there
-    assert "packages built by /usr/bin/g++ (13), preload none" in text
+    assert "GPU: torch 2, triton 3, packages built by /usr/bin/g++ (13), preload none" in text
     assert report.deploy_table([r for r in rows if r["benchmark"] == "speed"]) == ""
 
 
