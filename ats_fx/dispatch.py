@@ -71,8 +71,7 @@ def reference_kernels() -> Iterator[None]:
 
 def use_triton(x: Tensor, kernels: str) -> bool:
     """``kernels="auto"``: Triton on CUDA for float32/16/bf16; the reference elsewhere. Never under
-    ``torch.export``: an exported model holds the reference's aten ops (static padding) and runs
-    without ats_fx, so AOTInductor can package it for a process that never imports it."""
+    ``torch.export``, where ``packaged`` decides: an exported model must run without ats_fx."""
     if kernels == "reference" or _reference_only or torch.compiler.is_exporting():
         return False
     if kernels == "triton":
@@ -83,6 +82,16 @@ def use_triton(x: Tensor, kernels: str) -> bool:
             )
         return True
     return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available()
+
+
+def packaged(x: Tensor, kernels: str) -> bool:
+    """Under ``torch.export``, the Triton kernels as ``triton_op``s (``packaged_ops.py``), which
+    AOTInductor compiles into the package: for CUDA tensors of float32/16/bf16 unless
+    ``kernels="reference"``. Elsewhere an exported model holds the reference's aten ops. Either
+    way the package runs in a process that never imports ats_fx. The callers add the rest: static
+    padding, no gradient, no dropout."""
+    return (torch.compiler.is_exporting() and kernels != "reference" and not _reference_only and x.is_cuda
+            and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available())
 
 
 def needs_grad(*xs: Tensor) -> bool:

@@ -20,8 +20,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import overlap
-from .dispatch import needs_grad, tracing, use_triton
+from . import overlap, packaged_ops  # noqa: F401  (packaged_ops registers ats_fx::packaged_*)
+from .dispatch import needs_grad, packaged, tracing, use_triton
 from .kernels import reference
 
 log = logging.getLogger(__name__)
@@ -268,8 +268,8 @@ def attention(
     of a layer after a stage, over the key-padding mask. ``bias`` (L, N, N) is a position bias
     table over the original tokens, read at the tokens' original ``positions`` (B, T) (None: the
     original tokens). On CUDA when no gradient or dropout is needed: the Triton kernel (1.2-4x
-    faster than the masked SDPA on H100, docs/performance.md), which reads the bias from the table.
-    Elsewhere SDPA (on gathered queries, the bias materialised per image), which has a backward.
+    faster than the masked SDPA on H100, docs/performance.md), which reads the bias from the table;
+    exported, the same kernel as ``ats_fx::packaged_attention`` (``packaged_ops.py``). Elsewhere SDPA (on gathered queries, the bias materialised per image), which has a backward.
     Without an index, a mask or a bias nothing is padded: plain SDPA (flash)."""
     triton_ok = index is not None or key_mask is not None or bias is not None
     grads = needs_grad(q, k, v) or (bias is not None and needs_grad(bias))
@@ -277,6 +277,8 @@ def attention(
         if tracing(q):
             return torch.ops.ats_fx.attention_rows(q, k, v, index, key_mask, scale, bias, positions)
         return _launch(q, k, v, index, key_mask, scale, bias, positions)
+    if triton_ok and dropout_p == 0.0 and packaged(q, kernels) and not grads:
+        return torch.ops.ats_fx.packaged_attention(q, k, v, index, key_mask, scale, bias, positions)
     if bias is not None:
         bias = reference.position_bias(bias, positions, q.shape[0])
     if index is None:
@@ -297,7 +299,10 @@ def sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *args) -
     q, k, v = q.detach(), k.detach(), v.detach()
     if len(args) > 8 and args[8] is not None:  # the position bias table
         args = (*args[:8], args[8].detach(), *args[9:])
-    if tracing(q) and not _inline(q, args[5], args[7]):
+    width, strict, kernels = args[5], args[6], args[7]
+    if width >= 0 and not strict and packaged(q, kernels):  # exported on CUDA: the kernels, packageable
+        return (*torch.ops.ats_fx.packaged_sample(q, k, v, key_mask, *args[:6], *args[8:]), None)
+    if tracing(q) and not _inline(q, width, kernels):
         return (*torch.ops.ats_fx.sample_tokens(q, k, v, key_mask, *args), None)
     return _sample(q, k, v, key_mask, *args)
 

@@ -9,7 +9,9 @@ Appends ``benchmark="deploy"`` rows to the results file: ``runs_without_ats_fx``
 package and batch: the dense package too, so a failure of AOTInductor itself shows as such),
 ``agreement`` (top-1 of the package against the eager ATS model, per batch), ``max_abs_diff``,
 ``img_s`` and ``speedup`` (against the dense package, rotating rounds, timed in a fresh process
-without ats_fx too), with ``run="aoti"``. Each row names the C++ compiler that built the packages
+without ats_fx too), with ``run="aoti"``. ``kernels`` says what the ATS package runs: "triton"
+(ats_fx's kernels, compiled into it: CUDA) or "reference" (aten ops: the CPU, or ``--kernels
+reference``). Each row names the C++ compiler that built the packages
 (``cxx``) and the libstdc++ the loading processes preloaded (``ld_preload``, "" for none): a
 package's ``.so`` runs its own copy of libstdc++'s templates against the loading process's
 libstdc++, so both are part of the result. When the dense package's process segfaults, it is run
@@ -75,15 +77,20 @@ CRASH_HINT = ("the dense package dies as well: the loader or the compiler that b
 SIGSEGV = -11  # subprocess's return code for a process killed by signal 11
 
 
-def package(model: torch.nn.Module, example: torch.Tensor, path: Path) -> str:
+def package(model: torch.nn.Module, example: torch.Tensor, path: Path) -> tuple[str, str]:
+    """Export ``model`` with a dynamic batch and package it: ``(package path, kernels)``, where
+    ``kernels`` is "triton" when the program calls ats_fx's kernels (``ats_fx::packaged_*``, which
+    AOTInductor compiles into the package), else "reference" (aten ops only)."""
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
-    leftover = [str(n.target) for n in program.graph.nodes if "ats_fx" in str(n.target)]
+    ats_ops = {str(n.target) for n in program.graph.nodes if "ats_fx" in str(n.target)}
+    leftover = sorted(op for op in ats_ops if ".packaged_" not in op)
     if leftover:
-        raise RuntimeError(f"the exported program still calls {leftover}")
-    log.info("%s: batch range %s", path.name, program.range_constraints)
+        raise RuntimeError(f"the exported program still calls {leftover}, which AOTInductor cannot package")
+    log.info("%s: batch range %s, ats_fx ops %s", path.name, program.range_constraints, sorted(ats_ops))
     os.environ["AOTI_RUNTIME_CHECK_INPUTS"] = "1"  # a shape outside the export's range raises, never reads past
-    return torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    built = torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    return built, "triton" if ats_ops else "reference"
 
 
 def compiler_runtime() -> Optional[str]:
@@ -186,6 +193,8 @@ def main(argv=None) -> None:
     p.add_argument("--results", type=Path, default=harness.RESULTS)
     p.add_argument("--device", default="cuda", help="cpu only to try the script (the reference path)")
     p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--kernels", default="auto", choices=["auto", "reference"],
+                   help="the ATS model's kernels: auto packages ats_fx's Triton kernels on CUDA")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     import timm
@@ -193,16 +202,17 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     base = timm.create_model(args.model, pretrained=False, img_size=args.img_size).eval()
-    ats = ats_fx.transform(base, **point_kwargs(args.point), padding="static", cuda_graphs=False).to(device, dtype)
+    ats = ats_fx.transform(base, **point_kwargs(args.point), padding="static", cuda_graphs=False,
+                           kernels=args.kernels).to(device, dtype)
     dense = base.to(device, dtype)
     work = Path(tempfile.mkdtemp())
     example = torch.randn(2, 3, args.img_size, args.img_size, device=device, dtype=dtype)
-    ats_pkg, dense_pkg = package(ats, example, work / "ats.pt2"), package(dense, example, work / "dense.pt2")
+    (ats_pkg, kernels), (dense_pkg, _) = package(ats, example, work / "ats.pt2"), package(dense, example, work / "dense.pt2")
     batches = [torch.randn(b, 3, args.img_size, args.img_size, device=device, dtype=dtype) for b in args.batches]
     torch.save(batches, work / "inputs.pt")
     rows = []
     cell = {"benchmark": "deploy", "model": args.model, "run": "aoti", "dtype": args.dtype, "config": args.point,
-            "cxx": cpp_compiler()}
+            "kernels": kernels, "cxx": cpp_compiler()}
     log.info("packages built by %s", cell["cxx"])
     crashed, refused = {}, {}  # per package: what the dead process printed; the batches that raised
     env, cell["ld_preload"], crashed["dense"] = loader_env(dense_pkg, work / "inputs.pt", work / "dense.pt")

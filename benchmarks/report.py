@@ -107,19 +107,21 @@ def deploy_table(rows: list[dict]) -> str:
     """``benchmarks.deploy`` rows as one table: per (device, model, config, dtype), the newest commit's
     batches, each with the package's top-1 agreement with eager ATS, its largest logit difference,
     both packages' images per second and the speed-up; "" without deploy rows."""
-    deploy = [r for r in rows if r["benchmark"] == "deploy"]
-    latest = {(r["device"], r["model"], r["dtype"]): r["commit"] for r in deploy}
+    # Rows written before the packages could hold ats_fx's kernels ran the reference.
+    deploy = [{"kernels": "reference", **r} for r in rows if r["benchmark"] == "deploy"]
+    latest = {(r["device"], r["model"], r["dtype"], r["kernels"]): r["commit"] for r in deploy}
     cells: dict = {}
     for r in deploy:
-        if r["commit"] == latest[(r["device"], r["model"], r["dtype"])]:
+        if r["commit"] == latest[(r["device"], r["model"], r["dtype"], r["kernels"])]:
             name = r["metric"] if r["config"] != "dense" else "dense_" + r["metric"]
-            cells.setdefault((r["device"], r["model"], r["dtype"], r["batch"]), {})[name] = r
+            cells.setdefault((r["device"], r["model"], r["dtype"], r["kernels"], r["batch"]), {})[name] = r
     if not cells:
         return ""
-    head = ["device", "model", "dtype", "batch", "packages that ran", "top-1 agreement", "max abs diff",
-            "dense img/s", "ATS img/s", "speed-up", "commit"]
+    head = ["device", "model", "dtype", "ATS kernels", "batch", "packages that ran", "top-1 agreement",
+            "max abs diff", "dense img/s", "ATS img/s", "speed-up", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (device, model, dtype, batch), got in sorted(cells.items(), key=lambda kv: (kv[0][0].startswith("CPU"), kv[0])):
+    for (device, model, dtype, kernels, batch), got in sorted(cells.items(),
+                                                             key=lambda kv: (kv[0][0].startswith("CPU"), kv[0])):
         def fmt(metric: str, spec: str) -> str:
             return format(got[metric]["value"], spec) if metric in got else "-"
         runs = {"dense": got.get("dense_runs_without_ats_fx", {}).get("value") == 1.0,
@@ -127,12 +129,12 @@ def deploy_table(rows: list[dict]) -> str:
         runs_text = "both" if all(runs.values()) else " and ".join(k for k, ok in runs.items() if ok) or "neither"
         config = next((r["config"] for r in got.values() if r["config"] != "dense"), "")
         lines.append("| " + " | ".join([
-            device, f"{SHORT.get(model, model)} {config}".strip(), dtype, str(batch),
+            device, f"{SHORT.get(model, model)} {config}".strip(), dtype, kernels, str(batch),
             runs_text, fmt("agreement", ".4f"), fmt("max_abs_diff", ".2g"), fmt("dense_img_s", ".0f"),
             fmt("img_s", ".0f"), fmt("speedup", ".2f") + ("x" if "speedup" in got else ""),
             next(iter(got.values()))["commit"]]) + " |")
     versions = sorted({(r["device"], r["torch"], r["triton"], r.get("cxx", "?"), r.get("ld_preload", "") or "none")
-                       for r in deploy if r["commit"] == latest[(r["device"], r["model"], r["dtype"])]})
+                       for r in deploy if r["commit"] == latest[(r["device"], r["model"], r["dtype"], r["kernels"])]})
     env = "; ".join(f"{device}: torch {t}, triton {tr}, packages built by {cxx}, preload {pre}"
                     for device, t, tr, cxx, pre in versions)
     return ("**AOTInductor packages, loaded in a process without ats_fx** (`python -m benchmarks.deploy`; "

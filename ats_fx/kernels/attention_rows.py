@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_options, use_pdl, wait_for_previous_kernel
+from .pdl import launch_options, use_pdl, wait_for_previous_kernel, wrap_triton
 
 
 @triton.jit
@@ -192,9 +192,11 @@ Q_FIRST = True
 
 def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], scale: float,
                      rows: int, config: Optional[dict] = None, bias: Optional[torch.Tensor] = None,
-                     positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     positions: Optional[torch.Tensor] = None, traceable: bool = False) -> torch.Tensor:
     """Run ``_attention_kernel`` for ``rows`` query rows (gathered through ``index`` if given);
     ``config`` overrides ``default_config`` (benchmarks/attention_configs.py sweeps it).
+    ``traceable``: launched through ``wrap_triton`` inside a ``triton_op`` (``packaged_ops.py``),
+    without PDL and with a tile config that does not depend on the batch.
     ``bias``: a position bias table (L, N, N), L = heads or 1, over the original tokens, added at
     ``bias[h, positions[b, row], positions[b, key]]``; ``positions`` (B, T) maps the key set's
     rows to original positions (-1: padding), or None when they are the original tokens."""
@@ -202,7 +204,8 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
     T = k.shape[2]
     # (B, R, H, dh) memory: the model's following transpose(1, 2).reshape(B, R, C) is then a view.
     out = torch.empty(B, rows, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
-    config = config or default_config(rows, D, B * H, multiprocessors(q.device))
+    if config is None:  # traced: the batch config, since the small-grid choice would guard the batch
+        config = default_config(rows, D) if traceable else default_config(rows, D, B * H, multiprocessors(q.device))
     mask = out if key_mask is None else key_mask.view(torch.int8) if key_mask.dtype == torch.bool else key_mask
     idx = index if index is not None else mask  # a dummy pointer without an index
     if bias is not None and (bias.dim() != 3 or bias.shape[0] not in (1, H)):
@@ -211,8 +214,9 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
     pos = positions if positions is not None else idx
     bias_strides = (0 if table.shape[0] == 1 else table.stride(0), table.stride(1), table.stride(2))
     grid = (triton.cdiv(rows, config["BLOCK_M"]), B * H)
-    pdl = use_pdl(q)
-    _attention_kernel[grid](
+    pdl = not traceable and use_pdl(q)
+    kernel = wrap_triton(_attention_kernel) if traceable else _attention_kernel
+    kernel[grid](
         q, k, v, idx, mask, table, pos, out,
         *q.stride(), *k.stride(), *v.stride(),
         idx.stride(0), idx.stride(1),

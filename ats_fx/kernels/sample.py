@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_options, use_pdl, wait_for_previous_kernel
+from .pdl import launch_options, use_pdl, wait_for_previous_kernel, wrap_triton
 from .reference import MIN_TOKENS
 from .scores import combine_heads
 
@@ -102,12 +102,17 @@ def inverse_transform_sample(
     budget: torch.Tensor,
     num_prefix: int,
     width: Optional[int] = None,
+    traceable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(index, mask, kept)`` like the reference, for ``width`` output slots (default: all T).
+    ``scores``: S (B, T), or the per-head logits and value norms (2, B, H, T) of ``head_scores``.
 
     With ``width=None`` the result has T slots; the caller truncates to max K' + p (batch_max).
+    ``traceable``: launched through ``wrap_triton`` inside a ``triton_op`` (``packaged_ops.py``),
+    without PDL. The budget is given, so the kernel's K arithmetic (which needs fp fusion off, a
+    launch option ``wrap_triton`` does not pass) is not used.
     """
-    index, out_mask, kept, _, _, _ = _launch(scores, key_mask, num_prefix, width, budget=budget)
+    index, out_mask, kept, _, _, _ = _launch(scores, key_mask, num_prefix, width, budget=budget, traceable=traceable)
     return index, out_mask, kept
 
 
@@ -156,7 +161,7 @@ def _float64_bits(x: float) -> int:
 
 
 def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None, bad=None, want_stats=False,
-            out=None):
+            out=None, traceable=False):
     from_heads = scores.dim() == 4  # (2, B, H, T): logits and value norms
     B, T = scores.shape[-3 if from_heads else 0], scores.shape[-1]
     H = scores.shape[2] if from_heads else 1
@@ -179,8 +184,13 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     # The stats buffer needs a fill (one more launch): only when the caller reads it.
     stats = torch.full((3,), -(2**30), device=device, dtype=torch.int32) if want_stats else None
     mask = key_mask if key_mask is not None else scores
-    pdl = use_pdl(scores)
-    _sample_kernel[(B,)](
+    pdl = not traceable and use_pdl(scores)
+    # Fusing K's float64 multiply-add into an FMA moved K at x.5 products: off. wrap_triton takes
+    # no such option, so a traced launch must be given the budget.
+    options = {} if traceable else {"enable_fp_fusion": False}
+    assert given or not traceable
+    kernel = wrap_triton(_sample_kernel) if traceable else _sample_kernel
+    kernel[(B,)](
         scores, scores[1] if from_heads else scores, budget, mask, index, out_mask, kept,
         bad if bad is not None else kept, stats if stats is not None else kept, _float64_bits(ratio or 0.0),
         mask.stride(0), mask.stride(-1),
@@ -188,6 +198,6 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
         HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=stats is not None, FROM_HEADS=from_heads,
         PDL=pdl,
         BLOCK_T=triton.next_power_of_2(T), BLOCK_H=triton.next_power_of_2(H),
-        num_warps=NUM_WARPS or (4 if T <= 256 else 8), enable_fp_fusion=False, **launch_options(pdl),
+        num_warps=NUM_WARPS or (4 if T <= 256 else 8), **options, **launch_options(pdl),
     )
     return index, out_mask.view(torch.bool), kept, budget, stats, bad

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_options, use_pdl, wait_for_previous_kernel
+from .pdl import launch_options, use_pdl, wait_for_previous_kernel, wrap_triton
 
 
 @triton.jit
@@ -141,13 +141,16 @@ def head_scores(
     out: Optional[torch.Tensor] = None,
     bias: Optional[torch.Tensor] = None,
     positions: Optional[torch.Tensor] = None,
+    traceable: bool = False,
 ) -> torch.Tensor:
     """(2, B, H, T) float32: each head's class-row logits (``scale`` applied, -inf at padded keys)
     and ‖V_j‖ (1 with ``score="attn"``). ``q, k, v`` are (B, H, T, dh) with any strides; only
     the class row of q is read. ``combine_heads`` turns them into scores. ``out``: a contiguous
     (2, B, H, T) float32 buffer to write instead of a new one. ``bias`` (L, N, N), L = heads or 1:
     a position bias table over the original tokens, read at ``positions`` (B, T) (the original
-    positions of this token set, -1 for padding; None: the tokens are the original ones)."""
+    positions of this token set, -1 for padding; None: the tokens are the original ones).
+    ``traceable``: launched through ``wrap_triton`` inside a ``triton_op``, without PDL
+    (``packaged_ops.py``)."""
     B, H, T, D = k.shape
     if out is None:
         out = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32)
@@ -156,8 +159,9 @@ def head_scores(
     mask = key_mask if key_mask is not None else out  # dummy pointer when HAS_MASK is False
     table = bias if bias is not None else out  # dummy pointers without a bias or positions
     pos = positions if positions is not None else mask
-    pdl = use_pdl(q)
-    _head_logits_kernel[(H, triton.cdiv(T, block_t), B)](
+    pdl = not traceable and use_pdl(q)
+    kernel = wrap_triton(_head_logits_kernel) if traceable else _head_logits_kernel
+    kernel[(H, triton.cdiv(T, block_t), B)](
         q, k, v, mask, table, pos, out[0], out[1],
         q.stride(0), q.stride(1), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
