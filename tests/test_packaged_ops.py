@@ -80,8 +80,8 @@ def test_model_on_the_packaged_ops_equals_the_reference(monkeypatch, name):
     them) gives the logits of the reference path at the same static padding."""
     build, _, shape = MODELS[name]
     torch.manual_seed(0)
-    model = build()
-    x = torch.randn(3, *shape)
+    model = build().to(DEVICE)
+    x = torch.randn(3, *shape, device=DEVICE)
     want_model = ats_fx.transform(model, range(1, 4), ratio=0.6, padding="static", kernels="reference")
     ats = ats_fx.transform(model, range(1, 4), ratio=0.6, padding="static")
     calls = Counter()

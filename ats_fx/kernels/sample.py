@@ -200,4 +200,6 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
         BLOCK_T=triton.next_power_of_2(T), BLOCK_H=triton.next_power_of_2(H),
         num_warps=NUM_WARPS or (4 if T <= 256 else 8), **options, **launch_options(pdl),
     )
-    return index, out_mask.view(torch.bool), kept, budget, stats, bad
+    # Inductor cannot lower a view from int8 to bool (torch 2.11, 2.14): a traced launch compares.
+    out_mask = out_mask != 0 if traceable else out_mask.view(torch.bool)
+    return index, out_mask, kept, budget, stats, bad
