@@ -89,7 +89,10 @@ def packaged(x: Tensor, kernels: str) -> bool:
     AOTInductor compiles into the package: for CUDA tensors of float32/16/bf16 unless
     ``kernels="reference"``. Elsewhere an exported model holds the reference's aten ops. Either
     way the package runs in a process that never imports ats_fx. The callers add the rest: static
-    padding, no gradient, no dropout."""
+    padding and no dropout. Not whether a gradient is wanted: ``torch.export`` traces with autograd
+    on and parameters that require grad, and what it exports is served, not trained. The ops have no
+    backward, so a backward through the exported program raises; export with ``kernels="reference"``
+    to train it."""
     return (torch.compiler.is_exporting() and kernels != "reference" and not _reference_only and x.is_cuda
             and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and triton_available())
 

@@ -277,7 +277,7 @@ def attention(
         if tracing(q):
             return torch.ops.ats_fx.attention_rows(q, k, v, index, key_mask, scale, bias, positions)
         return _launch(q, k, v, index, key_mask, scale, bias, positions)
-    if triton_ok and dropout_p == 0.0 and packaged(q, kernels) and not grads:
+    if triton_ok and dropout_p == 0.0 and packaged(q, kernels):  # exported: for inference, see ``packaged``
         return torch.ops.ats_fx.packaged_attention(q, k, v, index, key_mask, scale, bias, positions)
     if bias is not None:
         bias = reference.position_bias(bias, positions, q.shape[0])

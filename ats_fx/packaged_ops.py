@@ -39,8 +39,11 @@ def packaged_sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
     from .kernels.sample import inverse_transform_sample
     from .kernels.scores import head_scores
 
-    B, _, T, _ = k.shape
-    heads = head_scores(q, k, v, key_mask, scale, score, bias=bias, positions=positions, traceable=True)
+    B, H, T, _ = k.shape
+    # Logits and value norms in two tensors, not views of one: each kernel argument Inductor sees
+    # mutated is then a whole buffer.
+    heads = tuple(q.new_empty((B, H, T), dtype=torch.float32) for _ in range(2))
+    head_scores(q, k, v, key_mask, scale, score, out=heads, bias=bias, positions=positions, traceable=True)
     budget = reference.token_budget(key_mask, B, T, num_prefix, ratio, k_tokens, q.device)
     index, mask, kept = inverse_transform_sample(heads, key_mask, budget, num_prefix, width, traceable=True)
     return index, mask, kept, budget

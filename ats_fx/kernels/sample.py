@@ -105,7 +105,8 @@ def inverse_transform_sample(
     traceable: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(index, mask, kept)`` like the reference, for ``width`` output slots (default: all T).
-    ``scores``: S (B, T), or the per-head logits and value norms (2, B, H, T) of ``head_scores``.
+    ``scores``: S (B, T), or the per-head logits and value norms of ``head_scores`` (2, B, H, T), or
+    a pair of (B, H, T) tensors.
 
     With ``width=None`` the result has T slots; the caller truncates to max K' + p (batch_max).
     ``traceable``: launched through ``wrap_triton`` inside a ``triton_op`` (``packaged_ops.py``),
@@ -162,6 +163,11 @@ def _float64_bits(x: float) -> int:
 
 def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None, bad=None, want_stats=False,
             out=None, traceable=False):
+    if isinstance(scores, tuple):  # logits and value norms in two (B, H, T) tensors
+        scores, vnorms = scores
+        scores = scores[None]  # (1, B, H, T): the shapes below read as for the stacked pair
+    else:
+        vnorms = None
     from_heads = scores.dim() == 4  # (2, B, H, T): logits and value norms
     B, T = scores.shape[-3 if from_heads else 0], scores.shape[-1]
     H = scores.shape[2] if from_heads else 1
@@ -191,7 +197,8 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     assert given or not traceable
     kernel = wrap_triton(_sample_kernel) if traceable else _sample_kernel
     kernel[(B,)](
-        scores, scores[1] if from_heads else scores, budget, mask, index, out_mask, kept,
+        scores, vnorms if vnorms is not None else scores[1] if from_heads else scores, budget, mask, index, out_mask,
+        kept,
         bad if bad is not None else kept, stats if stats is not None else kept, _float64_bits(ratio or 0.0),
         mask.stride(0), mask.stride(-1),
         T, W, H, num_prefix, -1 if k is None else int(k), MIN_TOKENS,

@@ -146,7 +146,7 @@ def head_scores(
     """(2, B, H, T) float32: each head's class-row logits (``scale`` applied, -inf at padded keys)
     and ‖V_j‖ (1 with ``score="attn"``). ``q, k, v`` are (B, H, T, dh) with any strides; only
     the class row of q is read. ``combine_heads`` turns them into scores. ``out``: a contiguous
-    (2, B, H, T) float32 buffer to write instead of a new one. ``bias`` (L, N, N), L = heads or 1:
+    (2, B, H, T) float32 buffer to write instead of a new one, or a pair of (B, H, T) ones. ``bias`` (L, N, N), L = heads or 1:
     a position bias table over the original tokens, read at ``positions`` (B, T) (the original
     positions of this token set, -1 for padding; None: the tokens are the original ones).
     ``traceable``: launched through ``wrap_triton`` inside a ``triton_op``, without PDL
@@ -156,13 +156,13 @@ def head_scores(
         out = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32)
     block_t = BLOCK_T
     block_d = min(triton.next_power_of_2(D), 64)
-    mask = key_mask if key_mask is not None else out  # dummy pointer when HAS_MASK is False
-    table = bias if bias is not None else out  # dummy pointers without a bias or positions
+    mask = key_mask if key_mask is not None else out[0]  # dummy pointer when HAS_MASK is False
+    table = bias if bias is not None else out[0]  # dummy pointers without a bias or positions
     pos = positions if positions is not None else mask
     pdl = not traceable and use_pdl(q)
     kernel = wrap_triton(_head_logits_kernel) if traceable else _head_logits_kernel
     kernel[(H, triton.cdiv(T, block_t), B)](
-        q, k, v, mask, table, pos, out[0], out[1],
+        q, k, v, mask, table, pos, *out,  # a (2, B, H, T) buffer, or two (B, H, T) tensors
         q.stride(0), q.stride(1), q.stride(3),
         k.stride(0), k.stride(1), k.stride(2), k.stride(3),
         v.stride(0), v.stride(1), v.stride(2), v.stride(3),
