@@ -206,7 +206,9 @@ def launch_attention(q, k, v, index: Optional[torch.Tensor], key_mask: Optional[
     out = torch.empty(B, rows, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
     if config is None:  # traced: the batch config, since the small-grid choice would guard the batch
         config = default_config(rows, D) if traceable else default_config(rows, D, B * H, multiprocessors(q.device))
-    mask = out if key_mask is None else key_mask.view(torch.int8) if key_mask.dtype == torch.bool else key_mask
+    mask = out if key_mask is None else key_mask
+    if mask.dtype == torch.bool and not traceable:  # (Inductor cannot lower a view from bool to int8)
+        mask = mask.view(torch.int8)
     idx = index if index is not None else mask  # a dummy pointer without an index
     if bias is not None and (bias.dim() != 3 or bias.shape[0] not in (1, H)):
         raise ValueError(f"a position bias table must be (heads or 1, N, N), got {tuple(bias.shape)} for {H} heads")
