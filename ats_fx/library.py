@@ -269,7 +269,8 @@ def attention(
     table over the original tokens, read at the tokens' original ``positions`` (B, T) (None: the
     original tokens). On CUDA when no gradient or dropout is needed: the Triton kernel (1.2-4x
     faster than the masked SDPA on H100, docs/performance.md), which reads the bias from the table;
-    exported, the same kernel as ``ats_fx::packaged_attention`` (``packaged_ops.py``). Elsewhere SDPA (on gathered queries, the bias materialised per image), which has a backward.
+    exported, the same kernel as ``ats_fx::packaged_attention`` (``packaged_ops.py``). Elsewhere SDPA
+    (on gathered queries, the bias materialised per image), which has a backward.
     Without an index, a mask or a bias nothing is padded: plain SDPA (flash)."""
     triton_ok = index is not None or key_mask is not None or bias is not None
     grads = needs_grad(q, k, v) or (bias is not None and needs_grad(bias))

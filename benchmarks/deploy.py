@@ -207,7 +207,8 @@ def main(argv=None) -> None:
     dense = base.to(device, dtype)
     work = Path(tempfile.mkdtemp())
     example = torch.randn(2, 3, args.img_size, args.img_size, device=device, dtype=dtype)
-    (ats_pkg, kernels), (dense_pkg, _) = package(ats, example, work / "ats.pt2"), package(dense, example, work / "dense.pt2")
+    ats_pkg, kernels = package(ats, example, work / "ats.pt2")
+    dense_pkg, _ = package(dense, example, work / "dense.pt2")
     batches = [torch.randn(b, 3, args.img_size, args.img_size, device=device, dtype=dtype) for b in args.batches]
     torch.save(batches, work / "inputs.pt")
     rows = []

@@ -24,8 +24,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from .pdl import launch_options, use_pdl, wait_for_previous_kernel, wrap_triton
+from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 
 
 @triton.jit

@@ -51,15 +51,6 @@ def wait_for_previous_kernel(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-def wrap_triton(kernel):
-    """``torch.library.wrap_triton(kernel)``: a launch that ``torch.export`` and Inductor can trace
-    inside a ``triton_op``. Its launcher passes no ``launch_pdl`` (nor ``enable_fp_fusion``): the
-    kernels launched this way run without PDL."""
-    from torch.library import wrap_triton as wrap
-
-    return wrap(kernel)
-
-
 def launch_options(pdl: bool) -> dict:
     """Keyword arguments for a kernel launch: ``launch_pdl`` only when used (older Triton lacks it)."""
     return {"launch_pdl": True} if pdl else {}

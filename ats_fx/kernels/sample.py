@@ -17,8 +17,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from .pdl import launch_options, use_pdl, wait_for_previous_kernel, wrap_triton
+from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 from .reference import MIN_TOKENS
 from .scores import combine_heads
 

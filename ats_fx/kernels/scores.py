@@ -21,8 +21,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from .pdl import launch_options, use_pdl, wait_for_previous_kernel, wrap_triton
+from .pdl import launch_options, use_pdl, wait_for_previous_kernel
 
 
 @triton.jit
@@ -146,9 +147,10 @@ def head_scores(
     """(2, B, H, T) float32: each head's class-row logits (``scale`` applied, -inf at padded keys)
     and ‖V_j‖ (1 with ``score="attn"``). ``q, k, v`` are (B, H, T, dh) with any strides; only
     the class row of q is read. ``combine_heads`` turns them into scores. ``out``: a contiguous
-    (2, B, H, T) float32 buffer to write instead of a new one, or a pair of (B, H, T) ones. ``bias`` (L, N, N), L = heads or 1:
-    a position bias table over the original tokens, read at ``positions`` (B, T) (the original
-    positions of this token set, -1 for padding; None: the tokens are the original ones).
+    (2, B, H, T) float32 buffer to write instead of a new one, or a pair of (B, H, T) ones.
+    ``bias`` (L, N, N), L = heads or 1: a position bias table over the original tokens, read at
+    ``positions`` (B, T) (the original positions of this token set, -1 for padding; None: the
+    tokens are the original ones).
     ``traceable``: launched through ``wrap_triton`` inside a ``triton_op``, without PDL
     (``packaged_ops.py``)."""
     B, H, T, D = k.shape
