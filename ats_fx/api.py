@@ -51,27 +51,31 @@ class ATSGraphModule(fx.GraphModule):
                 and len(self._forward_pre_hooks) == 1  # only the input check, called below
                 and dispatch.graphs_apply(self.ats_cuda_graphs, self.training, self.ats_options.padding,
                                           self.ats_options.selection, args)):
-            _check_inputs(self, args)
-            return cache(self.forward, self._stages, list(args))
-        if cache is not None and not cache.failed and torch.is_grad_enabled() and not kwargs:
-            self._note_autograd(args)
+            params = [p for p in self.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+            if not params and not any(dispatch.needs_grad(x) for x in args):
+                _check_inputs(self, args)
+                with torch.no_grad():  # nothing to differentiate: the outputs would not require grad anyway
+                    return cache(self.forward, self._stages, list(args))
+            if not self.__dict__.get("_ats_backward_seen"):
+                _check_inputs(self, args)
+                stages = self.__dict__.setdefault("_ats_stage_list", self._stages())
+                return graphs.replay_differentiable(cache, self.forward, stages, list(args), params,
+                                                    self._after_backward)
         return super().__call__(*args, **kwargs)
 
-    def _note_autograd(self, args: tuple) -> None:
-        """Warn once when only autograd keeps a call from replaying its CUDA graph: an inference call
-        without ``torch.no_grad()`` runs op by op, at 0.42x the dense model at batch 1 (DeiT-S,
-        stages 3-11, rho=0.87, H100; docs/performance.md, "Host time")."""
-        if self.__dict__.get("_ats_autograd_noted"):
-            return
-        with torch.no_grad():
-            graphed = dispatch.graphs_apply(self.ats_cuda_graphs, self.training, self.ats_options.padding,
-                                            self.ats_options.selection, args)
-        if graphed:
-            self._ats_autograd_noted = True
-            log.warning("ATS model called in eval mode with autograd on: its CUDA graphs replay only under "
-                        "torch.no_grad() or torch.inference_mode(), so this call runs op by op (up to 2.4x "
-                        "slower than the dense model at batch 1). Wrap inference in torch.inference_mode(); "
-                        "transform(..., cuda_graphs=False) silences this.")
+    def _after_backward(self, changed: int) -> None:
+        """A backward went through a replayed call (graphs.py): this model is being differentiated, so
+        its calls with autograd on run eagerly from now on (each replay's backward would recompute the
+        forward pass). Say so, and say if the recompute kept other tokens than the replay did."""
+        if changed:
+            log.warning("ATS model: the backward's eager recompute kept other tokens than the replayed forward "
+                        "pass (%s; rounding moved a token across a quantile), so the gradient is the recompute's. "
+                        "transform(..., cuda_graphs=False) differentiates the very pass it returns.",
+                        "another width" if changed < 0 else f"{changed} positions differ")
+        if not self.__dict__.get("_ats_backward_seen"):
+            self._ats_backward_seen = True
+            log.info("ATS model: a backward went through a replayed CUDA graph; calls with autograd on now run "
+                     "eagerly (torch.no_grad() and torch.inference_mode() calls still replay)")
 
     def _stages(self) -> list:
         return [m for m in self.modules() if isinstance(m, ops.ATSStage)]

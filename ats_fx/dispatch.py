@@ -148,11 +148,12 @@ def static_padding() -> Iterator[None]:
 
 
 def graphs_apply(enabled: bool, training: bool, padding: str, selection: str, inputs: tuple) -> bool:
-    """An eager call of an ATS model replays a CUDA graph (``graphs.py``): ``cuda_graphs`` on, inference
-    (eval mode, autograd off: ``torch.no_grad()`` or ``torch.inference_mode()``), CUDA tensor inputs,
-    stages that may pad statically (``padding`` "auto" or "static"), the ATS selection (the baselines
-    read the host), and no tracing or stream capture around the call."""
-    if not enabled or training or padding == "batch_max" or selection != "ats" or torch.is_grad_enabled():
+    """An eager call of an ATS model replays a CUDA graph (``graphs.py``): ``cuda_graphs`` on, eval mode,
+    CUDA tensor inputs, stages that may pad statically (``padding`` "auto" or "static"), the ATS
+    selection (the baselines read the host), and no tracing or stream capture around the call. With
+    autograd on too: the replay is then one autograd node whose backward recomputes the pass
+    (``graphs.replay_differentiable``; ``ATSGraphModule.__call__`` chooses between the two)."""
+    if not enabled or training or padding == "batch_max" or selection != "ats":
         return False
     if not inputs or not all(type(x) is Tensor and x.is_cuda for x in inputs):
         return False

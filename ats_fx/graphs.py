@@ -6,15 +6,21 @@ graph issues the whole forward pass in one launch. Stages then pad statically (f
 logits as batch_max), and each stage's trace (``ats_fx.kept_tokens``) points at tensors the replay
 rewrites. ``dispatch.graphs_apply`` decides when a call is replayed; a capture that fails turns the
 model's graphs off with one warning, and the call runs eagerly.
+
+With autograd on (an eval-mode call outside ``torch.no_grad()``, the usual way a user first tries a
+model) the replay is one autograd node, ``_Replayed``. A graph keeps no activations for autograd, so
+a backward through it recomputes the forward pass eagerly, with autograd on and static padding, and
+differentiates that: the call costs a replay, and only a backward pays for the pass again.
 """
 from __future__ import annotations
 
 import collections
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.utils._pytree as pytree
+from torch.autograd.function import once_differentiable
 
 from . import dispatch
 
@@ -78,3 +84,66 @@ class GraphCache:
                         "ats_fx.transform(..., cuda_graphs=False) skips the attempt.", type(err).__name__, err)
             return None
         return _Graph(graph, static, outputs, {s: s.last for s in stages()})
+
+
+class _Recompute:
+    """What a backward through a replay needs: the model's forward, its stages, the parameters it
+    differentiates, the positions the replay kept, and what to do once a backward happened."""
+
+    def __init__(self, forward: Callable, stages: list, params: list, on_backward: Callable[[int], None]):
+        self.forward, self.stages, self.params, self.on_backward = forward, stages, params, on_backward
+        self.spec: Any = None
+        self.leaves: list = []
+        self.positions: Any = None
+
+
+class _Replayed(torch.autograd.Function):
+    """A replayed forward pass as one autograd node over its inputs and the model's parameters."""
+
+    @staticmethod
+    def forward(ctx, run: _Recompute, cache: "GraphCache", n_inputs: int, *tensors: torch.Tensor):
+        inputs = list(tensors[:n_inputs])
+        out = cache(run.forward, lambda: run.stages, inputs)
+        run.leaves, run.spec = pytree.tree_flatten(out)
+        # One concatenation of the kept positions: the backward checks that its recompute kept the same.
+        run.positions = torch.cat([s.last.positions.reshape(-1) for s in run.stages])
+        ctx.run, ctx.n_inputs = run, n_inputs
+        ctx.save_for_backward(*inputs)
+        outs = tuple(t for t in run.leaves if isinstance(t, torch.Tensor))
+        ctx.mark_non_differentiable(*(t for t in outs if not t.is_floating_point()))
+        return outs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        run = ctx.run
+        inputs = [x.detach().requires_grad_(x.requires_grad) for x in ctx.saved_tensors]
+        traces = [s.last for s in run.stages]
+        with torch.enable_grad(), dispatch.static_padding():
+            out = run.forward(*inputs)
+        recomputed = torch.cat([s.last.positions.reshape(-1) for s in run.stages])
+        for stage, trace in zip(run.stages, traces):  # kept_tokens reports the call, not its recompute
+            stage.last = trace
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wanted = [x for x in inputs if x.requires_grad] + run.params
+        got = (torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True)
+               if pairs and wanted else [None] * len(wanted))
+        changed = int((recomputed != run.positions).sum()) if recomputed.shape == run.positions.shape else -1
+        run.on_backward(changed)
+        it = iter(got)
+        input_grads = [next(it) if x.requires_grad else None for x in inputs]
+        return (None, None, None, *input_grads, *it)
+
+
+def replay_differentiable(cache: GraphCache, forward: Callable, stages: list, inputs: list, params: list,
+                          on_backward: Callable[[int], None]) -> Any:
+    """``cache(forward, ...)`` for a call with autograd on: the outputs are those of the replay, and a
+    backward reaches ``inputs`` and ``params`` through an eager recompute (see the module docstring).
+    ``on_backward(changed)`` is called after each backward with the number of kept positions the
+    recompute changed (-1 if the shapes differ): rounding between the replay's Triton kernels and
+    autograd's PyTorch path can move a token across a quantile."""
+    run = _Recompute(forward, stages, params, on_backward)
+    outs = iter(_Replayed.apply(run, cache, len(inputs), *inputs, *params))
+    leaves = [next(outs) if isinstance(t, torch.Tensor) else t for t in run.leaves]
+    return pytree.tree_unflatten(leaves, run.spec)

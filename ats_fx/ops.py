@@ -381,7 +381,8 @@ def check_finite(x: torch.Tensor) -> torch.Tensor:
     """Refuse NaN/inf inputs before they turn into a silent wrong answer."""
     # One reduction and one host read: max |x| is NaN or inf exactly when some element is. (isfinite
     # then all: five kernels, ~260 us of host time a call at batch 1 on the H100; this: ~30 us.)
-    if x.is_floating_point() and x.numel() and not math.isfinite(torch.linalg.vector_norm(x, float("inf"))):
+    # Detached: the check is not part of the function, and autograd need not record it.
+    if x.is_floating_point() and x.numel() and not math.isfinite(torch.linalg.vector_norm(x.detach(), float("inf"))):
         from .errors import ATSInputError
 
         bad = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).nonzero().flatten().tolist() if x.dim() else []

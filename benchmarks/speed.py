@@ -12,6 +12,8 @@ configurations and the dense baseline are timed in one process, in rotating roun
   dense model; ``--eager-paddings`` adds each padding as its own configuration ("... padding=static").
 - ``eager:no-graphs``: the same with ``cuda_graphs=False``, every launch issued from the host (what
   a user who turns graphs off gets), against the dense model; not in the default matrix.
+- ``eager:autograd``: ``eager`` called with autograd on (eval mode, no ``torch.no_grad()``: how a
+  user first tries a model), the dense model too; not in the default matrix.
 - ``compile:MODE``: ``torch.compile(model, backend="ats", options={..., "mode": MODE})`` against plain
   ``torch.compile(model, mode=MODE)`` (``default`` is no mode). One compiled module per configuration,
   called at every batch as a user would (Dynamo recompiles once for a dynamic batch).
@@ -43,7 +45,7 @@ log = logging.getLogger("benchmarks.speed")
 
 MODELS = ["deit_small_patch16_224", "vit_base_patch16_224", "beitv2_base_patch16_224", "eva02_small_patch14_224"]
 RUNS = ["eager", "compile:default", "compile:reduce-overhead"]
-EAGER_RUNS = ("eager", "eager:no-graphs")
+EAGER_RUNS = ("eager", "eager:no-graphs", "eager:autograd")
 DENSE = "dense"
 GRAPHED_DENSE = "dense, CUDA graphs"
 
@@ -116,12 +118,17 @@ def stage_host_us(model: torch.nn.Module, x: torch.Tensor, calls: int = 200) -> 
     return host / calls * 1e6
 
 
+def _with_grad(model: torch.nn.Module, x: torch.Tensor):
+    with torch.enable_grad():
+        return model(x)
+
+
 def measure_run(name: str, base, run: str, configs: list[str], batches: list[int], args, device,
                 dtype) -> Iterator[list[dict]]:
     """Every batch of one (model, run): each batch's rows for the results file, as soon as they are
     measured (a run cut off by a time limit keeps the batches it finished)."""
     if run in EAGER_RUNS:
-        models = eager_models(base, configs, device, dtype, cuda_graphs=run == "eager")
+        models = eager_models(base, configs, device, dtype, cuda_graphs=run != "eager:no-graphs")
     else:
         models = compiled_models(base, configs, run.split(":", 1)[1], device, dtype)
     eager_dense = graphed_dense = None
@@ -135,7 +142,10 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
     for batch in batches:
         rows = []
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
-        fns = {label: (lambda m=m: m(x)) for label, m in models.items()}
+        if run == "eager:autograd":  # harness.time_ms turns autograd off; turn it back on inside the call
+            fns = {label: (lambda m=m: _with_grad(m, x)) for label, m in models.items()}
+        else:
+            fns = {label: (lambda m=m: m(x)) for label, m in models.items()}
         if eager_dense is not None:
             fns["eager dense"] = lambda: eager_dense(x)
         if graphed_dense is not None:

@@ -25,7 +25,7 @@ def test_rounds_rotate_and_speedups_are_per_round():
 def test_speed_appends_rows_with_environment_and_report_renders_them(tmp_path):
     results = tmp_path / "results.jsonl"
     speed.main(["--device", "cpu", "--models", "vit_tiny_patch16_224", "--img-size", "32", "--runs", "eager",
-                "eager:no-graphs", "--batches", "1", "--points", "single K=48", "--rounds", "2", "--budget-ms", "5",
+                "eager:no-graphs", "eager:autograd", "--batches", "1", "--points", "single K=48", "--rounds", "2", "--budget-ms", "5",
                 "--flops-images", "1", "--results", str(results)])
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     metrics = {r["metric"] for r in rows}
@@ -36,6 +36,7 @@ def test_speed_appends_rows_with_environment_and_report_renders_them(tmp_path):
     table = report.speed_table(harness.load(results), rows[0]["device"], configs=("single K=48",))
     assert "| vit_tiny_patch16_224 | eager |" in table and "single K=48, batch 1" in table
     assert "| vit_tiny_patch16_224 | eager:no-graphs |" in table
+    assert "| vit_tiny_patch16_224 | eager:autograd |" in table
     assert "Host time of one eager stage at batch 1" in table  # from the stage_host_us row
 
 
