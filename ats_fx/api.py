@@ -108,12 +108,16 @@ class ATSGraphModule(fx.GraphModule):
     def __deepcopy__(self, memo):
         # GraphModule's deepcopy rebuilds the module from its code: hooks and our own attributes
         # would be lost, and with them the input checks and the capture-mode warning.
+        # Captured graphs belong to the original's memory and cannot be copied: the copy starts without.
+        cache = self.__dict__.get("_ats_graphs")
+        if cache is not None:
+            memo[id(cache)] = graphs.GraphCache()  # GraphModule's deepcopy copies the whole __dict__
         result = super().__deepcopy__(memo)
         for key, value in self.__dict__.items():
             if key.startswith("ats_"):
                 setattr(result, key, copy.deepcopy(value, memo))
-        if self.__dict__.get("_ats_graphs") is not None:  # captured graphs belong to the original's memory
-            result._ats_graphs = graphs.GraphCache()
+        if cache is not None:
+            result._ats_graphs = memo[id(cache)]
         result.register_forward_pre_hook(_check_inputs)
         return result
 

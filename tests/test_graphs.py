@@ -121,6 +121,22 @@ def test_recompute_that_keeps_other_tokens_warns(monkeypatch, caplog):
     assert sum(p.grad is not None for p in ats.parameters()) > 10
 
 
+def test_deepcopy_of_a_model_holding_graphs_starts_without_them():
+    # A captured CUDA graph cannot be copied: the copy gets an empty cache, the original keeps its own.
+    class Uncopyable:
+        def __deepcopy__(self, memo):
+            raise TypeError("cannot pickle 'CUDAGraph' object")
+
+    model = timm_model("vit_tiny_patch16_224", img_size=48, patch_size=8)
+    ats = ats_fx.transform(model, "1-3", ratio=0.5)
+    ats._ats_graphs.graphs["shape"] = Uncopyable()
+    twin = copy.deepcopy(ats)
+    assert not twin._ats_graphs.graphs and twin._ats_graphs is not ats._ats_graphs and "shape" in ats._ats_graphs.graphs
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), ats(x))
+
+
 def test_static_padding_block_fixes_auto_padding():
     q = torch.randn(1, 2, 20, 8)
     assert dispatch.padding_for("auto", q, 10) == "batch_max"
