@@ -9,9 +9,7 @@ Appends ``benchmark="deploy"`` rows to the results file: ``runs_without_ats_fx``
 package and batch: the dense package too, so a failure of AOTInductor itself shows as such),
 ``agreement`` (top-1 of the package against the eager ATS model, per batch), ``max_abs_diff``,
 ``img_s`` and ``speedup`` (against the dense package, rotating rounds, timed in a fresh process
-without ats_fx too), with ``run="aoti"``. On CUDA also ``img_s_graph`` and ``speedup_graph``: each
-package's call captured as a CUDA graph and replayed, and ``graph_max_abs_diff`` (the ATS replay
-against its plain call). ``kernels`` says what the ATS package runs: "triton"
+without ats_fx too), with ``run="aoti"``. ``kernels`` says what the ATS package runs: "triton"
 (ats_fx's kernels, compiled into it: CUDA) or "reference" (aten ops: the CPU, or ``--kernels
 reference``). Each row names the C++ compiler that built the packages
 (``cxx``) and the libstdc++ the loading processes preloaded (``ld_preload``, "" for none): a
@@ -166,10 +164,7 @@ def loader_env(package_path: str, inputs: Path, outputs: Path) -> tuple[dict, st
 def time_without_ats_fx(dense_pkg: str, ats_pkg: str, inputs: Path, times: Path, device: torch.device,
                         n_rounds: int, env: dict) -> None:
     """Time both packages on each saved batch, in rotating rounds, in one fresh process without ats_fx
-    (where a deployed model runs); ms per call per round go to ``times``, keyed by batch. On CUDA each
-    package's call is also captured as a CUDA graph and timed replayed ("dense graph", "ats graph"),
-    as a server may run it: a package launches every kernel from the host. The largest difference
-    between a replay and the plain call goes to ``times`` too; a capture that fails is reported."""
+    (where a deployed model runs); ms per call per round go to ``times``, keyed by batch."""
     done = fresh_process(f"""
         import json
         import torch
@@ -178,44 +173,14 @@ def time_without_ats_fx(dense_pkg: str, ats_pkg: str, inputs: Path, times: Path,
 
         device = torch.device({device.type!r})
         runs = {{"dense": aoti_load_package({dense_pkg!r}), "ats": aoti_load_package({ats_pkg!r})}}
-
-        def graphed(run, x):
-            static = x.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    run(static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = run(static)
-
-            def call():
-                static.copy_(x)
-                graph.replay()
-                return out
-            return call
-
         out = {{}}
         for x in torch.load({str(inputs)!r}):
             fns = {{label: (lambda run=run, x=x: run(x)) for label, run in runs.items()}}
-            diffs = {{}}
-            if device.type == "cuda":
-                for label, run in runs.items():
-                    try:
-                        fns[label + " graph"] = call = graphed(run, x)
-                        diffs[label] = float((call().float() - run(x).float()).abs().max())
-                    except Exception as error:
-                        print("capture of the", label, "package failed:", type(error).__name__, error, flush=True)
-                        fns.pop(label + " graph", None)
-            out[len(x)] = {{"times": harness.rounds(fns, device, {n_rounds}), "graph_diff": diffs}}
+            out[len(x)] = harness.rounds(fns, device, {n_rounds})
         open({str(times)!r}, "w").write(json.dumps(out))
     """, env)
     if done.returncode:
         raise RuntimeError(f"timing the packages failed: exit {done.returncode}\n{done.stderr[-3000:]}")
-    if "failed:" in done.stdout:
-        log.warning("%s", done.stdout[-1500:])
 
 
 def main(argv=None) -> None:
@@ -281,22 +246,16 @@ def main(argv=None) -> None:
     time_without_ats_fx(dense_pkg, ats_pkg, work / "timed.pt", work / "times.json", device, args.rounds, env)
     timed = json.loads((work / "times.json").read_text())
     for x in batches:
-        times, graph_diff = timed[str(len(x))]["times"], timed[str(len(x))]["graph_diff"]
-        for suffix in ("", " graph"):  # plain calls, then both packages replayed as CUDA graphs
-            if "ats" + suffix not in times or "dense" + suffix not in times:
-                continue
-            metric = "speedup" + suffix.replace(" ", "_")
-            med, lo, hi = harness.speedups(times, "dense" + suffix)["ats" + suffix]
-            for label in ("dense", "ats"):
-                ms = sorted(times[label + suffix])[len(times[label + suffix]) // 2]
-                rows.append({**cell, "batch": len(x), "config": args.point if label == "ats" else "dense",
-                             "metric": "img_s" + suffix.replace(" ", "_"), "value": len(x) / ms * 1e3})
-            rows += [{**cell, "batch": len(x), "metric": metric, "value": med},
-                     {**cell, "batch": len(x), "metric": metric + "_min", "value": lo},
-                     {**cell, "batch": len(x), "metric": metric + "_max", "value": hi}]
-            log.info("batch %d: AOTI ATS %.3fx the AOTI dense model%s", len(x), med, suffix and ", both as CUDA graphs")
-        if "ats" in graph_diff:  # a replayed ATS package must give the plain call's logits
-            rows.append({**cell, "batch": len(x), "metric": "graph_max_abs_diff", "value": graph_diff["ats"]})
+        times = timed[str(len(x))]
+        med, lo, hi = harness.speedups(times, "dense")["ats"]
+        for label in ("dense", "ats"):
+            ms = sorted(times[label])[len(times[label]) // 2]
+            rows.append({**cell, "batch": len(x), "config": args.point if label == "ats" else "dense",
+                         "metric": "img_s", "value": len(x) / ms * 1e3})
+        rows += [{**cell, "batch": len(x), "metric": "speedup", "value": med},
+                 {**cell, "batch": len(x), "metric": "speedup_min", "value": lo},
+                 {**cell, "batch": len(x), "metric": "speedup_max", "value": hi}]
+        log.info("batch %d: AOTI ATS %.3fx the AOTI dense model", len(x), med)
     harness.append(rows, args.results, device)
 
 

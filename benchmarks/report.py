@@ -106,8 +106,7 @@ def speed_tables(rows: list[dict]) -> str:
 def deploy_table(rows: list[dict]) -> str:
     """``benchmarks.deploy`` rows as one table: per (device, model, config, dtype), the newest commit's
     batches, each with the package's top-1 agreement with eager ATS, its largest logit difference,
-    both packages' images per second and the speed-up, plain and with both calls replayed as CUDA
-    graphs; "" without deploy rows."""
+    both packages' images per second and the speed-up; "" without deploy rows."""
     # Rows written before the packages could hold ats_fx's kernels ran the reference.
     deploy = [{"kernels": "reference", **r} for r in rows if r["benchmark"] == "deploy"]
     latest = {(r["device"], r["model"], r["dtype"], r["kernels"]): r["commit"] for r in deploy}
@@ -119,7 +118,7 @@ def deploy_table(rows: list[dict]) -> str:
     if not cells:
         return ""
     head = ["device", "model", "dtype", "ATS kernels", "batch", "packages that ran", "top-1 agreement",
-            "max abs diff", "dense img/s", "ATS img/s", "speed-up", "speed-up, both as CUDA graphs", "commit"]
+            "max abs diff", "dense img/s", "ATS img/s", "speed-up", "commit"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (device, model, dtype, kernels, batch), got in sorted(cells.items(),
                                                              key=lambda kv: (kv[0][0].startswith("CPU"), kv[0])):
@@ -133,7 +132,6 @@ def deploy_table(rows: list[dict]) -> str:
             device, f"{SHORT.get(model, model)} {config}".strip(), dtype, kernels, str(batch),
             runs_text, fmt("agreement", ".4f"), fmt("max_abs_diff", ".2g"), fmt("dense_img_s", ".0f"),
             fmt("img_s", ".0f"), fmt("speedup", ".2f") + ("x" if "speedup" in got else ""),
-            fmt("speedup_graph", ".2f") + ("x" if "speedup_graph" in got else ""),
             next(iter(got.values()))["commit"]]) + " |")
     versions = sorted({(r["device"], r["torch"], r["triton"], r.get("cxx", "?"), r.get("ld_preload", "") or "none")
                        for r in deploy if r["commit"] == latest[(r["device"], r["model"], r["dtype"], r["kernels"])]})
