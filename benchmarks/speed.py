@@ -25,12 +25,24 @@ eager ATS model is at inference: what ATS itself adds), and, once per
 model and configuration, ``flops_ratio`` (dense / ATS GFLOPs per image, FlopCounterMode, the method's
 rows) and ``stage_host_us`` (host time of one eager call of the first stage at batch 1: its launches
 and the torch ops around it).
+
+Against an earlier commit on the same machine (did a change cost speed?), time that commit's
+``ats_fx`` with this benchmark, then this tree's, so the README keeps showing the current rows::
+
+    git archive 08373e4 ats_fx | tar -x -C /tmp/earlier
+    PYTHONPATH=/tmp/earlier:. ATS_FX_COMMIT=08373e4 python -m benchmarks.speed --runs compile:reduce-overhead
+    python -m benchmarks.speed --runs compile:reduce-overhead
+
+Rows name the commit whose ``ats_fx`` ran (``ATS_FX_COMMIT``), and each run has its dense baseline
+in its own process, so compare speed-ups, not img/s. Compiled runs need only ``transform``,
+``count_flops`` and the ``ats`` backend of that commit.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -38,7 +50,6 @@ from typing import Callable, Iterator, Optional
 import torch
 
 import ats_fx
-from ats_fx import graphs
 from benchmarks import harness
 
 log = logging.getLogger("benchmarks.speed")
@@ -137,6 +148,8 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
     elif run == "eager" and device.type == "cuda":
         # An eager ATS model replays CUDA graphs at inference (ats_fx/graphs.py): the dense model replayed
         # the same way tells what ATS itself adds.
+        from ats_fx import graphs  # here, not at the top: an earlier commit's ats_fx may have no graphs.py
+
         cache, dense = graphs.GraphCache(), models[DENSE]
         graphed_dense = lambda x: cache(dense.forward, list, [x])  # noqa: E731
     for batch in batches:
@@ -180,6 +193,14 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
                for label, m in models.items() if label != DENSE]
 
 
+def check_tree() -> None:
+    """Refuse to label rows with this tree's commit when ``ats_fx`` was imported from elsewhere."""
+    tree = Path(ats_fx.__file__).resolve().parents[1]
+    if tree != Path(__file__).resolve().parents[1] and not os.environ.get("ATS_FX_COMMIT"):
+        raise SystemExit(f"ats_fx comes from {tree}, not this checkout: set ATS_FX_COMMIT to the commit it "
+                         "holds, so the rows name the code that ran")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=MODELS)
@@ -197,6 +218,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--deadline", type=float, default=None, help="seconds; start no new (model, run) after it")
     p.add_argument("--device", default="cuda", help="cpu: the same matrix on the CPU (use --dtype float32)")
     args = p.parse_args(argv)
+    check_tree()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU here: pass --device cpu --dtype float32 to measure on the CPU")

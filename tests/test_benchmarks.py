@@ -40,6 +40,21 @@ def test_speed_appends_rows_with_environment_and_report_renders_them(tmp_path):
     assert "Host time of one eager stage at batch 1" in table  # from the stage_host_us row
 
 
+def test_speed_refuses_an_ats_fx_from_elsewhere_unless_its_commit_is_named(monkeypatch, tmp_path):
+    # An A/B against an earlier commit imports that commit's ats_fx: its rows must name it.
+    monkeypatch.setattr(speed.ats_fx, "__file__", str(tmp_path / "earlier" / "ats_fx" / "__init__.py"))
+    monkeypatch.delenv("ATS_FX_COMMIT", raising=False)
+    try:
+        speed.check_tree()
+    except SystemExit as err:
+        assert "set ATS_FX_COMMIT" in str(err) and "earlier" in str(err)
+    else:
+        raise AssertionError("an ats_fx from another tree was timed under this tree's commit")
+    monkeypatch.setenv("ATS_FX_COMMIT", "08373e4")
+    speed.check_tree()
+    assert harness.environment()["commit"] == "08373e4"
+
+
 def test_speed_hands_over_each_batch_as_soon_as_it_is_measured():
     # A GPU call cut off by its time limit keeps the batches it finished: rows come per batch.
     args = argparse.Namespace(img_size=32, rounds=1, budget_ms=1.0, dtype="float32")
