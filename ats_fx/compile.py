@@ -190,12 +190,15 @@ def inductor_patches(mode: Optional[str], inductor_options: Optional[dict] = Non
     """The Inductor config patches backend='ats' compiles with: the mode's, then
     ``DEFAULT_INDUCTOR_OPTIONS`` (where this torch has them; under the max-autotune modes also
     ``MAX_AUTOTUNE_OPTIONS``, and under ``mode="max-autotune"`` ``CUDA_GRAPH_AUTOTUNE_OPTIONS``), then
-    the user's ``inductor_options``."""
+    the user's ``inductor_options``. Unless the user sets ``post_grad_custom_post_pass``, it is
+    ``cache_key.SourceKey``: Inductor's caches then never serve a compile made by another ats_fx."""
     import torch._inductor.config as inductor_config
     from torch._inductor import list_mode_options
 
+    from .cache_key import SourceKey
+
     patches = dict(list_mode_options(mode)) if mode else {}
-    defaults = dict(DEFAULT_INDUCTOR_OPTIONS)
+    defaults = {**DEFAULT_INDUCTOR_OPTIONS, "post_grad_custom_post_pass": SourceKey()}
     if mode and mode.startswith("max-autotune"):
         defaults.update(MAX_AUTOTUNE_OPTIONS)
     if mode == "max-autotune":

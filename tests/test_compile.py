@@ -329,3 +329,43 @@ def test_max_autotune_times_gemm_choices_as_cuda_graph_replays_where_torch_can()
     assert inductor_patches("max-autotune", {key: False})[key] is False
     assert cuda_graph_autotune_missing("max-autotune") == ([] if has else [key])
     assert cuda_graph_autotune_missing("max-autotune", {key: False}) == []
+
+
+def test_inductor_caches_are_keyed_by_the_ats_fx_source(tmp_path, monkeypatch):
+    """A compile made by one ats_fx is never served to another from Inductor's on-disk caches: the
+    backend's no-op post-grad pass carries a hash of ats_fx's source as its uuid."""
+    from torch._dynamo.utils import counters
+
+    from ats_fx import cache_key
+    from ats_fx.compile import inductor_patches
+
+    key = inductor_patches("reduce-overhead")["post_grad_custom_post_pass"]
+    assert isinstance(key, cache_key.SourceKey) and key.uuid() == f"ats_fx-{cache_key.source_hash()}"
+    assert inductor_patches(None, {"post_grad_custom_post_pass": None})["post_grad_custom_post_pass"] is None
+    # The hash follows the bytes of the package's files.
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "sub" / "a.py").write_text("x = 1\n")
+    before = cache_key.source_hash.__wrapped__(pkg)
+    (pkg / "sub" / "a.py").write_text("x = 2\n")
+    assert cache_key.source_hash.__wrapped__(pkg) != before
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    factory, _, chw = MODELS["timm_deit_small"]
+    model, x = factory(), torch.randn(2, *chw)
+    eager = ats_fx.transform(model, padding="static", **OPTIONS)
+
+    def compile_once() -> dict:
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="ats", options=OPTIONS)
+        with torch.no_grad():
+            torch.testing.assert_close(logits(compiled(x)), logits(eager(x)), atol=1e-4, rtol=1e-4)
+        return dict(counters["inductor"])
+
+    first = compile_once()
+    assert first.get("fxgraph_cache_miss", 0) >= 1 and not first.get("fxgraph_cache_hit")
+    assert compile_once().get("fxgraph_cache_hit", 0) >= 1  # the same source: served from the cache
+    monkeypatch.setattr(cache_key.SourceKey, "uuid", lambda self: "ats_fx-another-version")
+    other = compile_once()
+    assert other.get("fxgraph_cache_miss", 0) >= 1 and not other.get("fxgraph_cache_hit")
