@@ -29,7 +29,7 @@ and the torch ops around it).
 Against an earlier commit on the same machine (did a change cost speed?), time that commit's
 ``ats_fx`` with this benchmark, then this tree's, so the README keeps showing the current rows::
 
-    git archive 08373e4 ats_fx | tar -x -C /tmp/earlier
+    mkdir -p /tmp/earlier && git archive 08373e4 ats_fx | tar -x -C /tmp/earlier
     PYTHONPATH=/tmp/earlier:. ATS_FX_COMMIT=08373e4 python -m benchmarks.speed --runs compile:reduce-overhead
     python -m benchmarks.speed --runs compile:reduce-overhead
 

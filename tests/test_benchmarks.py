@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import harness, report, speed
@@ -44,12 +45,8 @@ def test_speed_refuses_an_ats_fx_from_elsewhere_unless_its_commit_is_named(monke
     # An A/B against an earlier commit imports that commit's ats_fx: its rows must name it.
     monkeypatch.setattr(speed.ats_fx, "__file__", str(tmp_path / "earlier" / "ats_fx" / "__init__.py"))
     monkeypatch.delenv("ATS_FX_COMMIT", raising=False)
-    try:
+    with pytest.raises(SystemExit, match="earlier.*set ATS_FX_COMMIT"):
         speed.check_tree()
-    except SystemExit as err:
-        assert "set ATS_FX_COMMIT" in str(err) and "earlier" in str(err)
-    else:
-        raise AssertionError("an ats_fx from another tree was timed under this tree's commit")
     monkeypatch.setenv("ATS_FX_COMMIT", "08373e4")
     speed.check_tree()
     assert harness.environment()["commit"] == "08373e4"
