@@ -168,7 +168,8 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
         ups = harness.speedups(times, DENSE)
         vs_eager = harness.speedups(times, "eager dense") if eager_dense is not None else {}
         vs_graphed = harness.speedups(times, GRAPHED_DENSE) if graphed_dense is not None else {}
-        cell = {"benchmark": "speed", "model": name, "run": run, "batch": batch, "dtype": args.dtype}
+        cell = {"benchmark": "speed", "model": name, "run": run, "batch": batch, "dtype": args.dtype,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark}
         for label in [*models, *([GRAPHED_DENSE] if graphed_dense is not None else [])]:
             ms = sorted(times[label])[len(times[label]) // 2]
             base_row = {**cell, "config": label}
@@ -217,6 +218,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--results", type=Path, default=harness.RESULTS)
     p.add_argument("--deadline", type=float, default=None, help="seconds; start no new (model, run) after it")
     p.add_argument("--device", default="cuda", help="cpu: the same matrix on the CPU (use --dtype float32)")
+    p.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"],
+                   help="torch.backends.cudnn.benchmark (off: cuDNN's heuristics, torch's default); rows record it")
     args = p.parse_args(argv)
     check_tree()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -224,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit("no CUDA GPU here: pass --device cpu --dtype float32 to measure on the CPU")
     start = time.time()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     for name in args.models:
         base = harness.build_timm(name, **({"img_size": args.img_size} if args.img_size != 224 else {}))
         configs = list(args.points) + [f"{pt} padding={pad}" for pt in args.points for pad in args.eager_paddings]
