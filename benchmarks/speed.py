@@ -190,7 +190,7 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
     if run == "eager" and 1 in batches:
         x = torch.randn(1, 3, args.img_size, args.img_size, device=device, dtype=dtype)
         yield [{"benchmark": "speed", "model": name, "run": "eager", "batch": 1, "dtype": args.dtype,
-                "config": label, "metric": "stage_host_us", "value": stage_host_us(m, x)}
+                "cudnn_benchmark": torch.backends.cudnn.benchmark, "config": label, "metric": "stage_host_us", "value": stage_host_us(m, x)}
                for label, m in models.items() if label != DENSE]
 
 

@@ -27,8 +27,9 @@ def test_speed_appends_rows_with_environment_and_report_renders_them(tmp_path):
     results = tmp_path / "results.jsonl"
     speed.main(["--device", "cpu", "--models", "vit_tiny_patch16_224", "--img-size", "32", "--runs", "eager",
                 "eager:no-graphs", "eager:autograd", "--batches", "1", "--points", "single K=48", "--rounds", "2", "--budget-ms", "5",
-                "--flops-images", "1", "--results", str(results)])
+                "--flops-images", "1", "--results", str(results), "--cudnn-benchmark", "off"])
     rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert {r["cudnn_benchmark"] for r in rows if r["batch"] > 0} == {False}  # torch's default, as asked
     metrics = {r["metric"] for r in rows}
     assert {"img_s", "speedup", "speedup_min", "speedup_max", "flops_ratio"} <= metrics
     for r in rows:
