@@ -62,7 +62,9 @@ def speed_table(rows: list[dict], device: str, configs: tuple[str, ...] = ("mult
                             row.append("n/m")
                             continue
                         seen = True
-                        env.add((cell["torch"], cell["triton"], cell["dtype"], cell["commit"], cell["date"]))
+                        # Every speed run before the row recorded it set cudnn.benchmark on.
+                        cudnn = "on" if cell.get("cudnn_benchmark", True) else "off"
+                        env.add((cell["torch"], cell["triton"], cell["dtype"], cell["commit"], cell["date"], cudnn))
                         text = f"{cell['value']:.2f}x"
                         if ratio is not None and batch >= 64:
                             text += f" ({cell['value'] / ratio:.2f})"
@@ -70,7 +72,9 @@ def speed_table(rows: list[dict], device: str, configs: tuple[str, ...] = ("mult
                 if seen:
                     lines.append("| " + " | ".join(row) + " |")
     ratios = [f"{SHORT.get(m, m)} {c}: {flops[(m, c)]:.2f}" for m in models for c in configs if (m, c) in flops]
-    measured = "; ".join(f"torch {t}, triton {tr}, {dt}, commit {c}, {date}" for t, tr, dt, c, date in sorted(env))
+    gpu = not device.startswith("CPU")  # cuDNN's setting only matters where cuDNN runs the conv
+    measured = "; ".join(f"torch {t}, triton {tr}, {dt}, commit {c}, {date}"
+                         + (f", cudnn.benchmark {cudnn}" if gpu else "") for t, tr, dt, c, date, cudnn in sorted(env))
     host = [f"{SHORT.get(m, m)} {c}: {cells[(m, 'eager', 1, c, 'stage_host_us')]['value']:.0f} us"
             for m in models for c in configs if (m, "eager", 1, c, "stage_host_us") in cells]
     host_text = f" Host time of one eager stage at batch 1 (first stage, no graphs): {', '.join(host)}." if host else ""

@@ -218,7 +218,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--results", type=Path, default=harness.RESULTS)
     p.add_argument("--deadline", type=float, default=None, help="seconds; start no new (model, run) after it")
     p.add_argument("--device", default="cuda", help="cpu: the same matrix on the CPU (use --dtype float32)")
-    p.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"],
+    # Off by default, as a user runs a model. On, cuDNN times its algorithms for the dense model's
+    # patch-embedding conv, which backend="ats" replaces by a GEMM (passes/patchify.py): that lowered
+    # DeiT-S's reduce-overhead speed-up at batch 256 from 1.71x to 1.58x (H100; docs/performance.md).
+    p.add_argument("--cudnn-benchmark", default="off", choices=["on", "off"],
                    help="torch.backends.cudnn.benchmark (off: cuDNN's heuristics, torch's default); rows record it")
     args = p.parse_args(argv)
     check_tree()

@@ -79,6 +79,10 @@ def test_report_gives_each_device_its_own_table():
     gpu, cpu = text.split("**CPU (x, 2 threads)**")
     assert gpu.startswith("**NVIDIA H200**") and "1.30x (0.87)" in gpu and "batch 1" not in gpu
     assert "1.05x" in cpu and "batch 256" not in cpu and "1.30x" not in cpu
+    # A GPU row says how cuDNN chose the dense conv (rows from before the field: on); a CPU row does not.
+    assert "commit c2, d, cudnn.benchmark on" in gpu and "cudnn" not in cpu
+    rows[1]["cudnn_benchmark"] = False
+    assert "commit c2, d, cudnn.benchmark off" in report.speed_tables(rows)
 
 
 def test_report_deploy_table_shows_the_newest_commit_per_device_and_dtype():
