@@ -2,6 +2,7 @@
 
     python -m benchmarks.report            # print the table
     python -m benchmarks.report --readme   # rewrite it in README.md, between its markers
+    python -m benchmarks.report --profile  # the benchmarks.profile breakdowns instead
 
 Each (model, run) row shows the cells of the newest commit that measured it ("n/m": not measured
 at that commit, so numbers of different code never share a row). A cell reads ``speed-up (FLOPs
@@ -146,6 +147,41 @@ def deploy_table(rows: list[dict]) -> str:
             + "\n".join(lines) + f"\n\n{env}.")
 
 
+def profile_tables(rows: list[dict]) -> str:
+    """``benchmarks.profile`` rows as one table per (device, model, run, batch, commit): a line per part,
+    a column per configuration, ms per forward pass (the newest commit's rows of each)."""
+    from benchmarks.profile import PARTS
+
+    groups: dict = {}
+    for r in rows:
+        if r["benchmark"] == "profile":
+            key = (r["device"], r["model"], r["run"], r["batch"])
+            if groups.get(key, {}).get("commit") != r["commit"]:  # a newer commit replaces the group
+                groups[key] = {"commit": r["commit"], "env": r, "cells": {}}
+            groups[key]["cells"][(r["part"], r["metric"], r["config"])] = r["value"]
+    order = [part for part, _ in PARTS] + ["other", "all"]
+    out = []
+    for (device, model, run, batch), group in groups.items():
+        cells, env = group["cells"], group["env"]
+        configs = list(dict.fromkeys(c for _, _, c in cells))
+        time_metric = "gpu_ms" if any(m == "gpu_ms" for _, m, _ in cells) else "cpu_ms"
+        lines = [f"**{SHORT.get(model, model)}, {run}, batch {batch}** ({device}, torch {env['torch']}, "
+                 f"triton {env['triton']}, {env['dtype']}, commit {group['commit']}, {env['date']}; "
+                 f"{time_metric.replace('_', ' ')} per forward pass)", "",
+                 "| part | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
+        for part in order:
+            values = [cells.get((part, time_metric, c)) for c in configs]
+            if any(v is not None for v in values):
+                lines.append(f"| {part} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
+        for metric, label, spec in (("gpu_ms_min", "all, fastest pass", ".3f"), ("gpu_ms_max", "all, slowest pass", ".3f"),
+                                    ("kernels", "kernels", ".0f"), ("idle_ms", "idle between kernels", ".3f")):
+            values = [cells.get(("all", metric, c)) for c in configs]
+            if any(v is not None for v in values):
+                lines.append(f"| {label} | " + " | ".join("-" if v is None else format(v, spec) for v in values) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) or "(no profile results yet: run python -m benchmarks.profile)"
+
+
 def rewrite_readme(table: str, readme: Path = README) -> None:
     text = readme.read_text()
     if BEGIN not in text or END not in text:
@@ -159,8 +195,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=harness.RESULTS)
     p.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
+    p.add_argument("--profile", action="store_true", help="print the benchmarks.profile tables instead")
     args = p.parse_args(argv)
     rows = harness.load(args.results)
+    if args.profile:
+        print(profile_tables(rows))
+        return
     table = "\n\n".join(part for part in (speed_tables(rows), deploy_table(rows)) if part)
     if args.readme:
         rewrite_readme(table)

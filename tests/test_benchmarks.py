@@ -194,3 +194,61 @@ def test_stage_host_times_each_piece_of_the_first_stage(tmp_path):
     assert all(0 < us < 1e6 for us in pieces.values())
     text = report.pieces_text(harness.load(results), rows[0]["device"])
     assert "vit_tiny_patch16_224 single K=48, batch 1" in text and "stage (whole call)" in text
+
+
+def test_profile_puts_each_kernel_in_its_part_by_name():
+    from benchmarks.profile import part_of
+
+    names = {
+        "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64": "GEMM",
+        "nvjet_hsh_128x256_64x4_2x1_v_bz_coopA_NNT": "GEMM",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7": "attention",
+        "sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nchw": "patch conv",
+        "void nchwToNhwcKernel<__half, __half, float, true, false>": "patch conv",
+        "triton_per_fused_add_native_layer_norm_3": "LayerNorm",
+        "triton_poi_fused_addmm_gelu_5": "GELU",
+        "_head_logits_kernel": "ats_fx scoring and sampling",
+        "_sample_kernel": "ats_fx scoring and sampling",
+        "_attention_kernel": "ats_fx attention",
+        "_gather_add_kernel": "ats_fx gathers",
+        "aten::addmm": "GEMM",
+        "aten::where": "other",
+    }
+    assert {name: part_of(name) for name in names} == names
+
+
+def test_profile_idle_time_is_counted_inside_each_pass_only():
+    from types import SimpleNamespace
+
+    from benchmarks.profile import DeviceType, breakdown
+
+    def kernel(name, start, end):
+        rng = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=rng)
+
+    # Two passes of two kernels: 2 us idle inside each pass, 1000 us between the passes (not counted).
+    events = [kernel("gemm", 0, 10), kernel("_sample_kernel", 12, 15),
+              kernel("gemm", 1015, 1025), kernel("_sample_kernel", 1027, 1030)]
+    parts = breakdown(events, torch.device("cuda"), calls=2)
+    assert parts["GEMM"] == pytest.approx(0.010) and parts["ats_fx scoring and sampling"] == pytest.approx(0.003)
+    assert parts["all"] == pytest.approx(0.013) and parts["kernels"] == 2 and parts["idle"] == pytest.approx(0.002)
+    assert parts["all_min"] == parts["all_max"] == pytest.approx(0.013)
+
+
+def test_profile_appends_one_row_per_part_and_the_report_prints_them(tmp_path, capsys):
+    from benchmarks import profile
+
+    results = tmp_path / "results.jsonl"
+    profile.main(["--device", "cpu", "--dtype", "float32", "--models", "vit_tiny_patch16_224", "--img-size", "32",
+                  "--runs", "eager", "--batches", "2", "--points", "single K=48", "--calls", "2",
+                  "--results", str(results)])
+    rows = harness.load(results)
+    assert {r["benchmark"] for r in rows} == {"profile"} and {r["config"] for r in rows} == {"dense", "single K=48"}
+    for config in ("dense", "single K=48"):
+        parts = {r["part"]: r["value"] for r in rows if r["config"] == config and r["metric"] == "cpu_ms"}
+        assert parts["GEMM"] > 0 and parts["attention"] > 0
+        assert parts["all"] == pytest.approx(sum(v for p, v in parts.items() if p != "all"))
+    report.main(["--results", str(results), "--profile"])
+    text = capsys.readouterr().out
+    assert "**vit_tiny_patch16_224, eager, batch 2**" in text and "| part | dense | single K=48 |" in text
+    assert "| GEMM |" in text and "| all |" in text
