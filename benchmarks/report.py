@@ -3,6 +3,7 @@
     python -m benchmarks.report            # print the table
     python -m benchmarks.report --readme   # rewrite it in README.md, between its markers
     python -m benchmarks.report --profile  # the benchmarks.profile breakdowns instead
+    python -m benchmarks.report --tiles    # the benchmarks.attention_tiles sweeps instead
 
 Each (model, run) row shows the cells of the newest commit that measured it ("n/m": not measured
 at that commit, so numbers of different code never share a row). A cell reads ``speed-up (FLOPs
@@ -182,6 +183,30 @@ def profile_tables(rows: list[dict]) -> str:
     return "\n\n".join(out) or "(no profile results yet: run python -m benchmarks.profile)"
 
 
+def tiles_tables(rows: list[dict]) -> str:
+    """``benchmarks.attention_tiles`` rows: per (device, model, batch), the newest commit's configurations,
+    fastest first, with their time over the stages and their error."""
+    groups: dict = {}
+    for r in rows:
+        if r["benchmark"] == "attention_tiles":
+            key = (r["device"], r["model"], r["batch"])
+            if groups.get(key, {}).get("commit") != r["commit"]:
+                groups[key] = {"commit": r["commit"], "env": r, "cells": {}}
+            groups[key]["cells"][(r["config"], r["metric"])] = r["value"]
+    out = []
+    for (device, model, batch), group in groups.items():
+        cells, env = group["cells"], group["env"]
+        configs = sorted({c for c, m in cells if m == "us"}, key=lambda c: cells[(c, "us")])
+        lines = [f"**{SHORT.get(model, model)}, {env['run']}, batch {batch}** ({device}, torch {env['torch']}, "
+                 f"triton {env['triton']}, {env['dtype']}, commit {group['commit']}, {env['date']})", "",
+                 "| tiles | us per pass over the stages | max abs error |", "|---|---|---|"]
+        for c in configs:
+            err = cells.get((c, "max_abs_error"))
+            lines.append(f"| {c} | {cells[(c, 'us')]:.1f} | {'-' if err is None else f'{err:.2g}'} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out) or "(no tile results yet: run python -m benchmarks.attention_tiles)"
+
+
 def rewrite_readme(table: str, readme: Path = README) -> None:
     text = readme.read_text()
     if BEGIN not in text or END not in text:
@@ -196,10 +221,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--results", type=Path, default=harness.RESULTS)
     p.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
     p.add_argument("--profile", action="store_true", help="print the benchmarks.profile tables instead")
+    p.add_argument("--tiles", action="store_true", help="print the benchmarks.attention_tiles tables instead")
     args = p.parse_args(argv)
     rows = harness.load(args.results)
-    if args.profile:
-        print(profile_tables(rows))
+    if args.profile or args.tiles:
+        print(profile_tables(rows) if args.profile else tiles_tables(rows))
         return
     table = "\n\n".join(part for part in (speed_tables(rows), deploy_table(rows)) if part)
     if args.readme:

@@ -252,3 +252,22 @@ def test_profile_appends_one_row_per_part_and_the_report_prints_them(tmp_path, c
     text = capsys.readouterr().out
     assert "**vit_tiny_patch16_224, eager, batch 2**" in text and "| part | dense | single K=48 |" in text
     assert "| GEMM |" in text and "| all |" in text
+
+
+def test_attention_tiles_follow_the_stage_widths_and_check_every_config(tmp_path, capsys):
+    from benchmarks import attention_tiles
+
+    # ViT-B/16 at rho=0.87: 197 keys and 172 kept rows at stage 3, each stage's rows the next one's keys.
+    shapes = attention_tiles.stage_shapes(harness.build_timm("vit_base_patch16_224"), range(3, 12), 0.87)
+    assert shapes[0] == (12, 64, 197, 172) and shapes[1] == (12, 64, 172, 151)
+    assert all(a[3] == b[2] for a, b in zip(shapes, shapes[1:])) and len(shapes) == 9
+    results = tmp_path / "results.jsonl"
+    attention_tiles.main(["--device", "cpu", "--models", "vit_tiny_patch16_224", "--img-size", "48", "--batch", "2",
+                          "--configs", "16x32,w4,s2", "32x16,w4,s2", "--rounds", "1", "--budget-ms", "1",
+                          "--results", str(results)])
+    rows = harness.load(results)
+    errors = {r["config"]: r["value"] for r in rows if r["metric"] == "max_abs_error"}
+    assert set(errors) == {"16x32,w4,s2", "32x16,w4,s2"} and max(errors.values()) < 2e-3  # fp16 against float32
+    assert {r["config"] for r in rows if r["metric"] == "us"} == {*errors, attention_tiles.SDPA}
+    report.main(["--results", str(results), "--tiles"])
+    assert "| 16x32,w4,s2 |" in capsys.readouterr().out
