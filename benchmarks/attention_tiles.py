@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -142,19 +140,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--configs", nargs="+", default=CONFIGS, help="BLOCK_MxBLOCK_N,wWARPS,sSTAGES ...")
     p.add_argument("--no-sdpa", dest="sdpa", action="store_false", help="leave out SDPA on gathered queries")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--budget-ms", type=float, default=100.0)
-    p.add_argument("--results", type=Path, default=harness.RESULTS)
-    p.add_argument("--device", default="cuda", help="cpu runs the kernel under TRITON_INTERPRET=1 (slowly)")
+    harness.add_kernel_args(p, rounds=5)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks.attention_tiles needs a CUDA GPU (--device cpu with TRITON_INTERPRET=1 tries it)")
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("--device cpu needs TRITON_INTERPRET=1 set before Python starts")
-    device = torch.device(args.device)
+    device = harness.kernel_device("benchmarks.attention_tiles", args.device)
     rows = run(args.models, args.batch, args.configs, args.sdpa, device, getattr(torch, args.dtype), args.rounds,
                args.budget_ms, args.img_size)
     n = harness.append(rows, args.results, device)

@@ -111,6 +111,25 @@ def build_timm(name: str, **kwargs) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs).eval()
 
 
+def add_kernel_args(parser, rounds: int) -> None:
+    """The options every kernel benchmark takes: dtype, timing, results file and device."""
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--budget-ms", type=float, default=100.0, help="time per measurement")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--device", default="cuda", help="cpu runs the kernels under TRITON_INTERPRET=1 (slowly)")
+
+
+def kernel_device(benchmark: str, name: str) -> torch.device:
+    """The device a kernel benchmark runs on: CUDA, or the CPU under Triton's interpreter (set before
+    Python starts, since Triton reads it at import)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{benchmark} needs a CUDA GPU (--device cpu with TRITON_INTERPRET=1 tries it)")
+    if name == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--device cpu needs TRITON_INTERPRET=1 set before Python starts")
+    return torch.device(name)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -108,20 +106,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", nargs="+", default=None, help="B,H,T,D ... (default: DeiT-S and ViT-B/16 stages)")
     p.add_argument("--kernels", nargs="+", default=None, help="only these kernels")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--budget-ms", type=float, default=100.0)
-    p.add_argument("--results", type=Path, default=harness.RESULTS)
-    p.add_argument("--device", default="cuda", help="cpu runs the kernels under TRITON_INTERPRET=1 (slowly)")
+    harness.add_kernel_args(p, rounds=3)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks.kernels needs a CUDA GPU (--device cpu with TRITON_INTERPRET=1 tries it)")
-    if args.device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise SystemExit("--device cpu needs TRITON_INTERPRET=1 set before Python starts")
+    device = harness.kernel_device("benchmarks.kernels", args.device)
     shapes = [tuple(int(n) for n in s.split(",")) for s in args.shapes] if args.shapes else SHAPES
     dtype = getattr(torch, args.dtype)
-    rows = run(shapes, torch.device(args.device), dtype, args.rounds, args.budget_ms, args.kernels)
+    rows = run(shapes, device, dtype, args.rounds, args.budget_ms, args.kernels)
     n = harness.append(rows, args.results)
     log.info("%d rows appended to %s", n, args.results)
 
