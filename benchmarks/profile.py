@@ -10,7 +10,8 @@ time. On CUDA each kernel (a CUDA-graph replay's too) is put in one part by its 
 first pattern that matches); on the CPU each aten op's self time is. Per forward pass the rows give:
 
 - ``gpu_ms`` per part, and for ``part="all"`` (on the CPU: ``cpu_ms``, self time of the ops);
-- ``kernels``: kernels per forward pass (``part="all"``);
+- ``kernels``: kernels per forward pass, and ``graph_launches`` (CUDA), the CUDA graphs it replayed
+  (``part="all"``);
 - ``idle_ms`` (CUDA): the time between one kernel's end and the next one's start inside a forward
   pass, the cost a batch-1 pass pays per launch even in a graph;
 - ``gpu_ms_min`` / ``gpu_ms_max`` (CUDA): the fastest and slowest pass's kernel time.
@@ -83,6 +84,9 @@ def breakdown(events: list, device: torch.device, calls: int) -> dict[str, float
             out[part] = out.get(part, 0.0) + e.time_range.elapsed_us() / 1e3 / calls
         out["all"] = sum(out.values())
         out["kernels"] = len(kernels) / calls
+        # Whether the pass ran as CUDA graph replays (and as how many): a graph Inductor skipped, or
+        # split, shows here before it shows as host time.
+        out["graphs"] = sum(e.name == "cudaGraphLaunch" for e in events if e.device_type == DeviceType.CPU) / calls
         if kernels and len(kernels) % calls == 0:  # the same kernels every pass: split the trace into passes
             n, idle, per_pass = len(kernels) // calls, 0.0, []
             for c in range(calls):
@@ -106,8 +110,9 @@ def rows_for(cell: dict, label: str, parts: dict[str, float], device: torch.devi
     time_metric = "gpu_ms" if device.type == "cuda" else "cpu_ms"
     rows = []
     for part, value in parts.items():
-        if part == "kernels":
-            rows.append({**cell, "config": label, "part": "all", "metric": "kernels", "value": value})
+        if part in ("kernels", "graphs"):
+            metric = {"kernels": "kernels", "graphs": "graph_launches"}[part]
+            rows.append({**cell, "config": label, "part": "all", "metric": metric, "value": value})
         elif part in ("idle", "all_min", "all_max"):
             metric = {"idle": "idle_ms", "all_min": "gpu_ms_min", "all_max": "gpu_ms_max"}[part]
             rows.append({**cell, "config": label, "part": "all", "metric": metric, "value": value})

@@ -175,7 +175,8 @@ def profile_tables(rows: list[dict]) -> str:
             if any(v is not None for v in values):
                 lines.append(f"| {part} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
         for metric, label, spec in (("gpu_ms_min", "all, fastest pass", ".3f"), ("gpu_ms_max", "all, slowest pass", ".3f"),
-                                    ("kernels", "kernels", ".0f"), ("idle_ms", "idle between kernels", ".3f")):
+                                    ("kernels", "kernels", ".0f"), ("graph_launches", "CUDA graph launches", ".0f"),
+                                    ("idle_ms", "idle between kernels", ".3f")):
             values = [cells.get(("all", metric, c)) for c in configs]
             if any(v is not None for v in values):
                 lines.append(f"| {label} | " + " | ".join("-" if v is None else format(v, spec) for v in values) + " |")

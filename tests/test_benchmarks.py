@@ -232,7 +232,7 @@ def test_profile_idle_time_is_counted_inside_each_pass_only():
     parts = breakdown(events, torch.device("cuda"), calls=2)
     assert parts["GEMM"] == pytest.approx(0.010) and parts["ats_fx scoring and sampling"] == pytest.approx(0.003)
     assert parts["all"] == pytest.approx(0.013) and parts["kernels"] == 2 and parts["idle"] == pytest.approx(0.002)
-    assert parts["all_min"] == parts["all_max"] == pytest.approx(0.013)
+    assert parts["all_min"] == parts["all_max"] == pytest.approx(0.013) and parts["graphs"] == 0
 
 
 def test_profile_appends_one_row_per_part_and_the_report_prints_them(tmp_path, capsys):
