@@ -129,6 +129,7 @@ def measure(name: str, base: torch.nn.Module, run: str, points: list[str], batch
         models = speed.eager_models(base, points, device, dtype, cuda_graphs=run != "eager:no-graphs")
     else:
         models = speed.compiled_models(base, points, run.split(":", 1)[1], device, dtype)
+    models = speed.callers(models, run)
     for batch in batches:
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
         cell = {"benchmark": "profile", "model": name, "run": run, "batch": batch, "dtype": args.dtype,
@@ -147,6 +148,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--models", nargs="+", default=["vit_base_patch16_224"])
     p.add_argument("--runs", nargs="+", default=["compile:reduce-overhead"], help="as benchmarks.speed")
     p.add_argument("--points", nargs="+", default=["multi rho=0.87"], choices=list(harness.POINTS))
+    p.add_argument("--variants", nargs="*", default=[], help="as benchmarks.speed (benchmarks.variants)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 256])
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--img-size", type=int, default=224)
@@ -164,7 +166,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name in args.models:
         base = harness.build_timm(name, **({"img_size": args.img_size} if args.img_size != 224 else {}))
         for run in args.runs:
-            for rows in measure(name, base, run, list(args.points), args.batches, args, device, dtype):
+            configs = list(args.points) + [f"{pt} {v}" for pt in args.points for v in args.variants]
+            for rows in measure(name, base, run, configs, args.batches, args, device, dtype):
                 n = harness.append(rows, args.results, device)
                 log.info("%s %s batch %d: %d rows appended to %s", name, run, rows[0]["batch"], n, args.results)
 

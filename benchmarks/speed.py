@@ -10,6 +10,9 @@ configurations and the dense baseline are timed in one process, in rotating roun
 
 - ``eager``: ``ats_fx.transform(model, stages, ratio=/k=)`` with its default arguments, against the
   dense model; ``--eager-paddings`` adds each padding as its own configuration ("... padding=static").
+  ``--variants`` adds, in every run, each point with ats_fx's own choices switched
+  (``benchmarks.variants``: "... overlap=off" runs the stages one after another at batch 1 too), the
+  A/B of a decision timed like everything else.
 - ``eager:no-graphs``: the same with ``cuda_graphs=False``, every launch issued from the host (what
   a user who turns graphs off gets), against the dense model; not in the default matrix.
 - ``eager:autograd``: ``eager`` called with autograd on (eval mode, no ``torch.no_grad()``: how a
@@ -50,7 +53,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 import ats_fx
-from benchmarks import harness
+from benchmarks import harness, variants
 
 log = logging.getLogger("benchmarks.speed")
 
@@ -62,13 +65,22 @@ GRAPHED_DENSE = "dense, CUDA graphs"
 
 
 def point_kwargs(label: str) -> dict:
-    """``"multi rho=0.87"`` -> transform keywords (a `` padding=X`` suffix adds ``padding``)."""
-    point, _, padding = label.partition(" padding=")
+    """``"multi rho=0.87"`` -> transform keywords (a `` padding=X`` suffix adds ``padding``; switches,
+    ``benchmarks.variants``, are applied by ``callers``)."""
+    point, transform_kw, _ = variants.parse(label)
     stages, ratio, k = harness.POINTS[point]
-    kw = {"stages": stages, "ratio": ratio, "k": k}
-    if padding:
-        kw["padding"] = padding
+    kw = {"stages": stages, "ratio": ratio, "k": k, **transform_kw}
     return {key: v for key, v in kw.items() if v is not None}
+
+
+def callers(models: dict[str, Callable], run: str) -> dict[str, Callable]:
+    """Each model as the benchmark calls it: with its label's ats_fx switches set while it compiles and
+    captures (every call without graphs), the others as they are."""
+    out = {}
+    for label, model in models.items():
+        switches = {} if label == DENSE else variants.parse(label)[2]
+        out[label] = variants.Switched(model, switches, every_call=run == "eager:no-graphs") if switches else model
+    return out
 
 
 def eager_models(base: torch.nn.Module, configs: list[str], device, dtype,
@@ -129,6 +141,12 @@ def stage_host_us(model: torch.nn.Module, x: torch.Tensor, calls: int = 200) -> 
     return host / calls * 1e6
 
 
+def _switched_host_us(label: str, model: torch.nn.Module, x: torch.Tensor) -> float:
+    """``stage_host_us`` with the configuration's switches set (a stage without graphs decides at each call)."""
+    with variants.switched(variants.parse(label)[2]):
+        return stage_host_us(model, x)
+
+
 def _with_grad(model: torch.nn.Module, x: torch.Tensor):
     with torch.enable_grad():
         return model(x)
@@ -142,6 +160,7 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
         models = eager_models(base, configs, device, dtype, cuda_graphs=run != "eager:no-graphs")
     else:
         models = compiled_models(base, configs, run.split(":", 1)[1], device, dtype)
+    calls = callers(models, run)
     eager_dense = graphed_dense = None
     if run not in EAGER_RUNS:
         eager_dense = copy.deepcopy(base).to(device, dtype)
@@ -156,9 +175,9 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
         rows = []
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
         if run == "eager:autograd":  # harness.time_ms turns autograd off; turn it back on inside the call
-            fns = {label: (lambda m=m: _with_grad(m, x)) for label, m in models.items()}
+            fns = {label: (lambda m=m: _with_grad(m, x)) for label, m in calls.items()}
         else:
-            fns = {label: (lambda m=m: m(x)) for label, m in models.items()}
+            fns = {label: (lambda m=m: m(x)) for label, m in calls.items()}
         if eager_dense is not None:
             fns["eager dense"] = lambda: eager_dense(x)
         if graphed_dense is not None:
@@ -190,7 +209,8 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
     if run == "eager" and 1 in batches:
         x = torch.randn(1, 3, args.img_size, args.img_size, device=device, dtype=dtype)
         yield [{"benchmark": "speed", "model": name, "run": "eager", "batch": 1, "dtype": args.dtype,
-                "cudnn_benchmark": torch.backends.cudnn.benchmark, "config": label, "metric": "stage_host_us", "value": stage_host_us(m, x)}
+                "cudnn_benchmark": torch.backends.cudnn.benchmark, "config": label, "metric": "stage_host_us",
+                "value": _switched_host_us(label, m, x)}
                for label, m in models.items() if label != DENSE]
 
 
@@ -209,6 +229,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--points", nargs="+", default=["multi rho=0.87", "single K=108"], choices=list(harness.POINTS))
     p.add_argument("--eager-paddings", nargs="*", default=[], choices=["batch_max", "static"],
                    help="also time eager ATS with each padding named, as its own configuration")
+    p.add_argument("--variants", nargs="*", default=[],
+                   help="also time each point with these ats_fx switches, as its own configuration in every run "
+                        "(benchmarks.variants), e.g. overlap=off 'overlap=off pdl=off'")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--img-size", type=int, default=224)
@@ -233,7 +256,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     for name in args.models:
         base = harness.build_timm(name, **({"img_size": args.img_size} if args.img_size != 224 else {}))
-        configs = list(args.points) + [f"{pt} padding={pad}" for pt in args.points for pad in args.eager_paddings]
+        switched = [f"{pt} {v}" for pt in args.points for v in args.variants]
+        configs = list(args.points) + switched + [f"{pt} padding={pad}" for pt in args.points
+                                                  for pad in args.eager_paddings]
         g = torch.Generator().manual_seed(0)
         x = torch.randn(args.flops_images, 3, args.img_size, args.img_size, generator=g)
         rows = [{"benchmark": "speed", "model": name, "run": "any", "batch": 0, "dtype": "float32", "config": pt,
@@ -243,7 +268,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             if args.deadline and time.time() - start > args.deadline:
                 log.warning("deadline reached: %s %s not measured", name, run)
                 continue
-            run_configs = configs if run in EAGER_RUNS else list(args.points)
+            run_configs = configs if run in EAGER_RUNS else list(args.points) + switched
             n = sum(harness.append(rows, args.results, device)
                     for rows in measure_run(name, base, run, run_configs, args.batches, args, device, dtype))
             log.info("%s %s: %d rows appended to %s", name, run, n, args.results)

@@ -271,3 +271,45 @@ def test_attention_tiles_follow_the_stage_widths_and_check_every_config(tmp_path
     assert {r["config"] for r in rows if r["metric"] == "us"} == {*errors, attention_tiles.SDPA}
     report.main(["--results", str(results), "--tiles"])
     assert "| 16x32,w4,s2 |" in capsys.readouterr().out
+
+
+def test_variant_labels_parse_into_point_keywords_and_switches():
+    from benchmarks import variants
+
+    assert variants.parse("multi rho=0.87") == ("multi rho=0.87", {}, {})
+    assert variants.parse("single K=108 padding=static overlap=off pdl=off") == (
+        "single K=108", {"padding": "static"}, {"overlap": "off", "pdl": "off"})
+    assert speed.point_kwargs("multi rho=0.87 overlap=off") == {"stages": "3-11", "ratio": 0.87}
+    for bad in ("rho=0.87", "multi rho=0.87 overlap=maybe", "multi rho=0.87 speed=fast"):
+        with pytest.raises(SystemExit):
+            variants.parse(bad)
+
+
+def test_switched_sets_ats_fx_choices_while_the_model_compiles_and_captures_only():
+    from ats_fx import dispatch
+    from ats_fx.kernels import pdl
+    from benchmarks import variants
+
+    seen = []
+    model = variants.Switched(lambda x: seen.append((dispatch.OVERLAP, pdl.ENABLED)), {"overlap": "off", "pdl": "off"},
+                              warm_calls=2)
+    before = (dispatch.OVERLAP, pdl.ENABLED)
+    for batch in (1, 1, 1, 8, 8, 8):
+        model(torch.zeros(batch, 3))
+    # The first two calls at each batch size run switched; the third calls the model directly.
+    assert seen == [("off", False)] * 2 + [before] + [("off", False)] * 2 + [before]
+    assert (dispatch.OVERLAP, pdl.ENABLED) == before
+    every = variants.Switched(lambda x: seen.append(dispatch.OVERLAP), {"overlap": "off"}, every_call=True,
+                              warm_calls=1)
+    seen.clear()
+    every(torch.zeros(1)), every(torch.zeros(1))
+    assert seen == ["off", "off"]
+
+
+def test_speed_times_each_variant_as_its_own_configuration(tmp_path):
+    results = tmp_path / "results.jsonl"
+    speed.main(["--device", "cpu", "--models", "vit_tiny_patch16_224", "--img-size", "32", "--runs", "eager",
+                "--batches", "1", "--points", "single K=48", "--variants", "overlap=off", "--rounds", "1",
+                "--budget-ms", "1", "--flops-images", "1", "--results", str(results)])
+    ups = {r["config"] for r in harness.load(results) if r["metric"] == "speedup"}
+    assert ups == {"single K=48", "single K=48 overlap=off"}
