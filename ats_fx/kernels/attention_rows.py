@@ -170,8 +170,8 @@ def default_config(rows: int, D: int, programs: int = 0, multiprocessors: int = 
     # Swept on H100 (docs/performance.md): 64 x 32 tiles, 3 stages won at
     # every batch-256 shape ATS makes, 10-20% faster than the 64 x 64, 2-stage first guess. Again
     # in CUDA graphs at the nine stage shapes of DeiT-S rho=0.87 (and against 64/32/16 x 128 tiles;
-    # docs/performance.md): it won every batch-256 shape. On the H200 it won again, over eight
-    # configurations at ViT-B/16's and EVA02-S's nine batch-256 stage shapes.
+    # docs/performance.md): it won every batch-256 shape. `python -m benchmarks.attention_tiles` (H100)
+    # finds it the fastest of eight configurations at ViT-B/16's and EVA02-S's nine batch-256 stages.
     return dict(BLOCK_M=64 if rows > 32 else 16, BLOCK_N=32, num_warps=4, num_stages=3)
 
 
