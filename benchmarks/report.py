@@ -2,7 +2,7 @@
 
     python -m benchmarks.report            # print the table
     python -m benchmarks.report --readme   # rewrite it in README.md, between its markers
-    python -m benchmarks.report --profile  # the benchmarks.profile breakdowns instead
+    python -m benchmarks.report --breakdown  # the benchmarks.breakdown tables instead
     python -m benchmarks.report --tiles    # the benchmarks.attention_tiles sweeps instead
 
 Each (model, run) row shows the cells of the newest commit that measured it ("n/m": not measured
@@ -148,14 +148,14 @@ def deploy_table(rows: list[dict]) -> str:
             + "\n".join(lines) + f"\n\n{env}.")
 
 
-def profile_tables(rows: list[dict]) -> str:
-    """``benchmarks.profile`` rows as one table per (device, model, run, batch, commit): a line per part,
+def breakdown_tables(rows: list[dict]) -> str:
+    """``benchmarks.breakdown`` rows as one table per (device, model, run, batch, commit): a line per part,
     a column per configuration, ms per forward pass (the newest commit's rows of each)."""
-    from benchmarks.profile import PARTS
+    from benchmarks.breakdown import PARTS
 
     groups: dict = {}
     for r in rows:
-        if r["benchmark"] == "profile":
+        if r["benchmark"] == "breakdown":
             key = (r["device"], r["model"], r["run"], r["batch"])
             if groups.get(key, {}).get("commit") != r["commit"]:  # a newer commit replaces the group
                 groups[key] = {"commit": r["commit"], "env": r, "cells": {}}
@@ -181,7 +181,7 @@ def profile_tables(rows: list[dict]) -> str:
             if any(v is not None for v in values):
                 lines.append(f"| {label} | " + " | ".join("-" if v is None else format(v, spec) for v in values) + " |")
         out.append("\n".join(lines))
-    return "\n\n".join(out) or "(no profile results yet: run python -m benchmarks.profile)"
+    return "\n\n".join(out) or "(no breakdown results yet: run python -m benchmarks.breakdown)"
 
 
 def tiles_tables(rows: list[dict]) -> str:
@@ -221,12 +221,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", type=Path, default=harness.RESULTS)
     p.add_argument("--readme", action="store_true", help="rewrite the table in README.md")
-    p.add_argument("--profile", action="store_true", help="print the benchmarks.profile tables instead")
+    p.add_argument("--breakdown", action="store_true", help="print the benchmarks.breakdown tables instead")
     p.add_argument("--tiles", action="store_true", help="print the benchmarks.attention_tiles tables instead")
     args = p.parse_args(argv)
     rows = harness.load(args.results)
-    if args.profile or args.tiles:
-        print(profile_tables(rows) if args.profile else tiles_tables(rows))
+    if args.breakdown or args.tiles:
+        print(breakdown_tables(rows) if args.breakdown else tiles_tables(rows))
         return
     table = "\n\n".join(part for part in (speed_tables(rows), deploy_table(rows)) if part)
     if args.readme:

@@ -196,8 +196,8 @@ def test_stage_host_times_each_piece_of_the_first_stage(tmp_path):
     assert "vit_tiny_patch16_224 single K=48, batch 1" in text and "stage (whole call)" in text
 
 
-def test_profile_puts_each_kernel_in_its_part_by_name():
-    from benchmarks.profile import part_of
+def test_breakdown_puts_each_kernel_in_its_part_by_name():
+    from benchmarks.breakdown import part_of
 
     names = {
         "sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64": "GEMM",
@@ -217,10 +217,10 @@ def test_profile_puts_each_kernel_in_its_part_by_name():
     assert {name: part_of(name) for name in names} == names
 
 
-def test_profile_idle_time_is_counted_inside_each_pass_only():
+def test_breakdown_idle_time_is_counted_inside_each_pass_only():
     from types import SimpleNamespace
 
-    from benchmarks.profile import DeviceType, breakdown
+    from benchmarks.breakdown import DeviceType, breakdown
 
     def kernel(name, start, end):
         rng = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
@@ -235,20 +235,20 @@ def test_profile_idle_time_is_counted_inside_each_pass_only():
     assert parts["all_min"] == parts["all_max"] == pytest.approx(0.013) and parts["graphs"] == 0
 
 
-def test_profile_appends_one_row_per_part_and_the_report_prints_them(tmp_path, capsys):
-    from benchmarks import profile
+def test_breakdown_appends_one_row_per_part_and_the_report_prints_them(tmp_path, capsys):
+    from benchmarks import breakdown
 
     results = tmp_path / "results.jsonl"
-    profile.main(["--device", "cpu", "--dtype", "float32", "--models", "vit_tiny_patch16_224", "--img-size", "32",
+    breakdown.main(["--device", "cpu", "--dtype", "float32", "--models", "vit_tiny_patch16_224", "--img-size", "32",
                   "--runs", "eager", "--batches", "2", "--points", "single K=48", "--calls", "2",
                   "--results", str(results)])
     rows = harness.load(results)
-    assert {r["benchmark"] for r in rows} == {"profile"} and {r["config"] for r in rows} == {"dense", "single K=48"}
+    assert {r["benchmark"] for r in rows} == {"breakdown"} and {r["config"] for r in rows} == {"dense", "single K=48"}
     for config in ("dense", "single K=48"):
         parts = {r["part"]: r["value"] for r in rows if r["config"] == config and r["metric"] == "cpu_ms"}
         assert parts["GEMM"] > 0 and parts["attention"] > 0
         assert parts["all"] == pytest.approx(sum(v for p, v in parts.items() if p != "all"))
-    report.main(["--results", str(results), "--profile"])
+    report.main(["--results", str(results), "--breakdown"])
     text = capsys.readouterr().out
     assert "**vit_tiny_patch16_224, eager, batch 2**" in text and "| part | dense | single K=48 |" in text
     assert "| GEMM |" in text and "| all |" in text

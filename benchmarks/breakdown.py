@@ -1,8 +1,8 @@
 """Where a forward pass's time goes: kernels grouped by what they do, dense beside ATS, into the results file.
 
-    python -m benchmarks.profile --models vit_base_patch16_224 --batches 256      # GPU, reduce-overhead
-    python -m benchmarks.profile --models deit_small_patch16_224 --batches 1 --runs eager
-    python -m benchmarks.profile --device cpu --dtype float32 --runs eager --batches 8   # aten ops
+    python -m benchmarks.breakdown --models vit_base_patch16_224 --batches 256      # GPU, reduce-overhead
+    python -m benchmarks.breakdown --models deit_small_patch16_224 --batches 1 --runs eager
+    python -m benchmarks.breakdown --device cpu --dtype float32 --runs eager --batches 8   # aten ops
 
 The models are built as ``benchmarks.speed`` builds them (same runs, same operating points). After a
 warm-up, ``torch.profiler`` records ``--calls`` forward passes of each, one synchronised call at a
@@ -17,7 +17,8 @@ first pattern that matches); on the CPU each aten op's self time is. Per forward
 - ``gpu_ms_min`` / ``gpu_ms_max`` (CUDA): the fastest and slowest pass's kernel time.
 
 The profiler adds its own cost per kernel, so these rows say where the time goes; ``benchmarks.speed``
-says how fast. ``python -m benchmarks.report --profile`` prints them as tables.
+says how fast. ``python -m benchmarks.report --breakdown`` prints them as tables. (Not ``profile.py``: that name would
+shadow the standard library's ``profile``, which ``cProfile`` imports, wherever benchmarks/ is on the path.)
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import harness, speed
 
-log = logging.getLogger("benchmarks.profile")
+log = logging.getLogger("benchmarks.breakdown")
 
 # (part, pattern over the lower-cased kernel or op name), first match wins: the ats_fx kernels by their
 # Triton names, then attention before conv (cuDNN's SDPA kernels are "..._fprop_..."), conv (with the
@@ -132,7 +133,7 @@ def measure(name: str, base: torch.nn.Module, run: str, points: list[str], batch
     models = speed.callers(models, run)
     for batch in batches:
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
-        cell = {"benchmark": "profile", "model": name, "run": run, "batch": batch, "dtype": args.dtype,
+        cell = {"benchmark": "breakdown", "model": name, "run": run, "batch": batch, "dtype": args.dtype,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark}
         rows = []
         for label, model in models.items():
@@ -160,7 +161,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     speed.check_tree()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU here: pass --device cpu --dtype float32 to profile on the CPU")
+        raise SystemExit("no CUDA GPU here: pass --device cpu --dtype float32 for the CPU's breakdown")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     for name in args.models:
