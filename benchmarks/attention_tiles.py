@@ -6,8 +6,9 @@
 
 The shapes are those a static-padded stage of the multi-stage point makes: stage s attends its
 ``K + p`` kept rows (``reference.static_budget``) over the previous stage's width of keys. Inputs are
-random: each image keeps between 85% and all of the previous width as real keys (a one-run mask, real
-keys first, as a stage leaves them) and its rows index real keys. Each configuration runs every
+random: after the first stage (all keys real, no mask) each image keeps between 85% and all of the
+previous width as real keys (a one-run mask, real keys first, as a stage leaves them), and its rows
+index real keys. Each configuration runs every
 stage once per pass; on CUDA a pass is one CUDA graph replay, as under ``mode="reduce-overhead"``.
 ``--sdpa`` adds torch's SDPA on queries gathered beforehand and without the mask (what the kernel
 would be measured against were the masks not there; not a drop-in replacement).
@@ -58,16 +59,18 @@ def stage_shapes(model: torch.nn.Module, stages: range, ratio: float) -> list[tu
     return shapes
 
 
-def stage_inputs(batch: int, shape: tuple[int, int, int, int], device, dtype, seed: int) -> tuple:
-    """q, k, v (strided views of one qkv tensor), the kept-row index and the key mask of one stage."""
+def stage_inputs(batch: int, shape: tuple[int, int, int, int], device, dtype, seed: int, first: bool) -> tuple:
+    """q, k, v (strided views of one qkv tensor), the kept-row index and the key mask of one stage
+    (None for the ``first`` stage, whose keys are all the model's tokens)."""
     heads, head_dim, keys, rows = shape
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(batch, keys, 3, heads, head_dim, generator=g).to(device, dtype)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    real = torch.randint(int(0.85 * keys), keys + 1, (batch,), generator=g).clamp_min(rows)
-    mask = torch.arange(keys)[None, :] < real[:, None]
+    real = torch.full((batch,), keys) if first else torch.randint(int(0.85 * keys), keys + 1, (batch,), generator=g)
+    real = real.clamp_min(rows)
+    mask = None if first else (torch.arange(keys)[None, :] < real[:, None]).to(device)
     index = torch.stack([torch.randperm(int(n), generator=g)[:rows].sort().values for n in real])
-    return q, k, v, index.to(device), mask.to(device)
+    return q, k, v, index.to(device), mask
 
 
 def one_pass(inputs: list[tuple], scale: float, config: Optional[dict]) -> Callable[[], list]:
@@ -108,7 +111,7 @@ def run(models: list[str], batch: int, configs: list[str], sdpa: bool, device: t
     for name in models:
         model = harness.build_timm(name, **({"img_size": img_size} if img_size != 224 else {}))
         shapes = stage_shapes(model, stages, 0.87)
-        inputs = [stage_inputs(batch, shape, device, dtype, seed=i) for i, shape in enumerate(shapes)]
+        inputs = [stage_inputs(batch, shape, device, dtype, seed=i, first=i == 0) for i, shape in enumerate(shapes)]
         scale = shapes[0][1] ** -0.5
         with torch.no_grad():
             exact = [reference.attention_rows(q.float(), k.float(), v.float(), idx, mask, scale)
