@@ -313,3 +313,26 @@ def test_speed_times_each_variant_as_its_own_configuration(tmp_path):
                 "--budget-ms", "1", "--flops-images", "1", "--results", str(results)])
     ups = {r["config"] for r in harness.load(results) if r["metric"] == "speedup"}
     assert ups == {"single K=48", "single K=48 overlap=off"}
+
+
+def test_a_switch_changes_what_the_compiled_model_runs(monkeypatch):
+    # The variants A/B relies on it: each compiled configuration traces its stages with its own
+    # switches, even with Inductor's caches on and another configuration compiled first.
+    from ats_fx import overlap
+    from benchmarks import variants
+
+    calls = []
+    real = overlap.overlapped_stage_attention
+    monkeypatch.setattr(overlap, "overlapped_stage_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    base = harness.build_timm("vit_tiny_patch16_224", img_size=32)
+    x = torch.randn(1, 3, 32, 32)
+    counts = {}
+    for setting in ("on", "off"):
+        torch._dynamo.reset()
+        model = torch.compile(base, backend="ats", options={"stages": "3-4", "ratio": 0.87, "kernels": "triton"})
+        model = variants.Switched(model, {"overlap": setting}, warm_calls=1)
+        calls.clear()
+        with torch.no_grad():
+            model(x), model(x)
+        counts[setting] = len(calls)
+    assert counts["on"] > 0 and counts["off"] == 0
