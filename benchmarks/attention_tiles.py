@@ -8,10 +8,10 @@ The shapes are those a static-padded stage of the multi-stage point makes: stage
 ``K + p`` kept rows (``reference.static_budget``) over the previous stage's width of keys. Inputs are
 random: after the first stage (all keys real, no mask) each image keeps between 85% and all of the
 previous width as real keys (a one-run mask, real keys first, as a stage leaves them), and its rows
-index real keys. Each configuration runs every
-stage once per pass; on CUDA a pass is one CUDA graph replay, as under ``mode="reduce-overhead"``.
-``--sdpa`` adds torch's SDPA on queries gathered beforehand and without the mask (what the kernel
-would be measured against were the masks not there; not a drop-in replacement).
+index real keys. Each configuration runs every stage once per pass; on CUDA a pass is one CUDA
+graph replay, as under ``mode="reduce-overhead"``. Beside them (unless ``--no-sdpa``), torch's SDPA
+on queries gathered beforehand and without the mask: what the kernel would be measured against were
+the masks not there, not a drop-in replacement.
 
 Rows: ``benchmark="attention_tiles"``, ``config`` the tiles ("64x32,w4,s3": query rows x keys per
 tile, warps, pipeline stages), ``metric`` ``us`` (one pass over all stages, median of the rounds)

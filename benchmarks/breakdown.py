@@ -17,8 +17,9 @@ first pattern that matches); on the CPU each aten op's self time is. Per forward
 - ``gpu_ms_min`` / ``gpu_ms_max`` (CUDA): the fastest and slowest pass's kernel time.
 
 The profiler adds its own cost per kernel, so these rows say where the time goes; ``benchmarks.speed``
-says how fast. ``python -m benchmarks.report --breakdown`` prints them as tables. (Not ``profile.py``: that name would
-shadow the standard library's ``profile``, which ``cProfile`` imports, wherever benchmarks/ is on the path.)
+says how fast. ``python -m benchmarks.report --breakdown`` prints them as tables. (Not ``profile.py``:
+that name would shadow the standard library's ``profile``, which ``cProfile`` imports, wherever
+benchmarks/ is on the path.)
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks import harness, speed
+from benchmarks import harness, speed, variants
 
 log = logging.getLogger("benchmarks.breakdown")
 
@@ -52,6 +53,11 @@ PARTS = [
     ("copies", r"memcpy|memset|copy|cat_|^aten::(cat|index|gather|contiguous|clone)"),
 ]
 _COMPILED = [(part, re.compile(pattern)) for part, pattern in PARTS]
+
+
+# Keys of ``breakdown``'s result that describe the whole pass, and the metric each is written as.
+PASS_METRICS = {"kernels": "kernels", "graphs": "graph_launches", "idle": "idle_ms", "all_min": "gpu_ms_min",
+                "all_max": "gpu_ms_max"}
 
 
 def part_of(name: str) -> str:
@@ -109,28 +115,15 @@ def breakdown(events: list, device: torch.device, calls: int) -> dict[str, float
 def rows_for(cell: dict, label: str, parts: dict[str, float], device: torch.device) -> list[dict]:
     """Results rows of one model's breakdown."""
     time_metric = "gpu_ms" if device.type == "cuda" else "cpu_ms"
-    rows = []
-    for part, value in parts.items():
-        if part in ("kernels", "graphs"):
-            metric = {"kernels": "kernels", "graphs": "graph_launches"}[part]
-            rows.append({**cell, "config": label, "part": "all", "metric": metric, "value": value})
-        elif part in ("idle", "all_min", "all_max"):
-            metric = {"idle": "idle_ms", "all_min": "gpu_ms_min", "all_max": "gpu_ms_max"}[part]
-            rows.append({**cell, "config": label, "part": "all", "metric": metric, "value": value})
-        else:
-            rows.append({**cell, "config": label, "part": part, "metric": time_metric, "value": value})
-    return rows
+    return [{**cell, "config": label, "part": "all" if key in PASS_METRICS else key,
+             "metric": PASS_METRICS.get(key, time_metric), "value": value} for key, value in parts.items()]
 
 
 def measure(name: str, base: torch.nn.Module, run: str, points: list[str], batches: list[int], args, device,
             dtype) -> Iterator[list[dict]]:
     """Per batch, the breakdown of the dense model and of each ATS configuration of one (model, run);
     the models are built once, as ``benchmarks.speed`` builds them."""
-    if run in speed.EAGER_RUNS:
-        models = speed.eager_models(base, points, device, dtype, cuda_graphs=run != "eager:no-graphs")
-    else:
-        models = speed.compiled_models(base, points, run.split(":", 1)[1], device, dtype)
-    models = speed.callers(models, run)
+    models = speed.callers(speed.build_models(base, run, points, device, dtype))
     for batch in batches:
         x = torch.randn(batch, 3, args.img_size, args.img_size, device=device, dtype=dtype)
         cell = {"benchmark": "breakdown", "model": name, "run": run, "batch": batch, "dtype": args.dtype,
@@ -167,8 +160,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     for name in args.models:
         base = harness.build_timm(name, **({"img_size": args.img_size} if args.img_size != 224 else {}))
         for run in args.runs:
-            configs = list(args.points) + [f"{pt} {v}" for pt in args.points for v in args.variants]
-            for rows in measure(name, base, run, configs, args.batches, args, device, dtype):
+            for rows in measure(name, base, run, variants.labels(args.points, args.variants), args.batches, args,
+                                device, dtype):
                 n = harness.append(rows, args.results, device)
                 log.info("%s %s batch %d: %d rows appended to %s", name, run, rows[0]["batch"], n, args.results)
 

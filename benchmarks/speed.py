@@ -73,14 +73,21 @@ def point_kwargs(label: str) -> dict:
     return {key: v for key, v in kw.items() if v is not None}
 
 
-def callers(models: dict[str, Callable], run: str) -> dict[str, Callable]:
-    """Each model as the benchmark calls it: with its label's ats_fx switches set while it compiles and
-    captures (every call without graphs), the others as they are."""
+def callers(models: dict[str, Callable]) -> dict[str, Callable]:
+    """Each model as the benchmark calls it: with its label's ats_fx switches set around each call, the
+    others as they are."""
     out = {}
     for label, model in models.items():
         switches = {} if label == DENSE else variants.parse(label)[2]
-        out[label] = variants.Switched(model, switches, every_call=run == "eager:no-graphs") if switches else model
+        out[label] = variants.Switched(model, switches) if switches else model
     return out
+
+
+def build_models(base: torch.nn.Module, run: str, configs: list[str], device, dtype) -> dict[str, Callable]:
+    """The dense model and each configuration's ATS model, as ``run`` runs them."""
+    if run in EAGER_RUNS:
+        return eager_models(base, configs, device, dtype, cuda_graphs=run != "eager:no-graphs")
+    return compiled_models(base, configs, run.split(":", 1)[1], device, dtype)
 
 
 def eager_models(base: torch.nn.Module, configs: list[str], device, dtype,
@@ -156,11 +163,8 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
                 dtype) -> Iterator[list[dict]]:
     """Every batch of one (model, run): each batch's rows for the results file, as soon as they are
     measured (a run cut off by a time limit keeps the batches it finished)."""
-    if run in EAGER_RUNS:
-        models = eager_models(base, configs, device, dtype, cuda_graphs=run != "eager:no-graphs")
-    else:
-        models = compiled_models(base, configs, run.split(":", 1)[1], device, dtype)
-    calls = callers(models, run)
+    models = build_models(base, run, configs, device, dtype)
+    calls = callers(models)
     eager_dense = graphed_dense = None
     if run not in EAGER_RUNS:
         eager_dense = copy.deepcopy(base).to(device, dtype)
@@ -256,9 +260,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     for name in args.models:
         base = harness.build_timm(name, **({"img_size": args.img_size} if args.img_size != 224 else {}))
-        switched = [f"{pt} {v}" for pt in args.points for v in args.variants]
-        configs = list(args.points) + switched + [f"{pt} padding={pad}" for pt in args.points
-                                                  for pad in args.eager_paddings]
+        compiled_configs = variants.labels(args.points, args.variants)
+        configs = compiled_configs + [f"{pt} padding={pad}" for pt in args.points for pad in args.eager_paddings]
         g = torch.Generator().manual_seed(0)
         x = torch.randn(args.flops_images, 3, args.img_size, args.img_size, generator=g)
         rows = [{"benchmark": "speed", "model": name, "run": "any", "batch": 0, "dtype": "float32", "config": pt,
@@ -268,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             if args.deadline and time.time() - start > args.deadline:
                 log.warning("deadline reached: %s %s not measured", name, run)
                 continue
-            run_configs = configs if run in EAGER_RUNS else list(args.points) + switched
+            run_configs = configs if run in EAGER_RUNS else compiled_configs
             n = sum(harness.append(rows, args.results, device)
                     for rows in measure_run(name, base, run, run_configs, args.batches, args, device, dtype))
             log.info("%s %s: %d rows appended to %s", name, run, n, args.results)

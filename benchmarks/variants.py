@@ -6,8 +6,8 @@ that vary it, so an A/B of ats_fx's own choices runs as one more configuration o
     "single K=108 overlap=off pdl=off"     # ... with ats_fx's overlapped stage and PDL switched off
 
 The switches are module-level choices of ats_fx that a user never sets (``SWITCHES``). They are read
-when a stage is traced, compiled or captured as a CUDA graph, so ``Switched`` sets them around the
-model's first calls at each batch size (every call for a model that runs without graphs).
+when a stage is traced, compiled or captured as a CUDA graph, or at every call without graphs, so
+``Switched`` sets them around every call of the configuration's model.
 """
 from __future__ import annotations
 
@@ -45,38 +45,48 @@ def parse(label: str) -> tuple[str, dict, dict]:
     return point, transform_kw, switches
 
 
-@contextlib.contextmanager
-def switched(switches: dict) -> Iterator[None]:
-    """ats_fx's switches set to ``switches`` inside the block, restored after it."""
+def labels(points: list[str], switch_sets: list[str]) -> list[str]:
+    """Each point, then each point with each set of switches (``"overlap=off pdl=off"``)."""
+    return list(points) + [f"{pt} {v}" for pt in points for v in switch_sets]
+
+
+def resolve(switches: dict) -> list[tuple[object, str, object]]:
+    """``switches`` as (ats_fx module, attribute, value) triples, resolved once."""
     import importlib
 
-    saved = []
+    out = []
+    for key, value in switches.items():
+        module_name, attr, values = SWITCHES[key]
+        out.append((importlib.import_module(module_name), attr, values[value]))
+    return out
+
+
+@contextlib.contextmanager
+def applied(settings: list[tuple[object, str, object]]) -> Iterator[None]:
+    """Resolved switches (``resolve``) set inside the block, restored after it."""
+    saved = [(module, attr, getattr(module, attr)) for module, attr, _ in settings]
     try:
-        for key, value in switches.items():
-            module_name, attr, values = SWITCHES[key]
-            module = importlib.import_module(module_name)
-            saved.append((module, attr, getattr(module, attr)))
-            setattr(module, attr, values[value])
+        for module, attr, value in settings:
+            setattr(module, attr, value)
         yield
     finally:
         for module, attr, value in reversed(saved):
             setattr(module, attr, value)
 
 
-class Switched:
-    """``model`` called with ``switches`` set during its first ``warm_calls`` calls at each batch size
-    (where it traces, compiles and captures its graphs), then called directly, so the timed calls pay
-    nothing for the switch; ``every_call`` sets them around every call (a model without graphs decides
-    at every call)."""
+def switched(switches: dict) -> contextlib.AbstractContextManager:
+    """ats_fx's switches set to ``switches`` inside the block, restored after it."""
+    return applied(resolve(switches))
 
-    def __init__(self, model: Callable, switches: dict, every_call: bool = False, warm_calls: int = 3):
-        self.model, self.switches, self.every_call, self.warm_calls = model, switches, every_call, warm_calls
-        self.calls: dict[int, int] = {}
+
+class Switched:
+    """``model`` called with ``switches`` set around every call: a traced, compiled or captured model
+    reads them once, one that runs without graphs (batch_max padding, ``cuda_graphs=False``, compile
+    without graphs) at every call. A few attribute writes a call: nothing next to a forward pass."""
+
+    def __init__(self, model: Callable, switches: dict):
+        self.model, self.settings = model, resolve(switches)
 
     def __call__(self, x: torch.Tensor):
-        n = self.calls.get(x.shape[0], 0)
-        if n >= self.warm_calls and not self.every_call:
-            return self.model(x)
-        self.calls[x.shape[0]] = n + 1
-        with switched(self.switches):
+        with applied(self.settings):
             return self.model(x)

@@ -285,25 +285,24 @@ def test_variant_labels_parse_into_point_keywords_and_switches():
             variants.parse(bad)
 
 
-def test_switched_sets_ats_fx_choices_while_the_model_compiles_and_captures_only():
+def test_switched_sets_ats_fx_choices_around_each_call_and_restores_them():
     from ats_fx import dispatch
     from ats_fx.kernels import pdl
     from benchmarks import variants
 
     seen = []
-    model = variants.Switched(lambda x: seen.append((dispatch.OVERLAP, pdl.ENABLED)), {"overlap": "off", "pdl": "off"},
-                              warm_calls=2)
     before = (dispatch.OVERLAP, pdl.ENABLED)
-    for batch in (1, 1, 1, 8, 8, 8):
-        model(torch.zeros(batch, 3))
-    # The first two calls at each batch size run switched; the third calls the model directly.
-    assert seen == [("off", False)] * 2 + [before] + [("off", False)] * 2 + [before]
-    assert (dispatch.OVERLAP, pdl.ENABLED) == before
-    every = variants.Switched(lambda x: seen.append(dispatch.OVERLAP), {"overlap": "off"}, every_call=True,
-                              warm_calls=1)
-    seen.clear()
-    every(torch.zeros(1)), every(torch.zeros(1))
-    assert seen == ["off", "off"]
+    model = variants.Switched(lambda x: seen.append((dispatch.OVERLAP, pdl.ENABLED)), {"overlap": "off", "pdl": "off"})
+    model(torch.zeros(1)), model(torch.zeros(8))
+    assert seen == [("off", False)] * 2 and (dispatch.OVERLAP, pdl.ENABLED) == before
+
+    def fails(x):
+        raise RuntimeError("a model that fails")
+
+    with pytest.raises(RuntimeError):
+        variants.Switched(fails, {"overlap": "off"})(torch.zeros(1))
+    assert (dispatch.OVERLAP, pdl.ENABLED) == before  # restored on the way out of an error too
+    assert variants.labels(["single K=108"], ["overlap=off"]) == ["single K=108", "single K=108 overlap=off"]
 
 
 def test_speed_times_each_variant_as_its_own_configuration(tmp_path):
@@ -330,7 +329,7 @@ def test_a_switch_changes_what_the_compiled_model_runs(monkeypatch):
     for setting in ("on", "off"):
         torch._dynamo.reset()
         model = torch.compile(base, backend="ats", options={"stages": "3-4", "ratio": 0.87, "kernels": "triton"})
-        model = variants.Switched(model, {"overlap": setting}, warm_calls=1)
+        model = variants.Switched(model, {"overlap": setting})
         calls.clear()
         with torch.no_grad():
             model(x), model(x)
