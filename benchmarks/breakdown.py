@@ -14,6 +14,8 @@ first pattern that matches); on the CPU each aten op's self time is. Per forward
   (``part="all"``);
 - ``idle_ms`` (CUDA): the time between one kernel's end and the next one's start inside a forward
   pass, the cost a batch-1 pass pays per launch even in a graph;
+- ``span_ms`` (CUDA): the first kernel's start to the last kernel's end, the pass's time on the GPU
+  (kernels that run side by side on two streams count once here, and in ``gpu_ms`` each);
 - ``gpu_ms_min`` / ``gpu_ms_max`` (CUDA): the fastest and slowest pass's kernel time.
 
 The profiler adds its own cost per kernel, so these rows say where the time goes; ``benchmarks.speed``
@@ -56,8 +58,8 @@ _COMPILED = [(part, re.compile(pattern)) for part, pattern in PARTS]
 
 
 # Keys of ``breakdown``'s result that describe the whole pass, and the metric each is written as.
-PASS_METRICS = {"kernels": "kernels", "graphs": "graph_launches", "idle": "idle_ms", "all_min": "gpu_ms_min",
-                "all_max": "gpu_ms_max"}
+PASS_METRICS = {"kernels": "kernels", "graphs": "graph_launches", "idle": "idle_ms", "span": "span_ms",
+                "all_min": "gpu_ms_min", "all_max": "gpu_ms_max"}
 
 
 def part_of(name: str) -> str:
@@ -95,12 +97,16 @@ def breakdown(events: list, device: torch.device, calls: int) -> dict[str, float
         # split, shows here before it shows as host time.
         out["graphs"] = sum(e.name == "cudaGraphLaunch" for e in events if e.device_type == DeviceType.CPU) / calls
         if kernels and len(kernels) % calls == 0:  # the same kernels every pass: split the trace into passes
-            n, idle, per_pass = len(kernels) // calls, 0.0, []
+            n, idle, span, per_pass = len(kernels) // calls, 0.0, 0.0, []
             for c in range(calls):
                 one = kernels[c * n:(c + 1) * n]
                 idle += sum(max(0.0, b.time_range.start - a.time_range.end) for a, b in zip(one, one[1:]))
+                span += max(e.time_range.end for e in one) - one[0].time_range.start
                 per_pass.append(sum(e.time_range.elapsed_us() for e in one) / 1e3)
             out["idle"] = idle / 1e3 / calls
+            # First kernel's start to last kernel's end: the pass's GPU time. Kernels that run side by
+            # side on two streams count once here, each in "all".
+            out["span"] = span / 1e3 / calls
             # How much one pass's kernel time moves from pass to pass (a replayed graph's should not).
             out["all_min"], out["all_max"] = min(per_pass), max(per_pass)
         return out
@@ -110,6 +116,22 @@ def breakdown(events: list, device: torch.device, calls: int) -> dict[str, float
         out[part] = out.get(part, 0.0) + e.self_cpu_time_total / 1e3 / calls
     out["all"] = sum(out.values())
     return out
+
+
+def top_kernels(events: list, device: torch.device, calls: int, n: int) -> str:
+    """The ``n`` kernels (CPU: aten ops) that took the most time per forward pass, one line each: time
+    per pass, launches per pass and time per launch. For the log only (kernel names change with the
+    compiler; the rows keep the parts)."""
+    cuda = device.type == "cuda"
+    per: dict[str, list[float]] = {}
+    for e in events:
+        if cuda and e.device_type == DeviceType.CUDA:
+            per.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        elif not cuda and e.device_type == DeviceType.CPU and e.name.startswith(("aten::", "ats_fx::")):
+            per.setdefault(e.name, []).append(e.self_cpu_time_total)
+    ranked = sorted(per.items(), key=lambda kv: -sum(kv[1]))[:n]
+    return "\n".join(f"  {sum(t) / calls:9.1f} us  {len(t) / calls:5.1f} x {sum(t) / len(t):7.2f} us  {name[:110]}"
+                     for name, t in ranked)
 
 
 def rows_for(cell: dict, label: str, parts: dict[str, float], device: torch.device) -> list[dict]:
@@ -130,9 +152,13 @@ def measure(name: str, base: torch.nn.Module, run: str, points: list[str], batch
                 "cudnn_benchmark": torch.backends.cudnn.benchmark}
         rows = []
         for label, model in models.items():
-            parts = breakdown(_record(lambda m=model: m(x), device, args.calls), device, args.calls)
+            events = _record(lambda m=model: m(x), device, args.calls)
+            parts = breakdown(events, device, args.calls)
             log.info("%s %s batch %d %s: %s", name, run, batch, label,
                      ", ".join(f"{k} {v:.3f}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])))
+            if args.top:
+                log.info("%s %s batch %d %s, top kernels:\n%s", name, run, batch, label,
+                         top_kernels(events, device, args.calls, args.top))
             rows += rows_for(cell, label, parts, device)
         yield rows
 
@@ -148,6 +174,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--calls", type=int, default=10, help="forward passes recorded per model")
     p.add_argument("--results", type=Path, default=harness.RESULTS)
+    p.add_argument("--top", type=int, default=0, help="also log the N kernels that took the most time")
     p.add_argument("--device", default="cuda")
     p.add_argument("--cudnn-benchmark", default="off", choices=["on", "off"], help="as benchmarks.speed")
     args = p.parse_args(argv)

@@ -176,7 +176,8 @@ def breakdown_tables(rows: list[dict]) -> str:
                 lines.append(f"| {part} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
         for metric, label, spec in (("gpu_ms_min", "all, fastest pass", ".3f"), ("gpu_ms_max", "all, slowest pass", ".3f"),
                                     ("kernels", "kernels", ".0f"), ("graph_launches", "CUDA graph launches", ".0f"),
-                                    ("idle_ms", "idle between kernels", ".3f")):
+                                    ("idle_ms", "idle between kernels", ".3f"),
+                                    ("span_ms", "first kernel's start to last kernel's end", ".3f")):
             values = [cells.get(("all", metric, c)) for c in configs]
             if any(v is not None for v in values):
                 lines.append(f"| {label} | " + " | ".join("-" if v is None else format(v, spec) for v in values) + " |")

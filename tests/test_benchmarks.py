@@ -233,6 +233,41 @@ def test_breakdown_idle_time_is_counted_inside_each_pass_only():
     assert parts["GEMM"] == pytest.approx(0.010) and parts["ats_fx scoring and sampling"] == pytest.approx(0.003)
     assert parts["all"] == pytest.approx(0.013) and parts["kernels"] == 2 and parts["idle"] == pytest.approx(0.002)
     assert parts["all_min"] == parts["all_max"] == pytest.approx(0.013) and parts["graphs"] == 0
+    assert parts["span"] == pytest.approx(0.015)
+
+
+def test_breakdown_span_counts_kernels_on_two_streams_once():
+    from types import SimpleNamespace
+
+    from benchmarks.breakdown import DeviceType, breakdown
+
+    def kernel(name, start, end):
+        rng = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=rng)
+
+    # One pass: the attention (0-8 us) beside scoring (1-4) and sampling (5-7), then a GEMM (9-12).
+    events = [kernel("_attention_kernel", 0, 8), kernel("_head_logits_kernel", 1, 4),
+              kernel("_sample_kernel", 5, 7), kernel("gemm", 9, 12)]
+    parts = breakdown(events, torch.device("cuda"), calls=1)
+    assert parts["all"] == pytest.approx(0.016)  # every kernel's time, side by side or not
+    assert parts["span"] == pytest.approx(0.012)  # what the pass took on the GPU
+
+
+def test_top_kernels_ranks_by_time_per_pass():
+    from types import SimpleNamespace
+
+    from benchmarks.breakdown import DeviceType, top_kernels
+
+    def kernel(name, start, end):
+        rng = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=rng)
+
+    # Two passes: a GEMM of 10 us once, a sampling kernel of 3 us four times per pass.
+    events = [kernel("gemm", 0, 10)] + [kernel("_sample_kernel", 20 + 5 * i, 23 + 5 * i) for i in range(4)]
+    events = events + [kernel(e.name, e.time_range.start + 100, e.time_range.end + 100) for e in events]
+    lines = top_kernels(events, torch.device("cuda"), calls=2, n=2).splitlines()
+    assert lines[0].split() == ["12.0", "us", "4.0", "x", "3.00", "us", "_sample_kernel"]
+    assert lines[1].split() == ["10.0", "us", "1.0", "x", "10.00", "us", "gemm"]
 
 
 def test_breakdown_appends_one_row_per_part_and_the_report_prints_them(tmp_path, capsys):
@@ -240,7 +275,7 @@ def test_breakdown_appends_one_row_per_part_and_the_report_prints_them(tmp_path,
 
     results = tmp_path / "results.jsonl"
     breakdown.main(["--device", "cpu", "--dtype", "float32", "--models", "vit_tiny_patch16_224", "--img-size", "32",
-                  "--runs", "eager", "--batches", "2", "--points", "single K=48", "--calls", "2",
+                  "--runs", "eager", "--batches", "2", "--points", "single K=48", "--calls", "2", "--top", "3",
                   "--results", str(results)])
     rows = harness.load(results)
     assert {r["benchmark"] for r in rows} == {"breakdown"} and {r["config"] for r in rows} == {"dense", "single K=48"}
@@ -277,61 +312,60 @@ def test_variant_labels_parse_into_point_keywords_and_switches():
     from benchmarks import variants
 
     assert variants.parse("multi rho=0.87") == ("multi rho=0.87", {}, {})
-    assert variants.parse("single K=108 padding=static overlap=off pdl=off") == (
-        "single K=108", {"padding": "static"}, {"overlap": "off", "pdl": "off"})
-    assert speed.point_kwargs("multi rho=0.87 overlap=off") == {"stages": "3-11", "ratio": 0.87}
-    for bad in ("rho=0.87", "multi rho=0.87 overlap=maybe", "multi rho=0.87 speed=fast"):
+    assert variants.parse("single K=108 padding=static pdl=off") == (
+        "single K=108", {"padding": "static"}, {"pdl": "off"})
+    assert speed.point_kwargs("multi rho=0.87 pdl=off") == {"stages": "3-11", "ratio": 0.87}
+    for bad in ("rho=0.87", "multi rho=0.87 pdl=maybe", "multi rho=0.87 speed=fast", "multi rho=0.87 overlap=off"):
         with pytest.raises(SystemExit):
             variants.parse(bad)
 
 
 def test_switched_sets_ats_fx_choices_around_each_call_and_restores_them():
-    from ats_fx import dispatch
     from ats_fx.kernels import pdl
     from benchmarks import variants
 
     seen = []
-    before = (dispatch.OVERLAP, pdl.ENABLED)
-    model = variants.Switched(lambda x: seen.append((dispatch.OVERLAP, pdl.ENABLED)), {"overlap": "off", "pdl": "off"})
+    before = pdl.ENABLED
+    model = variants.Switched(lambda x: seen.append(pdl.ENABLED), {"pdl": "off"})
     model(torch.zeros(1)), model(torch.zeros(8))
-    assert seen == [("off", False)] * 2 and (dispatch.OVERLAP, pdl.ENABLED) == before
+    assert seen == [False] * 2 and pdl.ENABLED == before
 
     def fails(x):
         raise RuntimeError("a model that fails")
 
     with pytest.raises(RuntimeError):
-        variants.Switched(fails, {"overlap": "off"})(torch.zeros(1))
-    assert (dispatch.OVERLAP, pdl.ENABLED) == before  # restored on the way out of an error too
-    assert variants.labels(["single K=108"], ["overlap=off"]) == ["single K=108", "single K=108 overlap=off"]
+        variants.Switched(fails, {"pdl": "off"})(torch.zeros(1))
+    assert pdl.ENABLED == before  # restored on the way out of an error too
+    assert variants.labels(["single K=108"], ["pdl=off"]) == ["single K=108", "single K=108 pdl=off"]
 
 
 def test_speed_times_each_variant_as_its_own_configuration(tmp_path):
     results = tmp_path / "results.jsonl"
     speed.main(["--device", "cpu", "--models", "vit_tiny_patch16_224", "--img-size", "32", "--runs", "eager",
-                "--batches", "1", "--points", "single K=48", "--variants", "overlap=off", "--rounds", "1",
+                "--batches", "1", "--points", "single K=48", "--variants", "pdl=off", "--rounds", "1",
                 "--budget-ms", "1", "--flops-images", "1", "--results", str(results)])
     ups = {r["config"] for r in harness.load(results) if r["metric"] == "speedup"}
-    assert ups == {"single K=48", "single K=48 overlap=off"}
+    assert ups == {"single K=48", "single K=48 pdl=off"}
 
 
-def test_a_switch_changes_what_the_compiled_model_runs(monkeypatch):
-    # The variants A/B relies on it: each compiled configuration traces its stages with its own
-    # switches, even with Inductor's caches on and another configuration compiled first.
-    from ats_fx import overlap
+def test_a_switch_is_in_effect_where_the_compiled_model_launches_its_kernels(monkeypatch):
+    # The variants A/B relies on it: each compiled configuration launches its kernels with its own
+    # switches, with Inductor's caches on and another configuration compiled first.
+    from ats_fx.kernels import attention_rows, pdl, sample, scores
     from benchmarks import variants
 
-    calls = []
-    real = overlap.overlapped_stage_attention
-    monkeypatch.setattr(overlap, "overlapped_stage_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    seen = []
+    for module in (attention_rows, sample, scores):
+        monkeypatch.setattr(module, "use_pdl", lambda x: seen.append(pdl.ENABLED) or False)
     base = harness.build_timm("vit_tiny_patch16_224", img_size=32)
     x = torch.randn(1, 3, 32, 32)
-    counts = {}
+    launches = {}
     for setting in ("on", "off"):
         torch._dynamo.reset()
         model = torch.compile(base, backend="ats", options={"stages": "3-4", "ratio": 0.87, "kernels": "triton"})
-        model = variants.Switched(model, {"overlap": setting})
-        calls.clear()
+        model = variants.Switched(model, {"pdl": setting})
+        seen.clear()
         with torch.no_grad():
             model(x), model(x)
-        counts[setting] = len(calls)
-    assert counts["on"] > 0 and counts["off"] == 0
+        launches[setting] = set(seen)
+    assert launches == {"on": {True}, "off": {False}}
