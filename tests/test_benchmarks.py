@@ -217,18 +217,22 @@ def test_breakdown_puts_each_kernel_in_its_part_by_name():
     assert {name: part_of(name) for name in names} == names
 
 
-def test_breakdown_idle_time_is_counted_inside_each_pass_only():
+def kernel_event(name: str, start: float, end: float):
+    """A profiler event of a CUDA kernel, as breakdown reads one (times in us)."""
     from types import SimpleNamespace
 
-    from benchmarks.breakdown import DeviceType, breakdown
+    from benchmarks.breakdown import DeviceType
 
-    def kernel(name, start, end):
-        rng = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
-        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=rng)
+    rng = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+    return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=rng)
+
+
+def test_breakdown_idle_time_is_counted_inside_each_pass_only():
+    from benchmarks.breakdown import breakdown
 
     # Two passes of two kernels: 2 us idle inside each pass, 1000 us between the passes (not counted).
-    events = [kernel("gemm", 0, 10), kernel("_sample_kernel", 12, 15),
-              kernel("gemm", 1015, 1025), kernel("_sample_kernel", 1027, 1030)]
+    events = [kernel_event("gemm", 0, 10), kernel_event("_sample_kernel", 12, 15),
+              kernel_event("gemm", 1015, 1025), kernel_event("_sample_kernel", 1027, 1030)]
     parts = breakdown(events, torch.device("cuda"), calls=2)
     assert parts["GEMM"] == pytest.approx(0.010) and parts["ats_fx scoring and sampling"] == pytest.approx(0.003)
     assert parts["all"] == pytest.approx(0.013) and parts["kernels"] == 2 and parts["idle"] == pytest.approx(0.002)
@@ -237,34 +241,22 @@ def test_breakdown_idle_time_is_counted_inside_each_pass_only():
 
 
 def test_breakdown_span_counts_kernels_on_two_streams_once():
-    from types import SimpleNamespace
-
-    from benchmarks.breakdown import DeviceType, breakdown
-
-    def kernel(name, start, end):
-        rng = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
-        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=rng)
+    from benchmarks.breakdown import breakdown
 
     # One pass: the attention (0-8 us) beside scoring (1-4) and sampling (5-7), then a GEMM (9-12).
-    events = [kernel("_attention_kernel", 0, 8), kernel("_head_logits_kernel", 1, 4),
-              kernel("_sample_kernel", 5, 7), kernel("gemm", 9, 12)]
+    events = [kernel_event("_attention_kernel", 0, 8), kernel_event("_head_logits_kernel", 1, 4),
+              kernel_event("_sample_kernel", 5, 7), kernel_event("gemm", 9, 12)]
     parts = breakdown(events, torch.device("cuda"), calls=1)
     assert parts["all"] == pytest.approx(0.016)  # every kernel's time, side by side or not
     assert parts["span"] == pytest.approx(0.012)  # what the pass took on the GPU
 
 
 def test_top_kernels_ranks_by_time_per_pass():
-    from types import SimpleNamespace
-
-    from benchmarks.breakdown import DeviceType, top_kernels
-
-    def kernel(name, start, end):
-        rng = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
-        return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=rng)
+    from benchmarks.breakdown import top_kernels
 
     # Two passes: a GEMM of 10 us once, a sampling kernel of 3 us four times per pass.
-    events = [kernel("gemm", 0, 10)] + [kernel("_sample_kernel", 20 + 5 * i, 23 + 5 * i) for i in range(4)]
-    events = events + [kernel(e.name, e.time_range.start + 100, e.time_range.end + 100) for e in events]
+    events = [kernel_event("gemm", 0, 10)] + [kernel_event("_sample_kernel", 20 + 5 * i, 23 + 5 * i) for i in range(4)]
+    events = events + [kernel_event(e.name, e.time_range.start + 100, e.time_range.end + 100) for e in events]
     lines = top_kernels(events, torch.device("cuda"), calls=2, n=2).splitlines()
     assert lines[0].split() == ["12.0", "us", "4.0", "x", "3.00", "us", "_sample_kernel"]
     assert lines[1].split() == ["10.0", "us", "1.0", "x", "10.00", "us", "gemm"]
