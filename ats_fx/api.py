@@ -17,6 +17,7 @@ from . import dispatch, graphs, ops
 from .config import PerStage, Stages, make_options
 from .errors import ATSConfigError, ATSInputError, ATSUnsupportedModel
 from .passes.capture import capture, example_inputs_for
+from .passes.defer import defer_stage_gathers
 from .passes.fuse import fuse_gather_add
 from .passes.match import find_attention
 from .passes.rewrite import Analysis, TokenWalk, remove_replaced
@@ -341,6 +342,7 @@ def transform(
     walk.run()
     remove_replaced(gm, walk.replaced)
     fuse_gather_add(gm, options.kernels)
+    defer_stage_gathers(gm)
     result = ATSGraphModule(gm, gm.graph, class_name=f"ATS{type(model).__name__}")
     for name, p in gm.named_parameters():
         _assign(result, name, p, True)
@@ -493,7 +495,9 @@ def count_flops(model: nn.Module, inputs: torch.Tensor, *, per_image: bool = Tru
     """
     batches = [inputs[i : i + 1] for i in range(inputs.shape[0])] if per_image else [inputs]
     out = []
-    with torch.no_grad(), _frozen(model):
+    # The sequential stages: an overlapped one may project every row (passes/defer.py), and the
+    # count is the method's, not that schedule's.
+    with torch.no_grad(), _frozen(model), dispatch.sequential_stages():
         for x in batches:
             counter = _flop_counter()
             with counter:

@@ -11,7 +11,12 @@ other version's code without an error.
 
 Inductor's documented way to key its caches on code it cannot see is a custom pass's ``uuid()``:
 ``SourceKey`` is a post-grad pass that changes nothing and whose uuid hashes every source file of
-the installed ats_fx.
+the installed ats_fx, and the module-level switches that change what a stage traces to
+(``traced_switches``). Without the switches, an A/B that compiled one model with the overlapped stage
+and then one with ``dispatch.OVERLAP = "off"`` in one process could be served the first compile for
+the second: on the GPU every such A/B (H100 and H200, torch 2.11) timed both arms within 0.2%, while
+the stages without the overlapped stage's code ran DeiT-S 5% slower at batch 1 (docs/performance.md,
+"Small batches").
 """
 from __future__ import annotations
 
@@ -36,11 +41,22 @@ def source_hash(root: Path = PACKAGE) -> str:
     return digest.hexdigest()
 
 
+def traced_switches() -> str:
+    """The values of ats_fx's module-level switches that decide what a stage traces to (the benchmarks
+    flip them for A/Bs; a user never does), read when Inductor computes a cache key."""
+    from . import dispatch
+    from .passes import defer
+
+    return (f"overlap={dispatch.OVERLAP},sm_share={dispatch.SM_SHARE},unmasked={dispatch.UNMASKED},"
+            f"defer={defer.ENABLED}")
+
+
 class SourceKey(CustomGraphPass):
-    """Leaves the graph as it is; its uuid puts ats_fx's source hash into Inductor's cache keys."""
+    """Leaves the graph as it is; its uuid puts ats_fx's source hash and its traced switches into
+    Inductor's cache keys."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         return None
 
     def uuid(self) -> Optional[str]:
-        return f"ats_fx-{source_hash()}"
+        return f"ats_fx-{source_hash()}-{traced_switches()}"

@@ -1,12 +1,14 @@
-"""Where every ATS stage and operator decides how it runs: PyTorch reference or Triton kernels,
-which padding, and whether a call replays a CUDA graph. Imports only ``errors``, so ``library``,
-``ops`` and ``graphs`` can all ask it without importing each other.
+"""Where every ATS stage and operator decides how it runs: PyTorch reference, Triton kernels, or the
+overlapped two-stream stage. Imports only ``errors`` (and ``kernels`` inside a function), so
+``library``, ``overlap`` and ``ops`` can all ask it without importing each other.
 
-A stage takes one of three paths (``stage_path``):
+A stage takes one of four paths (``stage_path``):
 
 - ``"weights"``: the attention matrix is materialised and scored from its rows (talking heads,
   CaiT; stages without a class token). PyTorch, with autograd.
 - ``"baseline"``: the paper's top-K / random baselines (eager ablations).
+- ``"overlapped"``: a small static batch at inference on CUDA: sampling on a side stream beside every
+  row's attention (``overlap.py``).
 - ``"sampled"``: score, sample, then attend the kept rows. Each op then picks its kernel with
   ``use_triton``: the Triton kernels on CUDA at inference, the reference elsewhere.
 """
@@ -20,6 +22,19 @@ import torch
 from torch import Tensor
 
 from .errors import ATSInputError
+
+# Overlapped stage policy. "auto": on CUDA when batch x heads is at most SM_SHARE of the GPU's SMs;
+# "on": always, also off CUDA (the tests run it under Triton's interpreter); "off": never.
+OVERLAP = "auto"
+# H200 (132 SMs): the overlapped stage was 3-12% faster than the sequential one at every masked stage
+# shape up to B x H = 96 (ViT-B to batch 8, DeiT-S to 16), mixed at 192 and slower past it
+# (docs/performance.md, "Small batches").
+SM_SHARE = 0.75
+# Overlap the first stage too (no key mask yet). Its full attention must be the Triton kernel's: with
+# cuDNN's flash attention beside the sampling that stage ran 7-30% slower than sequentially, while the
+# Triton kernel took stages 3-11 at rho=0.87 from 0.998x to 1.000x dense (ViT-B) and 1.016x to 1.019x
+# (DeiT-S) against overlapping the masked stages only (H200, reduce-overhead, batch 1).
+UNMASKED = True
 
 # padding="auto" (transform's default) pads statically from this batch up, on CUDA in eager. Static
 # padding runs K + p rows with no host read; batch_max reads the batch's widest K' back to the host
@@ -95,6 +110,32 @@ def tracing(x: Tensor) -> bool:
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None or type(x) is not Tensor
 
 
+def overlap_pays(q: Tensor) -> bool:
+    """``OVERLAP`` allows the overlapped stage for ``q`` (B, H, T, dh) of static shape: on CUDA the
+    batch must be small enough that the two branches run side by side (``SM_SHARE``)."""
+    if OVERLAP == "off" or not all(type(n) is int for n in q.shape):
+        return False
+    if OVERLAP == "on":
+        return True
+    if not q.is_cuda:
+        return False
+    from .kernels.attention_rows import multiprocessors
+
+    return q.shape[0] * q.shape[1] <= SM_SHARE * multiprocessors(q.device)
+
+
+@contextlib.contextmanager
+def sequential_stages() -> Iterator[None]:
+    """Every stage sequential inside the block (``ats_fx.count_flops``: an overlapped stage with a
+    deferred gather projects every row, and the count is the method's, not that schedule's)."""
+    global OVERLAP
+    saved, OVERLAP = OVERLAP, "off"
+    try:
+        yield
+    finally:
+        OVERLAP = saved
+
+
 @contextlib.contextmanager
 def static_padding() -> Iterator[None]:
     """``padding="auto"`` resolves to static inside the block: a CUDA graph needs fixed shapes."""
@@ -139,11 +180,16 @@ def padding_for(padding: str, q: Tensor, static_width: int) -> str:
     return "batch_max"
 
 
-def stage_path(*, class_token: bool, selection: str, mix: Optional[tuple]) -> str:
-    """The path of one stage call: ``"weights"``, ``"baseline"`` or ``"sampled"`` (see the module
-    docstring). ``mix``: talking heads' mixing weights, if the layer has them."""
+def stage_path(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *, class_token: bool, width: int,
+               kernels: str, selection: str, dropout_p: float, bias: Optional[Tensor], mix: Optional[tuple]) -> str:
+    """The path of one stage call: ``"weights"``, ``"baseline"``, ``"overlapped"`` or ``"sampled"``
+    (see the module docstring). ``width`` is K + p for static padding, -1 for batch_max."""
     if mix is not None or not class_token:
         return "weights"
     if selection != "ats":
         return "baseline"
+    grads = needs_grad(q, k, v) or (bias is not None and needs_grad(bias))
+    if ((key_mask is not None or UNMASKED) and width >= 0 and dropout_p == 0.0 and use_triton(q, kernels)
+            and not grads and overlap_pays(q)):
+        return "overlapped"
     return "sampled"

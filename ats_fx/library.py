@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import packaged_ops  # noqa: F401  (registers ats_fx::packaged_*)
+from . import overlap, packaged_ops  # noqa: F401  (packaged_ops registers ats_fx::packaged_*)
 from .dispatch import needs_grad, packaged, tracing, use_triton
 from .kernels import reference
 
@@ -187,6 +187,46 @@ def _attention_rows_fake(q, k, v, index, key_mask, scale, bias=None, positions=N
     return q.new_empty((B, T if index is None else index.shape[1], H, v.shape[-1])).transpose(1, 2)
 
 
+@torch.library.custom_op("ats_fx::overlapped_stage", mutates_args=())
+def overlapped_stage_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
+                        ratio: Optional[float], k_tokens: Optional[int], score: str,
+                        width: int, gather: bool = True, bias: Optional[Tensor] = None,
+                        positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """A static-width stage with the sampling beside the attention (``overlap.py``): ``(out, index,
+    mask, kept, budget)``, the outputs of ``sample_tokens`` then ``attention_rows``; forward only.
+    With ``gather=False`` ``out`` holds every query row (B, H, T, dh), not the kept ones."""
+    return _overlapped_direct(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather, bias,
+                              positions)
+
+
+@overlapped_stage_op.register_fake
+def _overlapped_stage_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather=True,
+                           bias=None, positions=None):
+    index, mask, kept, budget = _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score,
+                                                    width, False, "triton")
+    rows = width if gather else q.shape[2]
+    out = q.new_empty((q.shape[0], rows, q.shape[1], v.shape[-1])).transpose(1, 2)
+    return out, index, mask, kept, budget
+
+
+def overlapped_stage(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
+                     ratio: Optional[float], k_tokens: Optional[int], score: str, width: int,
+                     gather: bool = True, bias: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> tuple:
+    """``ats_fx::overlapped_stage`` (the registered op when tracing, else a direct call):
+    ``(out, index, mask, kept, budget)``; ``gather=False``: ``out`` is every row's attention.
+    ``bias``, ``positions``: a position bias table read inside the kernels (``attention``)."""
+    args = (q.detach(), k.detach(), v.detach(), key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather,
+            None if bias is None else bias.detach(), positions)
+    if tracing(q):
+        return torch.ops.ats_fx.overlapped_stage(*args)
+    return _overlapped_direct(*args)  # eager: no dispatcher overhead
+
+
+def _overlapped_direct(*args) -> tuple:
+    out, index, mask, kept, budget = overlap.overlapped_stage_attention(*args)
+    return out, index, mask.view(torch.bool), kept, budget
+
+
 def _attention_rows_flops(q_shape, k_shape, v_shape, index_shape, mask_shape, scale, bias_shape=None,
                           positions_shape=None, *, out_shape, **kwargs) -> int:
     """FlopCounterMode's count for ``ats_fx::attention_rows``: what it counts for SDPA on the
@@ -199,11 +239,22 @@ def _attention_rows_flops(q_shape, k_shape, v_shape, index_shape, mask_shape, sc
     return sdpa_flop_count((B, H, out_shape[2], D), k_shape, v_shape)
 
 
+def _overlapped_stage_flops(q_shape, k_shape, v_shape, mask_shape, num_prefix, scale, ratio, k_tokens, score, width,
+                            gather=True, bias_shape=None, positions_shape=None, *, out_shape, **kwargs) -> int:
+    """FlopCounterMode's count for ``ats_fx::overlapped_stage``: the kept rows' attention (``width``
+    of them), as for ``attention_rows``. (It computes every row's, where that costs no more time
+    than the kept rows': the FLOPs ratio stays the method's, not this schedule's.)"""
+    B, H, _, D = q_shape
+    return _attention_rows_flops(q_shape, k_shape, v_shape, None, mask_shape, scale, out_shape=(B, H, width, D))
+
+
 def _register_flop_formula() -> None:
     from torch.utils import flop_counter
 
     if torch.ops.ats_fx.attention_rows not in flop_counter.flop_registry:  # a re-import registers once
         flop_counter.register_flop_formula(torch.ops.ats_fx.attention_rows)(_attention_rows_flops)
+    if torch.ops.ats_fx.overlapped_stage not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(torch.ops.ats_fx.overlapped_stage)(_overlapped_stage_flops)
 
 
 _register_flop_formula()

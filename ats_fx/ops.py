@@ -70,6 +70,10 @@ class ATSStage(nn.Module):
         # (no prefix, or registers only) a stage scores by the mean query row (docs/ats-semantics.md).
         self.class_token = class_token and num_prefix > 0
         self.compiled = False  # set by the "ats" torch.compile backend
+        # Set by passes/defer.py when only row-wise ops (the output projection) lie between this
+        # stage's output and the residual add: an overlapped stage then returns every row and the
+        # add gathers the kept rows of both sides (its 5th output says which rows ``out`` holds).
+        self.defer_gather = False
         self.last: Optional[StageTrace] = None
 
     def extra_repr(self) -> str:
@@ -94,18 +98,27 @@ class ATSStage(nn.Module):
         # ``bias``: a position bias table (L, N, N) over the original tokens (``bias_table``); the
         # kernels read it at ``positions``, the PyTorch paths materialise it per image.
         dropout_p = self.dropout_p if self.training else 0.0
-        path = dispatch.stage_path(class_token=self.class_token, selection=self.selection, mix=mix)
+        every_row = False  # out holds the kept rows (True: every input row, for a deferred gather)
+        path = dispatch.stage_path(q, k, v, key_mask, class_token=self.class_token, width=width, kernels=self.kernels,
+                                   selection=self.selection, dropout_p=dropout_p, bias=bias, mix=mix)
         if path == "weights":
             # Talking heads (CaiT) or no class token: the whole attention matrix, scored from its rows.
             out, index, mask, kept, budget, padded = self._from_weights(
                 q, k, v, key_mask, width, strict, _per_image(bias, positions, q.shape[0]), mix, dropout_p)
+        elif path == "overlapped":
+            # A small static batch: sampling on a side stream beside every row's attention.
+            out, index, mask, kept, budget = library.overlapped_stage(
+                q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width,
+                not self.defer_gather, bias, positions)
+            padded = None
+            every_row = self.defer_gather
         else:
             if path == "sampled":
                 index, mask, kept, budget, padded = library.sample(
                     q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
                     self.kernels, bias, positions,
                 )
-            else:  # "baseline"
+            else:
                 index, mask, kept, budget, padded = self._reference_select(
                     q, k, v, key_mask, width, None if bias is None else reference.position_bias(bias, positions,
                                                                                                 q.shape[0], rows=1))
@@ -122,7 +135,7 @@ class ATSStage(nn.Module):
             # Eager, and no image of this batch is padded: later layers need no key mask, which
             # keeps their attention on the flash kernels (a masked SDPA measured ~3x slower).
             mask = None
-        return out, index, mask, new_positions
+        return out, index, mask, new_positions, every_row
 
     def _from_weights(self, q, k, v, key_mask, width: int, strict: bool, bias, mix, dropout_p: float):
         """The stage on a materialised attention matrix A: scores from A's class row, or its mean
@@ -192,19 +205,23 @@ def token_gather(x: torch.Tensor, index: torch.Tensor, batch_dim: int, token_dim
 
 
 def gather_add(x: torch.Tensor, index: torch.Tensor, y: torch.Tensor, batch_dim: int, token_dim: int,
-               kernels: str = "auto") -> torch.Tensor:
+               kernels: str = "auto", every_row: bool = False) -> torch.Tensor:
     """``token_gather(x, index) + y``: the residual add after a stage (``passes/fuse.py`` puts it
-    in). On CUDA at inference one Triton pass over memory; under ``torch.compile`` the ops, which
-    Inductor fuses itself."""
+    in). With ``every_row`` (a deferred gather, ``passes/defer.py``) ``y`` has the rows of ``x``
+    and is gathered too: ``token_gather(x + y, index)``. On CUDA at inference one Triton pass over
+    memory; under ``torch.compile`` the ops, which Inductor fuses itself."""
+    rows = x.shape[1] if every_row else index.shape[1]
     if (
         batch_dim == 0 and token_dim == 1 and x.dim() == 3 and x.dtype == y.dtype
-        and tuple(y.shape) == (x.shape[0], index.shape[1], x.shape[2])
+        and tuple(y.shape) == (x.shape[0], rows, x.shape[2])
         and x.is_contiguous() and y.is_contiguous()
         and not dispatch.tracing(x) and dispatch.use_triton(x, kernels) and not dispatch.needs_grad(x, y)
     ):
         from .kernels.gather_add import gather_add as triton_gather_add
 
-        return triton_gather_add(x, index, y)
+        return triton_gather_add(x, index, y, every_row)
+    if every_row:
+        y = token_gather(y, index, batch_dim, token_dim)
     return token_gather(x, index, batch_dim, token_dim) + y
 
 

@@ -11,8 +11,8 @@ configurations and the dense baseline are timed in one process, in rotating roun
 - ``eager``: ``ats_fx.transform(model, stages, ratio=/k=)`` with its default arguments, against the
   dense model; ``--eager-paddings`` adds each padding as its own configuration ("... padding=static").
   ``--variants`` adds, in every run, each point with ats_fx's own choices switched
-  (``benchmarks.variants``: "... pdl=off" launches the kernels without PDL), the A/B of a decision
-  timed like everything else.
+  (``benchmarks.variants``: "... overlap=off" runs the stages one after another at batch 1 too), the
+  A/B of a decision timed like everything else.
 - ``eager:no-graphs``: the same with ``cuda_graphs=False``, every launch issued from the host (what
   a user who turns graphs off gets), against the dense model; not in the default matrix.
 - ``eager:autograd``: ``eager`` called with autograd on (eval mode, no ``torch.no_grad()``: how a
@@ -235,7 +235,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                    help="also time eager ATS with each padding named, as its own configuration")
     p.add_argument("--variants", nargs="*", default=[],
                    help="also time each point with these ats_fx switches, as its own configuration in every run "
-                        "(benchmarks.variants), e.g. pdl=off")
+                        "(benchmarks.variants), e.g. overlap=off 'overlap=off pdl=off'")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64, 256])
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     p.add_argument("--img-size", type=int, default=224)

@@ -3,7 +3,7 @@ that vary it, so an A/B of ats_fx's own choices runs as one more configuration o
 
     "multi rho=0.87"                       # stages 3-11 at rho=0.87 (harness.POINTS)
     "multi rho=0.87 padding=static"        # ... with a transform keyword
-    "single K=108 pdl=off"                 # ... with ats_fx's PDL launches switched off
+    "single K=108 overlap=off pdl=off"     # ... with ats_fx's overlapped stage and PDL switched off
 
 The switches are module-level choices of ats_fx that a user never sets (``SWITCHES``). They are read
 when a stage is traced, compiled or captured as a CUDA graph, or at every call without graphs, so
@@ -21,6 +21,7 @@ from benchmarks import harness
 TRANSFORM_KEYS = ("padding",)
 # switch -> (ats_fx module, attribute, value of each setting)
 SWITCHES = {
+    "overlap": ("ats_fx.dispatch", "OVERLAP", {"auto": "auto", "on": "on", "off": "off"}),
     "pdl": ("ats_fx.kernels.pdl", "ENABLED", {"on": True, "off": False}),
 }
 
@@ -45,7 +46,7 @@ def parse(label: str) -> tuple[str, dict, dict]:
 
 
 def labels(points: list[str], switch_sets: list[str]) -> list[str]:
-    """Each point, then each point with each set of switches (``"pdl=off"``)."""
+    """Each point, then each point with each set of switches (``"overlap=off pdl=off"``)."""
     return list(points) + [f"{pt} {v}" for pt in points for v in switch_sets]
 
 

@@ -177,6 +177,17 @@ MODELS = {
 }
 
 
+@pytest.fixture
+def overlap_mode(monkeypatch):
+    """Set ``ats_fx.dispatch.OVERLAP`` for one test ("on" runs the overlapped stage on the CPU too)."""
+    from ats_fx import dispatch
+
+    def set_mode(mode: str):
+        monkeypatch.setattr(dispatch, "OVERLAP", mode)
+
+    return set_mode
+
+
 @pytest.fixture(params=sorted(MODELS))
 def model_case(request):
     return request.param

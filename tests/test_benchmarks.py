@@ -304,60 +304,61 @@ def test_variant_labels_parse_into_point_keywords_and_switches():
     from benchmarks import variants
 
     assert variants.parse("multi rho=0.87") == ("multi rho=0.87", {}, {})
-    assert variants.parse("single K=108 padding=static pdl=off") == (
-        "single K=108", {"padding": "static"}, {"pdl": "off"})
-    assert speed.point_kwargs("multi rho=0.87 pdl=off") == {"stages": "3-11", "ratio": 0.87}
-    for bad in ("rho=0.87", "multi rho=0.87 pdl=maybe", "multi rho=0.87 speed=fast", "multi rho=0.87 overlap=off"):
+    assert variants.parse("single K=108 padding=static overlap=off pdl=off") == (
+        "single K=108", {"padding": "static"}, {"overlap": "off", "pdl": "off"})
+    assert speed.point_kwargs("multi rho=0.87 overlap=off") == {"stages": "3-11", "ratio": 0.87}
+    for bad in ("rho=0.87", "multi rho=0.87 overlap=maybe", "multi rho=0.87 speed=fast"):
         with pytest.raises(SystemExit):
             variants.parse(bad)
 
 
 def test_switched_sets_ats_fx_choices_around_each_call_and_restores_them():
+    from ats_fx import dispatch
     from ats_fx.kernels import pdl
     from benchmarks import variants
 
     seen = []
-    before = pdl.ENABLED
-    model = variants.Switched(lambda x: seen.append(pdl.ENABLED), {"pdl": "off"})
+    before = (dispatch.OVERLAP, pdl.ENABLED)
+    model = variants.Switched(lambda x: seen.append((dispatch.OVERLAP, pdl.ENABLED)), {"overlap": "off", "pdl": "off"})
     model(torch.zeros(1)), model(torch.zeros(8))
-    assert seen == [False] * 2 and pdl.ENABLED == before
+    assert seen == [("off", False)] * 2 and (dispatch.OVERLAP, pdl.ENABLED) == before
 
     def fails(x):
         raise RuntimeError("a model that fails")
 
     with pytest.raises(RuntimeError):
-        variants.Switched(fails, {"pdl": "off"})(torch.zeros(1))
-    assert pdl.ENABLED == before  # restored on the way out of an error too
-    assert variants.labels(["single K=108"], ["pdl=off"]) == ["single K=108", "single K=108 pdl=off"]
+        variants.Switched(fails, {"overlap": "off"})(torch.zeros(1))
+    assert (dispatch.OVERLAP, pdl.ENABLED) == before  # restored on the way out of an error too
+    assert variants.labels(["single K=108"], ["overlap=off"]) == ["single K=108", "single K=108 overlap=off"]
 
 
 def test_speed_times_each_variant_as_its_own_configuration(tmp_path):
     results = tmp_path / "results.jsonl"
     speed.main(["--device", "cpu", "--models", "vit_tiny_patch16_224", "--img-size", "32", "--runs", "eager",
-                "--batches", "1", "--points", "single K=48", "--variants", "pdl=off", "--rounds", "1",
+                "--batches", "1", "--points", "single K=48", "--variants", "overlap=off", "--rounds", "1",
                 "--budget-ms", "1", "--flops-images", "1", "--results", str(results)])
     ups = {r["config"] for r in harness.load(results) if r["metric"] == "speedup"}
-    assert ups == {"single K=48", "single K=48 pdl=off"}
+    assert ups == {"single K=48", "single K=48 overlap=off"}
 
 
-def test_a_switch_is_in_effect_where_the_compiled_model_launches_its_kernels(monkeypatch):
-    # The variants A/B relies on it: each compiled configuration launches its kernels with its own
-    # switches, with Inductor's caches on and another configuration compiled first.
-    from ats_fx.kernels import attention_rows, pdl, sample, scores
+def test_a_switch_changes_what_the_compiled_model_runs(monkeypatch):
+    # The variants A/B relies on it: each compiled configuration traces its stages with its own
+    # switches, even with Inductor's caches on and another configuration compiled first.
+    from ats_fx import overlap
     from benchmarks import variants
 
-    seen = []
-    for module in (attention_rows, sample, scores):
-        monkeypatch.setattr(module, "use_pdl", lambda x: seen.append(pdl.ENABLED) or False)
+    calls = []
+    real = overlap.overlapped_stage_attention
+    monkeypatch.setattr(overlap, "overlapped_stage_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     base = harness.build_timm("vit_tiny_patch16_224", img_size=32)
     x = torch.randn(1, 3, 32, 32)
-    launches = {}
+    counts = {}
     for setting in ("on", "off"):
         torch._dynamo.reset()
         model = torch.compile(base, backend="ats", options={"stages": "3-4", "ratio": 0.87, "kernels": "triton"})
-        model = variants.Switched(model, {"pdl": setting})
-        seen.clear()
+        model = variants.Switched(model, {"overlap": setting})
+        calls.clear()
         with torch.no_grad():
             model(x), model(x)
-        launches[setting] = set(seen)
-    assert launches == {"on": {True}, "off": {False}}
+        counts[setting] = len(calls)
+    assert counts["on"] > 0 and counts["off"] == 0

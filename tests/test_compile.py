@@ -332,15 +332,21 @@ def test_max_autotune_times_gemm_choices_as_cuda_graph_replays_where_torch_can()
 
 
 def test_inductor_caches_are_keyed_by_the_ats_fx_source(tmp_path, monkeypatch):
-    """A compile made by one ats_fx is never served to another from Inductor's on-disk caches: the
-    backend's no-op post-grad pass carries a hash of ats_fx's source as its uuid."""
+    """A compile made by one ats_fx, or under other values of its switches, is never served to another
+    from Inductor's on-disk caches: the backend's no-op post-grad pass carries a hash of ats_fx's
+    source and the switches' values as its uuid."""
     from torch._dynamo.utils import counters
 
-    from ats_fx import cache_key
+    from ats_fx import cache_key, dispatch
     from ats_fx.compile import inductor_patches
 
     key = inductor_patches("reduce-overhead")["post_grad_custom_post_pass"]
-    assert isinstance(key, cache_key.SourceKey) and key.uuid() == f"ats_fx-{cache_key.source_hash()}"
+    assert isinstance(key, cache_key.SourceKey)
+    assert key.uuid() == f"ats_fx-{cache_key.source_hash()}-{cache_key.traced_switches()}"
+    before = key.uuid()
+    monkeypatch.setattr(dispatch, "OVERLAP", "off")
+    assert key.uuid() != before  # read when Inductor computes the key, not when the pass was made
+    monkeypatch.setattr(dispatch, "OVERLAP", "auto")
     assert inductor_patches(None, {"post_grad_custom_post_pass": None})["post_grad_custom_post_pass"] is None
     # The hash follows the bytes of the package's files.
     pkg = tmp_path / "pkg"
@@ -366,6 +372,10 @@ def test_inductor_caches_are_keyed_by_the_ats_fx_source(tmp_path, monkeypatch):
     first = compile_once()
     assert first.get("fxgraph_cache_miss", 0) >= 1 and not first.get("fxgraph_cache_hit")
     assert compile_once().get("fxgraph_cache_hit", 0) >= 1  # the same source: served from the cache
+    monkeypatch.setattr(dispatch, "OVERLAP", "off")  # a switch an A/B flips: a compile of its own
+    switched = compile_once()
+    assert switched.get("fxgraph_cache_miss", 0) >= 1 and not switched.get("fxgraph_cache_hit")
+    monkeypatch.setattr(dispatch, "OVERLAP", "auto")
     monkeypatch.setattr(cache_key.SourceKey, "uuid", lambda self: "ats_fx-another-version")
     other = compile_once()
     assert other.get("fxgraph_cache_miss", 0) >= 1 and not other.get("fxgraph_cache_hit")

@@ -11,7 +11,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ats_fx
-from ats_fx import library
+from ats_fx import dispatch, library
 from ats_fx.kernels import reference
 from conftest import MODELS, timm_model
 from test_kernels import DEVICE, TOL, bias_inputs, padding_mask, qkv
@@ -83,8 +83,9 @@ def test_model_on_the_packaged_ops_equals_the_reference(monkeypatch, name):
     model = build().to(DEVICE)
     x = torch.randn(3, *shape, device=DEVICE)
     want_model = ats_fx.transform(model, range(1, 4), ratio=0.6, padding="static", kernels="reference")
-    # On a GPU: no CUDA graph, so every stage samples through library.sample.
+    # On a GPU: no CUDA graph and no overlapped stage, so every stage samples through library.sample.
     ats = ats_fx.transform(model, range(1, 4), ratio=0.6, padding="static", cuda_graphs=False)
+    monkeypatch.setattr(dispatch, "OVERLAP", "off")
     calls = Counter()
 
     def forced(x, kernels):

@@ -290,6 +290,12 @@ def attention_rows(
     return masked_attention(rows, k, v, key_mask, scale, dropout_p, bias)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index`` (B, W) of ``x`` (B, H, T, dh) for each image: (B, H, W, dh)."""
+    B, H, _, dh = x.shape
+    return x.gather(2, index[:, None, :, None].expand(B, H, index.shape[1], dh))
+
+
 def masked_attention(
     q: torch.Tensor,
     k: torch.Tensor,
