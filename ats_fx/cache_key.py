@@ -12,11 +12,10 @@ other version's code without an error.
 Inductor's documented way to key its caches on code it cannot see is a custom pass's ``uuid()``:
 ``SourceKey`` is a post-grad pass that changes nothing and whose uuid hashes every source file of
 the installed ats_fx, and the module-level switches that change what a stage traces to
-(``traced_switches``). Without the switches, an A/B that compiled one model with the overlapped stage
-and then one with ``dispatch.OVERLAP = "off"`` in one process could be served the first compile for
-the second: on the GPU every such A/B (H100 and H200, torch 2.11) timed both arms within 0.2%, while
-the stages without the overlapped stage's code ran DeiT-S 5% slower at batch 1 (docs/performance.md,
-"Small batches").
+(``traced_switches``, which the benchmarks flip for A/Bs). The FX graph cache keys the graph after
+the stages are traced, where a switch already shows; AOTAutograd's keys the graph before, where it
+does not (that cache passes over graphs holding ats_fx's own functions, which most rewritten graphs
+do, but not all need to).
 """
 from __future__ import annotations
 

@@ -107,7 +107,10 @@ def compiled_models(base: torch.nn.Module, configs: list[str], mode: str, device
     models = {DENSE: torch.compile(copy.deepcopy(base).to(device, dtype), mode=torch_mode)}
     for label in configs:
         options = {**point_kwargs(label), "mode": mode}
-        models[label] = torch.compile(copy.deepcopy(base).to(device, dtype), backend="ats", options=options)
+        # A configuration with switches gets a backend of its own, or it would run the compiled graph
+        # of the configuration with the same options (variants.own_backend).
+        backend = variants.own_backend() if variants.parse(label)[2] else "ats"
+        models[label] = torch.compile(copy.deepcopy(base).to(device, dtype), backend=backend, options=options)
     return models
 
 

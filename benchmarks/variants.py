@@ -7,7 +7,10 @@ that vary it, so an A/B of ats_fx's own choices runs as one more configuration o
 
 The switches are module-level choices of ats_fx that a user never sets (``SWITCHES``). They are read
 when a stage is traced, compiled or captured as a CUDA graph, or at every call without graphs, so
-``Switched`` sets them around every call of the configuration's model.
+``Switched`` sets them around every call of the configuration's model. A compiled configuration with
+switches also compiles through a backend of its own (``own_backend``): Dynamo treats two
+``backend="ats"`` compiles with equal options as one backend and runs the first model's compiled
+graph for the second, whose switches then never take effect.
 """
 from __future__ import annotations
 
@@ -72,6 +75,22 @@ def applied(settings: list[tuple[object, str, object]]) -> Iterator[None]:
     finally:
         for module, attr, value in reversed(saved):
             setattr(module, attr, value)
+
+
+def own_backend() -> Callable:
+    """A backend that compiles as ``backend="ats"`` does, but is not equal to it or to another one.
+    ``torch.compile`` compares string backends by name and options (``_TorchCompileWrapper.__eq__``),
+    and Dynamo reuses a code object's compiled graph wherever the backend compares equal and the
+    guards pass: an A/B of two configurations that differ only in their switches ran one compiled
+    graph twice (the overlapped stage in both arms; docs/performance.md, "Small batches")."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    ats = lookup_backend("ats")
+
+    def ats_variant(gm, example_inputs, **kwargs):
+        return ats(gm, example_inputs, **kwargs)
+
+    return ats_variant
 
 
 def switched(switches: dict) -> contextlib.AbstractContextManager:

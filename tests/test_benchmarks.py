@@ -342,23 +342,24 @@ def test_speed_times_each_variant_as_its_own_configuration(tmp_path):
 
 
 def test_a_switch_changes_what_the_compiled_model_runs(monkeypatch):
-    # The variants A/B relies on it: each compiled configuration traces its stages with its own
-    # switches, even with Inductor's caches on and another configuration compiled first.
+    # The variants A/B relies on it: each compiled configuration runs its stages with its own
+    # switches, built as the benchmark builds them (no Dynamo reset between them, Inductor's caches
+    # on). Two backend="ats" compiles with equal options once shared one compiled graph, so an
+    # "overlap=off" arm ran the overlapped stage (variants.own_backend).
     from ats_fx import overlap
-    from benchmarks import variants
 
     calls = []
     real = overlap.overlapped_stage_attention
     monkeypatch.setattr(overlap, "overlapped_stage_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(speed, "point_kwargs", lambda label, real=speed.point_kwargs: {**real(label), "kernels": "triton"})
     base = harness.build_timm("vit_tiny_patch16_224", img_size=32)
     x = torch.randn(1, 3, 32, 32)
+    labels = ["multi rho=0.87 overlap=on", "multi rho=0.87 overlap=off", "multi rho=0.87 overlap=on pdl=off"]
+    models = speed.callers(speed.compiled_models(base, labels, "default", torch.device("cpu"), torch.float32))
     counts = {}
-    for setting in ("on", "off"):
-        torch._dynamo.reset()
-        model = torch.compile(base, backend="ats", options={"stages": "3-4", "ratio": 0.87, "kernels": "triton"})
-        model = variants.Switched(model, {"overlap": setting})
+    for label in labels:
         calls.clear()
         with torch.no_grad():
-            model(x), model(x)
-        counts[setting] = len(calls)
-    assert counts["on"] > 0 and counts["off"] == 0
+            models[label](x), models[label](x)
+        counts[label] = len(calls)
+    assert counts[labels[0]] > 0 and counts[labels[1]] == 0 and counts[labels[2]] > 0
