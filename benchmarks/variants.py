@@ -26,6 +26,7 @@ TRANSFORM_KEYS = ("padding",)
 SWITCHES = {
     "overlap": ("ats_fx.dispatch", "OVERLAP", {"auto": "auto", "on": "on", "off": "off"}),
     "pdl": ("ats_fx.kernels.pdl", "ENABLED", {"on": True, "off": False}),
+    "unmasked": ("ats_fx.dispatch", "UNMASKED", {"on": True, "off": False}),  # overlap the first stage too
 }
 
 
