@@ -82,12 +82,24 @@ def _record(fn: Callable[[], object], device: torch.device, calls: int) -> list:
     return list(prof.events())
 
 
+def _timed(events: list, device: torch.device) -> list:
+    """The events that carry a pass's time: CUDA kernels, or on the CPU the aten and ats_fx ops."""
+    if device.type == "cuda":
+        return [e for e in events if e.device_type == DeviceType.CUDA]
+    return [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith(("aten::", "ats_fx::"))]
+
+
+def _us(e, device: torch.device) -> float:
+    """An event's time in us: a kernel's duration, an op's self time."""
+    return e.time_range.elapsed_us() if device.type == "cuda" else e.self_cpu_time_total
+
+
 def breakdown(events: list, device: torch.device, calls: int) -> dict[str, float]:
-    """Per forward pass: ms per part, ``all``, the kernel count and (CUDA) the idle time between kernels."""
+    """Per forward pass: ms per part, ``all``, the kernel count and (CUDA) the idle time between
+    kernels, the span from the first kernel's start to the last one's end and the spread over passes."""
     out: dict[str, float] = {}
     if device.type == "cuda":
-        kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA),
-                         key=lambda e: e.time_range.start)
+        kernels = sorted(_timed(events, device), key=lambda e: e.time_range.start)
         for e in kernels:
             part = part_of(e.name)
             out[part] = out.get(part, 0.0) + e.time_range.elapsed_us() / 1e3 / calls
@@ -110,10 +122,9 @@ def breakdown(events: list, device: torch.device, calls: int) -> dict[str, float
             # How much one pass's kernel time moves from pass to pass (a replayed graph's should not).
             out["all_min"], out["all_max"] = min(per_pass), max(per_pass)
         return out
-    ops = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith(("aten::", "ats_fx::"))]
-    for e in ops:
+    for e in _timed(events, device):
         part = part_of(e.name)
-        out[part] = out.get(part, 0.0) + e.self_cpu_time_total / 1e3 / calls
+        out[part] = out.get(part, 0.0) + _us(e, device) / 1e3 / calls
     out["all"] = sum(out.values())
     return out
 
@@ -122,13 +133,9 @@ def top_kernels(events: list, device: torch.device, calls: int, n: int) -> str:
     """The ``n`` kernels (CPU: aten ops) that took the most time per forward pass, one line each: time
     per pass, launches per pass and time per launch. For the log only (kernel names change with the
     compiler; the rows keep the parts)."""
-    cuda = device.type == "cuda"
     per: dict[str, list[float]] = {}
-    for e in events:
-        if cuda and e.device_type == DeviceType.CUDA:
-            per.setdefault(e.name, []).append(e.time_range.elapsed_us())
-        elif not cuda and e.device_type == DeviceType.CPU and e.name.startswith(("aten::", "ats_fx::")):
-            per.setdefault(e.name, []).append(e.self_cpu_time_total)
+    for e in _timed(events, device):
+        per.setdefault(e.name, []).append(_us(e, device))
     ranked = sorted(per.items(), key=lambda kv: -sum(kv[1]))[:n]
     return "\n".join(f"  {sum(t) / calls:9.1f} us  {len(t) / calls:5.1f} x {sum(t) / len(t):7.2f} us  {name[:110]}"
                      for name, t in ranked)
