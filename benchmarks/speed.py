@@ -103,6 +103,7 @@ def eager_models(base: torch.nn.Module, configs: list[str], device, dtype,
 def compiled_models(base: torch.nn.Module, configs: list[str], mode: str, device, dtype) -> dict[str, Callable]:
     """Plain ``torch.compile`` of the dense model and ``backend="ats"`` per configuration, same mode."""
     torch._dynamo.reset()
+    allow_recompiles(2 * (len(configs) + 1))
     torch_mode = None if mode == "default" else mode
     models = {DENSE: torch.compile(copy.deepcopy(base).to(device, dtype), mode=torch_mode)}
     for label in configs:
@@ -112,6 +113,19 @@ def compiled_models(base: torch.nn.Module, configs: list[str], mode: str, device
         backend = variants.own_backend() if variants.parse(label)[2] else "ats"
         models[label] = torch.compile(copy.deepcopy(base).to(device, dtype), backend=backend, options=options)
     return models
+
+
+def allow_recompiles(entries: int) -> None:
+    """Let Dynamo hold ``entries`` compiled graphs of one frame, and fail rather than fall back past that.
+
+    Every configuration's model and the dense one share timm's ``forward``, and Dynamo counts the
+    graphs it holds per frame (``recompile_limit``, 8 by default): each model compiles once at batch 1
+    and once more for a dynamic batch. Past the limit Dynamo runs the frame *uncompiled*, so an ATS
+    configuration silently timed the dense eager model (an A/B of three switches at batches 1 and 8
+    gave 0.22x for its last two arms)."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, entries)
+    config.fail_on_recompile_limit_hit = True
 
 
 def flops_ratio(base: torch.nn.Module, label: str, x: torch.Tensor) -> float:

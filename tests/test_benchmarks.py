@@ -364,3 +364,30 @@ def test_a_switch_changes_what_the_compiled_model_runs(monkeypatch):
             models[label](x), models[label](x)
         counts[label] = len(calls)
     assert counts[labels[0]] > 0 and counts[labels[1]] == 0 and counts[labels[2]] > 0
+
+def test_every_compiled_configuration_stays_compiled_at_a_second_batch(monkeypatch):
+    # Dense and four ATS configurations share timm's forward: at batches 1 and 2 Dynamo holds ten
+    # graphs of that frame, past its default limit of 8. The benchmark raises the limit; without it
+    # the last two configurations ran the frame uncompiled, the dense model, at batch 2.
+    from ats_fx import library
+
+    config = torch._dynamo.config
+    monkeypatch.setattr(config, "recompile_limit", config.recompile_limit)  # restored after the test
+    monkeypatch.setattr(config, "fail_on_recompile_limit_hit", config.fail_on_recompile_limit_hit)
+    calls = []
+    for name in ("_sample", "_sample_scores"):
+        monkeypatch.setattr(library, name, lambda *a, real=getattr(library, name), **k: calls.append(1) or real(*a, **k))
+    # The ATS rewrite with Dynamo's eager backend behind it: what runs is what the benchmark compiles.
+    monkeypatch.setattr(speed, "point_kwargs", lambda label, real=speed.point_kwargs: {**real(label), "backend": "eager"})
+    base = harness.build_timm("vit_tiny_patch16_224", img_size=32)
+    labels = ["single K=48", "single K=48 overlap=off", "single K=48 pdl=off", "single K=48 unmasked=off"]
+    models = speed.callers(speed.compiled_models(base, labels, "default", torch.device("cpu"), torch.float32))
+    ran = {}
+    for batch in (1, 2):  # as the benchmark calls them: every model at one batch, then the next
+        x = torch.randn(batch, 3, 32, 32)
+        for label in labels:
+            calls.clear()
+            with torch.no_grad():
+                models[label](x)
+            ran[label, batch] = bool(calls)
+    assert all(ran.values()), ran
