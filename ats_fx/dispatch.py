@@ -28,12 +28,15 @@ from .errors import ATSInputError
 OVERLAP = "auto"
 # H200 (132 SMs): the overlapped stage was 3-12% faster than the sequential one at every masked stage
 # shape up to B x H = 96 (ViT-B to batch 8, DeiT-S to 16), mixed at 192 and slower past it
-# (docs/performance.md, "Small batches").
+# (docs/performance.md, "Small batches"). Whole models at batch 8 on the H100 (B x H = 48 and 96,
+# reduce-overhead): DeiT-S 1.213x overlapped against 1.226x sequential, ViT-B 1.344x against 1.340x.
 SM_SHARE = 0.75
 # Overlap the first stage too (no key mask yet). Its full attention must be the Triton kernel's: with
-# cuDNN's flash attention beside the sampling that stage ran 7-30% slower than sequentially, while the
-# Triton kernel took stages 3-11 at rho=0.87 from 0.998x to 1.000x dense (ViT-B) and 1.016x to 1.019x
-# (DeiT-S) against overlapping the masked stages only (H200, reduce-overhead, batch 1).
+# cuDNN's flash attention beside the sampling that stage ran 7-30% slower than sequentially. Against
+# overlapping the masked stages only it is a tie: DeiT-S 1.207x with it and 1.214x without, ViT-B
+# 1.276x and 1.279x (H100, reduce-overhead, batch 1, rho=0.87, each arm compiled on its own;
+# docs/performance.md, "Small batches"). An earlier 0.2-0.3% gain came from an A/B whose arms
+# shared one compiled graph.
 UNMASKED = True
 
 # padding="auto" (transform's default) pads statically from this batch up, on CUDA in eager. Static
