@@ -125,6 +125,51 @@ def test_compiled_training_matches_eager_gradients():
     assert checked == len(grads)
 
 
+def _two_instances():
+    """Two instances of one model class with different weights, and an input."""
+    factory, _, chw = MODELS["timm_deit_small"]
+    first, second = factory(), factory()
+    with torch.no_grad():
+        for p in second.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return first, second, torch.randn(2, *chw)
+
+
+def test_a_second_instance_under_backend_ats_raises_instead_of_running_the_first_ones_weights():
+    # torch.compile treats backend="ats" with equal options as one backend, so Dynamo runs the first
+    # instance's compiled graph for the second; that graph holds the first instance's weights, and
+    # once returned the first model's logits for the second, silently.
+    first, second, x = _two_instances()
+    options = {**OPTIONS, "backend": "eager"}
+    compiled_first = torch.compile(first, backend="ats", options=options)
+    compiled_second = torch.compile(second, backend="ats", options=options)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled_first(x), ats_fx.transform(first, padding="static", **OPTIONS)(x))
+        with pytest.raises(ats_fx.ATSConfigError, match=r"backend=ats_fx\.backend\(\)"):
+            compiled_second(x)
+
+
+def test_a_replaced_parameter_raises_instead_of_running_the_old_one():
+    first, _, x = _two_instances()
+    compiled = torch.compile(first, backend="ats", options={**OPTIONS, "backend": "eager"})
+    with torch.no_grad():
+        compiled(x)
+        first.head.weight = nn.Parameter(first.head.weight + 1.0)
+        with pytest.raises(ats_fx.ATSConfigError, match="load_state_dict"):
+            compiled(x)
+
+
+def test_each_instance_compiled_with_its_own_backend_runs_its_own_weights():
+    first, second, x = _two_instances()
+    options = {**OPTIONS, "backend": "eager"}
+    compiled = [torch.compile(m, backend=ats_fx.backend(), options=options) for m in (first, second)]
+    with torch.no_grad():
+        outs = [c(x) for c in compiled]
+        for model, out in zip((first, second), outs):
+            torch.testing.assert_close(out, ats_fx.transform(model, padding="static", **OPTIONS)(x))
+    assert not torch.allclose(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("padding", ["batch_max", "static"])
 @pytest.mark.parametrize("name", CASES)
 def test_export_round_trip(name, padding):
