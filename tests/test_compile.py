@@ -144,7 +144,8 @@ def test_a_second_instance_under_backend_ats_raises_instead_of_running_the_first
     compiled_first = torch.compile(first, backend="ats", options=options)
     compiled_second = torch.compile(second, backend="ats", options=options)
     with torch.no_grad():
-        torch.testing.assert_close(compiled_first(x), ats_fx.transform(first, padding="static", **OPTIONS)(x))
+        torch.testing.assert_close(compiled_first(x), ats_fx.transform(first, padding="static", **OPTIONS)(x),
+                                   atol=1e-4, rtol=1e-4)  # the compiled patch embedding is a GEMM
         with pytest.raises(ats_fx.ATSConfigError, match=r"backend=ats_fx\.backend\(\)"):
             compiled_second(x)
 
@@ -166,7 +167,8 @@ def test_each_instance_compiled_with_its_own_backend_runs_its_own_weights():
     with torch.no_grad():
         outs = [c(x) for c in compiled]
         for model, out in zip((first, second), outs):
-            torch.testing.assert_close(out, ats_fx.transform(model, padding="static", **OPTIONS)(x))
+            torch.testing.assert_close(out, ats_fx.transform(model, padding="static", **OPTIONS)(x),
+                                       atol=1e-4, rtol=1e-4)  # the compiled patch embedding is a GEMM
     assert not torch.allclose(outs[0], outs[1])
 
 
