@@ -278,6 +278,7 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
     from .api import transform
 
     transform_kw, backend, inductor_options, options_mode = parse_options(options)
+    _refuse_fake_inputs(example_inputs)
     graphed = _default_cuda_graphs(options, options_mode or mode, backend, example_inputs)
     if graphed:
         options_mode = "reduce-overhead"
@@ -355,6 +356,20 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
         return out[:n]
 
     return run
+
+
+def _refuse_fake_inputs(example_inputs: Sequence[Any]) -> None:
+    """Dynamo hands a backend the real inputs; DDPOptimizer (a compiled DistributedDataParallel
+    model) hands it each gradient bucket's piece of the graph with fake ones. ATS needs the whole
+    forward graph and real weights, so say how to give it that instead of failing deep in capture."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if any(isinstance(x, torch.Tensor) and is_fake(x) for x in example_inputs):
+        raise ATSConfigError(
+            "backend='ats' was handed fake inputs, which Dynamo's DDPOptimizer does when it compiles a "
+            "DistributedDataParallel model bucket by bucket; ATS needs the whole forward graph. Set "
+            "torch._dynamo.config.optimize_ddp = False before compiling (DDP's all-reduce then waits for "
+            "the compiled backward pass instead of overlapping it).")
 
 
 def _other_weights() -> ATSConfigError:
