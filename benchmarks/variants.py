@@ -79,11 +79,15 @@ def applied(settings: list[tuple[object, str, object]]) -> Iterator[None]:
 
 
 def own_backend() -> Callable:
-    """A backend that compiles as ``backend="ats"`` does, but is not equal to it or to another one.
-    ``torch.compile`` compares string backends by name and options (``_TorchCompileWrapper.__eq__``),
-    and Dynamo reuses a code object's compiled graph wherever the backend compares equal and the
-    guards pass: an A/B of two configurations that differ only in their switches ran one compiled
-    graph twice (the overlapped stage in both arms; docs/performance.md, "Small batches")."""
+    """A backend that compiles as ``backend="ats"`` does, but is not equal to it or to another one
+    (``ats_fx.backend``): Dynamo reuses a code object's compiled graph wherever the backend compares
+    equal and the guards pass, so an A/B of two configurations that differ only in their switches
+    ran one compiled graph twice (docs/performance.md, "Small batches"). An earlier commit's ats_fx
+    (timed through ``PYTHONPATH``) may have no ``backend()``: then a wrapper of its registered one."""
+    import ats_fx
+
+    if hasattr(ats_fx, "backend"):
+        return ats_fx.backend()
     from torch._dynamo.backends.registry import lookup_backend
 
     ats = lookup_backend("ats")
