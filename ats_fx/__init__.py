@@ -8,13 +8,12 @@
 from .api import ATSGraphModule, count_flops, kept_tokens, load, save, transform
 from .errors import ATSConfigError, ATSError, ATSInputError, ATSUnsupportedModel
 from .ops import KeptTokens, StageTrace
-from .compile import backend
 from .compile import register as _register_backend
 
 _register_backend()  # backend="ats" for torch.compile, also without the pip entry point
 
 __all__ = [
-    "transform", "kept_tokens", "count_flops", "save", "load", "backend", "ATSGraphModule", "StageTrace", "KeptTokens",
+    "transform", "kept_tokens", "count_flops", "save", "load", "ATSGraphModule", "StageTrace", "KeptTokens",
     "ATSError", "ATSConfigError", "ATSInputError", "ATSUnsupportedModel",
 ]
 __version__ = "0.1.0"

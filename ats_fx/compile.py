@@ -332,16 +332,18 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
         env.settings = dataclasses.replace(env.settings, allow_dynamic_output_shape_ops=True)
     kept = _flatten_kept_outputs(ats)
     compiled = inner(ats, data)
-    # The graph holds the weights it was compiled with (freeze). Dynamo passes each call's weights
-    # too: where they are other tensors, it is running this graph for another model (_other_weights).
-    # One identity test per weight, about 3 us for DeiT-S's 152 on a slow host.
+    # The graph holds the weights it was compiled with (freeze), so it serves those tensors only.
     taken = set(data_idx)
     bound_idx = [i for i, x in enumerate(example_inputs) if i not in taken and isinstance(x, torch.Tensor)]
     bound = tuple(example_inputs[i] for i in bound_idx)
     live = operator.itemgetter(*bound_idx) if len(bound_idx) > 1 else lambda args: tuple(args[i] for i in bound_idx)
+    # Dynamo checks that before the call (_guard_weights): another instance of the model class, or a
+    # replaced parameter, then compiles a graph of its own. Where it cannot, each call checks
+    # (one identity test per weight, about 3 us for DeiT-S's 152 on a slow host).
+    check = not _guard_weights(gm, example_inputs, bound_idx)
 
     def run(*args):
-        if not all(map(operator.is_, live(args), bound)):
+        if check and not all(map(operator.is_, live(args), bound)):
             raise _other_weights()
         out = compiled(*[args[i] for i in data_idx])
         if graphed:  # the next replay rewrites the graph's outputs: the caller keeps copies
@@ -372,29 +374,44 @@ def _refuse_fake_inputs(example_inputs: Sequence[Any]) -> None:
             "the compiled backward pass instead of overlapping it).")
 
 
+def _guard_weights(gm: fx.GraphModule, example_inputs: Sequence[Any], bound_idx: list[int]) -> bool:
+    """Make Dynamo's guards of this graph check that each weight in ``bound_idx`` is the very tensor
+    compiled in (an identity guard on its source, e.g. ``L['self']._modules['head']._parameters['weight']``).
+    Dynamo otherwise reuses the graph for every instance of the model class, and for a model whose
+    parameter was replaced by a new tensor. With the guard, those fail it and Dynamo compiles again,
+    so each gets a graph of its own weights. The compiled graph keeps its weights alive, so no other
+    object can take one's id. False where a weight has no source (the backend called outside Dynamo):
+    the caller then checks each call itself."""
+    from torch._guards import TracingContext
+
+    try:
+        from torch._dynamo.guards import GuardBuilder, install_guard
+    except ImportError:  # pragma: no cover - a torch without them
+        return False
+    if not bound_idx or TracingContext.try_get() is None:
+        return False
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    guards = []
+    for i in bound_idx:
+        arg = placeholders[i].meta.get("grapharg") if i < len(placeholders) else None
+        source = getattr(arg, "source", None)
+        try:
+            same = arg is not None and arg.example is example_inputs[i]
+        except Exception:  # the example is held weakly and may be gone
+            same = False
+        if source is None or not same:
+            return False
+        guards.append(source.make_guard(GuardBuilder.ID_MATCH))
+    install_guard(*guards)
+    return True
+
+
 def _other_weights() -> ATSConfigError:
     return ATSConfigError(
-        "backend='ats': this call's weights are not the tensors its graph was compiled with. torch.compile "
-        "treats every backend='ats' with equal options as one backend, so Dynamo reuses one model's compiled "
-        "graph for another instance of the same class (or for this model after a parameter or buffer was "
-        "replaced by a new tensor), and backend='ats' compiles the weights into its graph. Give each model a "
-        "backend of its own: torch.compile(model, backend=ats_fx.backend(), options={...}); to change weights, "
-        "copy them in place (model.load_state_dict) instead of assigning new tensors.")
-
-
-def backend() -> Callable:
-    """A Dynamo backend that compiles exactly as ``backend="ats"`` but compares equal to no other.
-
-    ``torch.compile(model, backend=ats_fx.backend(), options={...})``: use it to compile several
-    instances of one model class in one process (two checkpoints, an ensemble, an A/B). With
-    ``backend="ats"`` and equal options torch.compile treats the compiles as one backend and Dynamo
-    runs the first instance's graph for the others; backend='ats' then raises, since its graph holds
-    the first instance's weights."""
-
-    def ats(gm: fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
-        return ats_backend(gm, example_inputs, **kwargs)
-
-    return ats
+        "backend='ats': this call's weights are not the tensors its graph was compiled with, and the graph holds "
+        "its weights (it was called outside torch.compile, where no guard could say so). Compile again for these "
+        "weights (torch.compile(model, backend='ats', options={...})), or change weights in place "
+        "(model.load_state_dict) instead of assigning new tensors.")
 
 
 def _default_cuda_graphs(options: Optional[dict], mode: Optional[str], backend: str, inputs: Sequence[Any]) -> bool:

@@ -9,8 +9,9 @@ The switches are module-level choices of ats_fx that a user never sets (``SWITCH
 when a stage is traced, compiled or captured as a CUDA graph, or at every call without graphs, so
 ``Switched`` sets them around every call of the configuration's model. A compiled configuration with
 switches also compiles through a backend of its own (``own_backend``): Dynamo treats two
-``backend="ats"`` compiles with equal options as one backend and runs the first model's compiled
-graph for the second, whose switches then never take effect.
+``backend="ats"`` compiles with equal options as one backend and, the model and its weights being
+the same, runs the first configuration's compiled graph for the second, whose switches then never
+take effect.
 """
 from __future__ import annotations
 
@@ -79,15 +80,10 @@ def applied(settings: list[tuple[object, str, object]]) -> Iterator[None]:
 
 
 def own_backend() -> Callable:
-    """A backend that compiles as ``backend="ats"`` does, but is not equal to it or to another one
-    (``ats_fx.backend``): Dynamo reuses a code object's compiled graph wherever the backend compares
-    equal and the guards pass, so an A/B of two configurations that differ only in their switches
-    ran one compiled graph twice (docs/performance.md, "Small batches"). An earlier commit's ats_fx
-    (timed through ``PYTHONPATH``) may have no ``backend()``: then a wrapper of its registered one."""
-    import ats_fx
-
-    if hasattr(ats_fx, "backend"):
-        return ats_fx.backend()
+    """A backend that compiles as ``backend="ats"`` does, but is not equal to it or to another one:
+    Dynamo reuses a code object's compiled graph wherever the backend compares equal and the guards
+    pass, and the same model with other switches passes them, so an A/B of two configurations that
+    differ only in their switches ran one compiled graph twice (docs/performance.md, "Small batches")."""
     from torch._dynamo.backends.registry import lookup_backend
 
     ats = lookup_backend("ats")

@@ -171,41 +171,58 @@ def _two_instances():
     return first, second, torch.randn(2, *chw)
 
 
-def test_a_second_instance_under_backend_ats_raises_instead_of_running_the_first_ones_weights():
-    # torch.compile treats backend="ats" with equal options as one backend, so Dynamo runs the first
-    # instance's compiled graph for the second; that graph holds the first instance's weights, and
-    # once returned the first model's logits for the second, silently.
+def _same_as_eager(compiled_out, model, x):
+    torch.testing.assert_close(compiled_out, ats_fx.transform(model, padding="static", **OPTIONS)(x),
+                               atol=1e-4, rtol=1e-4)  # the compiled patch embedding is a GEMM
+
+
+def test_each_instance_under_backend_ats_runs_its_own_weights():
+    # torch.compile treats backend="ats" with equal options as one backend, so Dynamo would run the
+    # first instance's compiled graph for the second; that graph holds the first instance's weights,
+    # and once returned the first model's logits for the second, silently. Identity guards on the
+    # weights make the second instance compile a graph of its own.
     first, second, x = _two_instances()
     options = {**OPTIONS, "backend": "eager"}
-    compiled_first = torch.compile(first, backend="ats", options=options)
-    compiled_second = torch.compile(second, backend="ats", options=options)
+    compiled = [torch.compile(m, backend="ats", options=options) for m in (first, second)]
     with torch.no_grad():
-        torch.testing.assert_close(compiled_first(x), ats_fx.transform(first, padding="static", **OPTIONS)(x),
-                                   atol=1e-4, rtol=1e-4)  # the compiled patch embedding is a GEMM
-        with pytest.raises(ats_fx.ATSConfigError, match=r"backend=ats_fx\.backend\(\)"):
-            compiled_second(x)
+        outs = [c(x) for c in compiled + compiled[::-1]]
+        for model, out in zip((first, second, second, first), outs):
+            _same_as_eager(out, model, x)
+    assert not torch.allclose(outs[0], outs[1])
 
 
-def test_a_replaced_parameter_raises_instead_of_running_the_old_one():
+def test_a_replaced_parameter_compiles_again_instead_of_running_the_old_one():
     first, _, x = _two_instances()
     compiled = torch.compile(first, backend="ats", options={**OPTIONS, "backend": "eager"})
     with torch.no_grad():
-        compiled(x)
+        before = compiled(x)
         first.head.weight = nn.Parameter(first.head.weight + 1.0)
-        with pytest.raises(ats_fx.ATSConfigError, match="load_state_dict"):
-            compiled(x)
+        after = compiled(x)
+        _same_as_eager(after, first, x)
+    assert not torch.allclose(before, after)
 
 
-def test_each_instance_compiled_with_its_own_backend_runs_its_own_weights():
+def test_the_backend_called_outside_dynamo_checks_its_weights_each_call():
+    # Without Dynamo's guards (the backend handed a graph directly) the compiled graph checks
+    # the weights it is called with against the ones it holds.
+    from ats_fx.compile import ats_backend
+
     first, second, x = _two_instances()
-    options = {**OPTIONS, "backend": "eager"}
-    compiled = [torch.compile(m, backend=ats_fx.backend(), options=options) for m in (first, second)]
+    captured = {}
+
+    def capture(gm, example_inputs):
+        captured.update(gm=gm, inputs=list(example_inputs))
+        return gm.forward
+
     with torch.no_grad():
-        outs = [c(x) for c in compiled]
-        for model, out in zip((first, second), outs):
-            torch.testing.assert_close(out, ats_fx.transform(model, padding="static", **OPTIONS)(x),
-                                       atol=1e-4, rtol=1e-4)  # the compiled patch embedding is a GEMM
-    assert not torch.allclose(outs[0], outs[1])
+        torch.compile(first, backend=capture)(x)
+        gm, inputs = captured["gm"], captured["inputs"]
+        run = ats_backend(gm, inputs, options={**OPTIONS, "backend": "eager"})
+        _same_as_eager(run(*inputs)[0], first, x)
+        swapped = [second.head.weight if t is first.head.weight else t for t in inputs]
+        assert any(t is second.head.weight for t in swapped)
+        with pytest.raises(ats_fx.ATSConfigError, match="load_state_dict"):
+            run(*swapped)
 
 
 @pytest.mark.parametrize("padding", ["batch_max", "static"])
