@@ -20,6 +20,7 @@ from .passes.capture import capture, example_inputs_for
 from .passes.defer import defer_stage_gathers
 from .passes.fuse import fuse_gather_add
 from .passes.match import find_attention
+from .passes.patchify import patchify_convs
 from .passes.rewrite import Analysis, TokenWalk, remove_replaced
 from .passes.validate import output_shapes, validate
 
@@ -284,6 +285,7 @@ def transform(
     selection: str = "ats",
     token_output: str = "full",
     cuda_graphs: bool = True,
+    patch_gemm: bool = True,
     example_inputs: Any = None,
     check_inputs: bool = True,
 ) -> ATSGraphModule:
@@ -312,6 +314,16 @@ def transform(
         selection: ``"ats"`` (inverse-transform sampling, the method). The paper's baselines,
             for ablations and eager only: ``"topk"`` keeps the K highest-scoring tokens,
             ``"random"`` keeps K tokens drawn uniformly (torch's global RNG).
+        token_output: what a model that returns its token sequence returns: ``"full"`` (the
+            original length; a dropped token holds its value from the layer where it was
+            dropped) or ``"kept"`` (:class:`ats_fx.KeptTokens`: the kept tokens, their original
+            positions and the padding mask).
+        cuda_graphs: an eager call in eval mode on CUDA tensors replays a CUDA graph captured
+            once per input shape (static padding; with autograd on, one differentiable replay).
+            False runs every call op by op. May be switched later: ``model.ats_cuda_graphs``.
+        patch_gemm: run the patch embedding (a conv whose kernel equals its stride) as one GEMM,
+            the same math; cuDNN ran it 5-12x slower (``passes/patchify.py``). ATS cannot shrink
+            that layer, so its cost caps the speed-up.
         example_inputs: inputs to capture with; by default a random batch of the size the
             model declares (timm ``pretrained_cfg``, HF ``config.image_size``...).
         check_inputs: refuse inputs with NaN/inf at run time.
@@ -323,6 +335,8 @@ def transform(
     """
     options = make_options(stages, ratio=ratio, k=k, score=score, padding=padding, kernels=kernels,
                            selection=selection, token_output=token_output)
+    if not isinstance(patch_gemm, bool):
+        raise ATSConfigError(f"patch_gemm={patch_gemm!r}: give True (the patch-embedding conv as one GEMM) or False")
     _refuse_unconvertible(model)
     gm, analysis, example = analyse(model, example_inputs)
     _refuse_if_no_sites(model, analysis)
@@ -343,6 +357,8 @@ def transform(
     remove_replaced(gm, walk.replaced)
     fuse_gather_add(gm, options.kernels)
     defer_stage_gathers(gm)
+    if patch_gemm:
+        patchify_convs(gm)
     result = ATSGraphModule(gm, gm.graph, class_name=f"ATS{type(model).__name__}")
     for name, p in gm.named_parameters():
         _assign(result, name, p, True)
@@ -357,6 +373,7 @@ def transform(
     result.ats_captured_training = model.training
     result.ats_check_inputs = check_inputs
     result.ats_cuda_graphs = cuda_graphs  # may be switched later: model.ats_cuda_graphs = False
+    result.ats_patch_gemm = patch_gemm
     result._ats_graphs = graphs.GraphCache()
     result.ats_input_shapes = [tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves(example)]
     result.register_forward_pre_hook(_check_inputs)
@@ -421,6 +438,7 @@ def save(model: ATSGraphModule, path) -> None:
         "k": [s.k for s in opts.stages] if opts.stages[0].k is not None else None,
         "score": opts.score, "padding": opts.padding, "kernels": opts.kernels, "selection": opts.selection,
         "token_output": opts.token_output, "cuda_graphs": model.ats_cuda_graphs,
+        "patch_gemm": getattr(model, "ats_patch_gemm", True),
         "check_inputs": model.ats_check_inputs,
         "input_shapes": [list(s) for s in model.ats_input_shapes],
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -442,7 +460,8 @@ def load(path, model: nn.Module, *, map_location: Any = "cpu") -> ATSGraphModule
     result = transform(model, record["stages"], ratio=record["ratio"], k=record["k"], score=record["score"],
                        padding=record["padding"], kernels=record["kernels"], selection=record["selection"],
                        token_output=record.get("token_output", "full"),
-                       cuda_graphs=record.get("cuda_graphs", True), example_inputs=example,
+                       cuda_graphs=record.get("cuda_graphs", True), patch_gemm=record.get("patch_gemm", True),
+                       example_inputs=example,
                        check_inputs=record["check_inputs"])
     result.load_state_dict(record["state_dict"])
     return result

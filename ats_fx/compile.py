@@ -27,7 +27,6 @@ import torch.utils._pytree as pytree
 
 from .config import make_options
 from .errors import ATSConfigError, ATSUnsupportedModel
-from .passes.patchify import patchify_convs
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +287,9 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
         data = [example_inputs[i] for i in data_idx]
         # torch.export must not see Dynamo's tracing context (its shape environment and guards).
         with torch._guards.tracing(None):
-            ats = transform(frozen, example_inputs=tuple(data), check_inputs=False, **transform_kw)
+            # ATS never shrinks the patch embedding: run it as one GEMM (passes/patchify.py).
+            ats = transform(frozen, example_inputs=tuple(data), check_inputs=False,
+                            patch_gemm=(options or {}).get("patch_gemm", True), **transform_kw)
     except ATSUnsupportedModel as err:
         warnings.warn(f"backend='ats': graph compiled without ATS: {err}", stacklevel=2)
         return inner(gm, list(example_inputs))
@@ -299,8 +300,6 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
     for m in ats.modules():
         if isinstance(m, ops.ATSStage):
             m.compiled = True
-    if (options or {}).get("patch_gemm", True):
-        patchify_convs(ats)  # ATS never shrinks the patch embedding: make it cheap (passes/patchify.py)
     # The rewritten graph is still Dynamo's graph: say so (as torch asks of graph passes that
     # rebuild it, e.g. DDPOptimizer). AOTAutograd then marks the parameters and buffers static
     # inputs, so CUDA graphs read them in place instead of copying every weight on every replay

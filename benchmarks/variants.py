@@ -3,6 +3,7 @@ that vary it, so an A/B of ats_fx's own choices runs as one more configuration o
 
     "multi rho=0.87"                       # stages 3-11 at rho=0.87 (harness.POINTS)
     "multi rho=0.87 padding=static"        # ... with a transform keyword
+    "multi rho=0.87 patch_gemm=off"        # ... with the patch embedding left a conv
     "single K=108 overlap=off pdl=off"     # ... with ats_fx's overlapped stage and PDL switched off
 
 The switches are module-level choices of ats_fx that a user never sets (``SWITCHES``). They are read
@@ -22,7 +23,11 @@ import torch
 
 from benchmarks import harness
 
-TRANSFORM_KEYS = ("padding",)
+# transform keyword -> its value for each setting a label may give
+TRANSFORM_KEYS = {
+    "padding": {"auto": "auto", "static": "static", "batch_max": "batch_max"},
+    "patch_gemm": {"on": True, "off": False},  # the patch-embedding conv as a GEMM (passes/patchify.py)
+}
 # switch -> (ats_fx module, attribute, value of each setting)
 SWITCHES = {
     "overlap": ("ats_fx.dispatch", "OVERLAP", {"auto": "auto", "on": "on", "off": "off"}),
@@ -40,12 +45,13 @@ def parse(label: str) -> tuple[str, dict, dict]:
     transform_kw, switches = {}, {}
     for token in label[len(point):].split():
         key, _, value = token.partition("=")
-        if key in TRANSFORM_KEYS:
-            transform_kw[key] = value
+        if key in TRANSFORM_KEYS and value in TRANSFORM_KEYS[key]:
+            transform_kw[key] = TRANSFORM_KEYS[key][value]
         elif key in SWITCHES and value in SWITCHES[key][2]:
             switches[key] = value
         else:
-            raise SystemExit(f"configuration {label!r}: {token!r} is neither {TRANSFORM_KEYS} nor a switch "
+            raise SystemExit(f"configuration {label!r}: {token!r} is neither a transform keyword "
+                             f"{ {k: list(v) for k, v in TRANSFORM_KEYS.items()} } nor a switch "
                              f"{ {k: list(v[2]) for k, v in SWITCHES.items()} }")
     return point, transform_kw, switches
 

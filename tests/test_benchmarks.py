@@ -308,7 +308,9 @@ def test_variant_labels_parse_into_point_keywords_and_switches():
         "single K=108", {"padding": "static"}, {"overlap": "off", "pdl": "off"})
     assert speed.point_kwargs("multi rho=0.87 overlap=off") == {"stages": "3-11", "ratio": 0.87}
     assert variants.parse("multi rho=0.87 unmasked=off")[2] == {"unmasked": "off"}
-    for bad in ("rho=0.87", "multi rho=0.87 overlap=maybe", "multi rho=0.87 speed=fast"):
+    assert speed.point_kwargs("multi rho=0.87 patch_gemm=off") == {"stages": "3-11", "ratio": 0.87, "patch_gemm": False}
+    for bad in ("rho=0.87", "multi rho=0.87 overlap=maybe", "multi rho=0.87 speed=fast",
+                "multi rho=0.87 patch_gemm=maybe", "multi rho=0.87 padding=wide"):
         with pytest.raises(SystemExit):
             variants.parse(bad)
 

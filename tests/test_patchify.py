@@ -141,3 +141,39 @@ def test_patch_gemm_option_must_be_a_bool():
 
     with pytest.raises(ATSConfigError, match="patch_gemm must be True"):
         parse_options({"stages": "1", "patch_gemm": "yes"})
+
+
+def _has_gemm_and_conv(gm) -> tuple[bool, bool]:
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    return (any("conv_as_gemm" in t for t in targets),
+            any("convolution" in t or "conv2d" in t for t in targets))
+
+
+@pytest.mark.parametrize("patch_gemm", [True, False])
+def test_transform_rewrites_the_patch_embedding_unless_told_not_to_and_save_keeps_it(patch_gemm, tmp_path):
+    """The eager model runs the patch embedding as a GEMM by default, with the conv's logits
+    (float64), and ats_fx.save / load keep the choice."""
+    import ats_fx
+
+    factory, _, chw = MODELS["timm_deit_small"]
+    model = factory().double().eval()
+    ats = ats_fx.transform(model, stages="1-3", ratio=0.6, patch_gemm=patch_gemm)
+    assert _has_gemm_and_conv(ats) == (patch_gemm, not patch_gemm)
+    x = torch.randn(2, *chw, dtype=f64)
+    other = ats_fx.transform(model, stages="1-3", ratio=0.6, patch_gemm=not patch_gemm)
+    with torch.no_grad():
+        out = ats(x)
+        torch.testing.assert_close(out, other(x))
+    ats_fx.save(ats, tmp_path / "ats.pt")
+    loaded = ats_fx.load(tmp_path / "ats.pt", factory().double())
+    assert _has_gemm_and_conv(loaded) == (patch_gemm, not patch_gemm)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), out)
+
+
+def test_transform_patch_gemm_must_be_a_bool():
+    import ats_fx
+
+    factory, _, _ = MODELS["timm_deit_small"]
+    with pytest.raises(ATSConfigError, match="patch_gemm='yes'"):
+        ats_fx.transform(factory(), stages="1", patch_gemm="yes")

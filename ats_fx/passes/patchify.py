@@ -9,8 +9,9 @@ result is returned as the conv's NCHW shape (a channels-last view, so ``flatten(
 downstream costs nothing).
 
 Works on Dynamo's graphs (``torch.conv2d``) and on ATen graphs (``aten.conv2d`` /
-``aten.convolution``). The dense baseline in benchmarks/compiled.py gets the same rewrite, so the
-ATS speed-up it reports is ATS's own.
+``aten.convolution``). ``transform`` (and through it ``backend="ats"``) applies it unless
+``patch_gemm=False``. The benchmarks time the dense model as a user runs it, conv included, so their
+speed-ups hold this rewrite's share too (docs/performance.md, "Where the time goes", has the conv's time).
 """
 from __future__ import annotations
 
