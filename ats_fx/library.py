@@ -191,39 +191,50 @@ def _attention_rows_fake(q, k, v, index, key_mask, scale, bias=None, positions=N
 def overlapped_stage_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
                         ratio: Optional[float], k_tokens: Optional[int], score: str,
                         width: int, gather: bool = True, bias: Optional[Tensor] = None,
-                        positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        positions: Optional[Tensor] = None, proj_weight: Optional[Tensor] = None,
+                        proj_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A static-width stage with the sampling beside the attention (``overlap.py``): ``(out, index,
     mask, kept, budget)``, the outputs of ``sample_tokens`` then ``attention_rows``; forward only.
-    With ``gather=False`` ``out`` holds every query row (B, H, T, dh), not the kept ones."""
+    With ``gather=False`` ``out`` holds every query row (B, H, T, dh), not the kept ones; with
+    ``proj_weight`` too, every row through the output projection (B, T, out features)."""
     return _overlapped_direct(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather, bias,
-                              positions)
+                              positions, proj_weight, proj_bias)
 
 
 @overlapped_stage_op.register_fake
 def _overlapped_stage_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather=True,
-                           bias=None, positions=None):
+                           bias=None, positions=None, proj_weight=None, proj_bias=None):
     index, mask, kept, budget = _sample_tokens_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score,
                                                     width, False, "triton")
     rows = width if gather else q.shape[2]
-    out = q.new_empty((q.shape[0], rows, q.shape[1], v.shape[-1])).transpose(1, 2)
+    if proj_weight is not None:
+        out = q.new_empty((q.shape[0], rows, proj_weight.shape[0]))
+    else:
+        out = q.new_empty((q.shape[0], rows, q.shape[1], v.shape[-1])).transpose(1, 2)
     return out, index, mask, kept, budget
 
 
 def overlapped_stage(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
                      ratio: Optional[float], k_tokens: Optional[int], score: str, width: int,
-                     gather: bool = True, bias: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> tuple:
+                     gather: bool = True, bias: Optional[Tensor] = None, positions: Optional[Tensor] = None,
+                     proj_weight: Optional[Tensor] = None, proj_bias: Optional[Tensor] = None) -> tuple:
     """``ats_fx::overlapped_stage`` (the registered op when tracing, else a direct call):
-    ``(out, index, mask, kept, budget)``; ``gather=False``: ``out`` is every row's attention.
-    ``bias``, ``positions``: a position bias table read inside the kernels (``attention``)."""
+    ``(out, index, mask, kept, budget)``; ``gather=False``: ``out`` is every row's attention, or
+    with ``proj_weight`` (and ``proj_bias``) every row projected. ``bias``, ``positions``: a
+    position bias table read inside the kernels (``attention``)."""
+    detached = (None if t is None else t.detach() for t in (bias, proj_weight, proj_bias))
+    bias, proj_weight, proj_bias = detached
     args = (q.detach(), k.detach(), v.detach(), key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather,
-            None if bias is None else bias.detach(), positions)
+            bias, positions, proj_weight, proj_bias)
     if tracing(q):
         return torch.ops.ats_fx.overlapped_stage(*args)
     return _overlapped_direct(*args)  # eager: no dispatcher overhead
 
 
 def _overlapped_direct(*args) -> tuple:
-    out, index, mask, kept, budget = overlap.overlapped_stage_attention(*args)
+    *args, proj_weight, proj_bias = args
+    proj = None if proj_weight is None else (proj_weight, proj_bias)
+    out, index, mask, kept, budget = overlap.overlapped_stage_attention(*args, proj=proj)
     return out, index, mask.view(torch.bool), kept, budget
 
 
@@ -240,12 +251,17 @@ def _attention_rows_flops(q_shape, k_shape, v_shape, index_shape, mask_shape, sc
 
 
 def _overlapped_stage_flops(q_shape, k_shape, v_shape, mask_shape, num_prefix, scale, ratio, k_tokens, score, width,
-                            gather=True, bias_shape=None, positions_shape=None, *, out_shape, **kwargs) -> int:
+                            gather=True, bias_shape=None, positions_shape=None, proj_weight_shape=None,
+                            proj_bias_shape=None, *, out_shape, **kwargs) -> int:
     """FlopCounterMode's count for ``ats_fx::overlapped_stage``: the kept rows' attention (``width``
-    of them), as for ``attention_rows``. (It computes every row's, where that costs no more time
-    than the kept rows': the FLOPs ratio stays the method's, not this schedule's.)"""
+    of them), as for ``attention_rows``, and their output projection where the stage runs it. (It
+    computes every row's, where that costs no more time than the kept rows': the FLOPs ratio stays
+    the method's, not this schedule's.)"""
     B, H, _, D = q_shape
-    return _attention_rows_flops(q_shape, k_shape, v_shape, None, mask_shape, scale, out_shape=(B, H, width, D))
+    flops = _attention_rows_flops(q_shape, k_shape, v_shape, None, mask_shape, scale, out_shape=(B, H, width, D))
+    if proj_weight_shape is not None:
+        flops += 2 * B * width * proj_weight_shape[0] * proj_weight_shape[1]
+    return flops
 
 
 def _register_flop_formula() -> None:

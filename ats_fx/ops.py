@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from . import dispatch, library
 from .kernels import reference
+from .overlap import project_rows
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,10 @@ class ATSStage(nn.Module):
                 + ("" if self.class_token else ", scores=mean query row"))
 
     def forward(self, q, k, v, key_mask: Optional[torch.Tensor], positions: Optional[torch.Tensor],
-                bias: Optional[torch.Tensor] = None, mix: Optional[tuple] = None):
+                bias: Optional[torch.Tensor] = None, mix: Optional[tuple] = None,
+                proj_weight: Optional[torch.Tensor] = None, proj_bias: Optional[torch.Tensor] = None):
+        # ``proj_weight``/``proj_bias``: the layer's output projection, handed over by passes/defer.py
+        # (the graph no longer runs it): ``out`` is then projected, (B, rows, out features).
         tracing = dispatch.tracing(q)
         # batch_max reads the batch width back to the host anyway, and raises on NaN scores with it.
         # static never synchronises (CUDA graphs; eager GPU time overlaps the host's): it falls back
@@ -107,11 +111,14 @@ class ATSStage(nn.Module):
                 q, k, v, key_mask, width, strict, _per_image(bias, positions, q.shape[0]), mix, dropout_p)
         elif path == "overlapped":
             # A small static batch: sampling on a side stream beside every row's attention.
+            inside = self.defer_gather and proj_weight is not None  # project every row, beside the sampling
             out, index, mask, kept, budget = library.overlapped_stage(
                 q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width,
-                not self.defer_gather, bias, positions)
+                not self.defer_gather, bias, positions, proj_weight if inside else None, proj_bias if inside else None)
             padded = None
             every_row = self.defer_gather
+            if inside:
+                proj_weight = None
         else:
             if path == "sampled":
                 index, mask, kept, budget, padded = library.sample(
@@ -123,6 +130,8 @@ class ATSStage(nn.Module):
                     q, k, v, key_mask, width, None if bias is None else reference.position_bias(bias, positions,
                                                                                                 q.shape[0], rows=1))
             out = library.attention(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels, bias, positions)
+        if proj_weight is not None:
+            out = project_rows(out, proj_weight, proj_bias)
         # Original positions of the kept rows; at the first stage the rows' positions are the index.
         source = index if positions is None else positions.gather(1, index)
         new_positions = source if padded is False else torch.where(mask, source, -1)

@@ -14,7 +14,10 @@ returned, so the caching allocator never sees a tensor used on a stream it was n
 
 With ``gather=False`` the copy goes too: ``passes/defer.py`` moves the gather past the output
 projection into the residual add, where Inductor (or the ``gather_add`` kernel) reads both operands
-at the kept rows in the one pass it makes anyway.
+at the kept rows in the one pass it makes anyway. Where that pass also hands the stage the output
+projection's weights (``proj``), the projection of every row runs here on the current stream before
+the join, beside the side stream's sampling too: at batch 1 the scoring and sampling take longer
+than the attention alone (docs/performance.md, "Batch 1").
 
 Measured (H200, reduce-overhead, batch 1, stages 3-11, against dense same-compile): ViT-B
 rho=1.0/0.87/0.72 0.947/0.993/1.038x sequential, 1.009/1.026/1.069x overlapped with the deferred
@@ -30,6 +33,11 @@ import torch
 from torch import Tensor
 
 
+# True: with ``proj`` the join waits until the output projection is done (it runs beside the
+# sampling); False: the join comes first (the benchmarks' A/B of where to join).
+JOIN_AFTER_PROJECTION = True
+
+
 @functools.lru_cache(maxsize=None)
 def _side_stream(device: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
@@ -39,17 +47,20 @@ def overlapped_stage_attention(
     q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
     ratio: Optional[float], k_tokens: Optional[int], score: str, width: int, gather: bool = True,
     bias: Optional[Tensor] = None, positions: Optional[Tensor] = None,
+    proj: Optional[tuple[Tensor, Optional[Tensor]]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(out, index, mask, kept, budget)`` of a static-width stage (``width`` = K + p), as
     ``sample_tokens`` followed by ``attention_rows``, with the sampling on a side stream. With
     ``gather=False`` ``out`` is every row's attention (B, H, T, dh), for a graph that gathers the
-    kept rows after the output projection instead (``passes/defer.py``). ``bias``, ``positions``:
-    a position bias table and the tokens' original positions (``library.attention``)."""
+    kept rows after the output projection instead (``passes/defer.py``); with ``proj`` (weight,
+    bias), every row projected, (B, T, out features). ``bias``, ``positions``: a position bias table
+    and the tokens' original positions (``library.attention``)."""
     from .kernels.attention_rows import launch_attention
     from .kernels.gather_rows import gather_rows
     from .kernels.sample import empty_outputs, sample_with_budget
     from .kernels.scores import head_scores
 
+    assert proj is None or not gather, "a projected stage leaves its gather to the residual add"
     B, H, T, _ = q.shape
     heads = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32)
     buffers = empty_outputs(B, T, width, q.device)
@@ -64,6 +75,18 @@ def overlapped_stage_attention(
         index, mask, kept, budget, _, _ = sample_with_budget(heads, key_mask, num_prefix, ratio, k_tokens, width,
                                                              None, stats=False, out=buffers)
     full = launch_attention(q, k, v, None, key_mask, scale, T, bias=bias, positions=positions)
+    if side is not None and (proj is None or not JOIN_AFTER_PROJECTION):
+        main.wait_stream(side)
+        side = None
+    if proj is not None:
+        full = project_rows(full, *proj)
     if side is not None:
         main.wait_stream(side)
     return (gather_rows(full, index) if gather else full), index, mask, kept, budget
+
+
+def project_rows(out: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``linear(out.transpose(1, 2).reshape(B, rows, H * dh))``: what the graph did after a stage
+    whose output projection ``passes/defer.py`` handed to it."""
+    B, H, rows, dh = out.shape
+    return torch.nn.functional.linear(out.transpose(1, 2).reshape(B, rows, H * dh), weight, bias)
