@@ -15,9 +15,9 @@ returned, so the caching allocator never sees a tensor used on a stream it was n
 With ``gather=False`` the copy goes too: ``passes/defer.py`` moves the gather past the output
 projection into the residual add, where Inductor (or the ``gather_add`` kernel) reads both operands
 at the kept rows in the one pass it makes anyway. Where that pass also hands the stage the output
-projection's weights (``proj``), the projection of every row runs here on the current stream before
-the join, beside the side stream's sampling too: at batch 1 the scoring and sampling take longer
-than the attention alone (docs/performance.md, "Batch 1").
+projection's weights (``proj``), the projection of every row runs here on the current stream, and
+with ``JOIN_AFTER_PROJECTION`` before the join, beside the side stream's sampling: at batch 1 the
+scoring and sampling likely take longer than the attention alone (docs/performance.md, "Batch 1").
 
 Measured (H200, reduce-overhead, batch 1, stages 3-11, against dense same-compile): ViT-B
 rho=1.0/0.87/0.72 0.947/0.993/1.038x sequential, 1.009/1.026/1.069x overlapped with the deferred
@@ -33,9 +33,10 @@ import torch
 from torch import Tensor
 
 
-# True: with ``proj`` the join waits until the output projection is done (it runs beside the
-# sampling); False: the join comes first (the benchmarks' A/B of where to join).
-JOIN_AFTER_PROJECTION = True
+# With ``proj``: True joins the streams after the output projection (it runs beside the sampling),
+# False before it (the schedule every timing so far measured). Off until an A/B on a GPU says it
+# pays (docs/performance.md, "Batch 1"; the benchmarks' late_join variant).
+JOIN_AFTER_PROJECTION = False
 
 
 @functools.lru_cache(maxsize=None)

@@ -333,6 +333,15 @@ def test_switched_sets_ats_fx_choices_around_each_call_and_restores_them():
         variants.Switched(fails, {"overlap": "off"})(torch.zeros(1))
     assert (dispatch.OVERLAP, pdl.ENABLED) == before  # restored on the way out of an error too
     assert variants.labels(["single K=108"], ["overlap=off"]) == ["single K=108", "single K=108 overlap=off"]
+    for key, (_, _, values) in variants.SWITCHES.items():  # every switch names a real attribute
+        for value in values:
+            ((module, attr, setting),) = variants.resolve({key: value})
+            assert hasattr(module, attr) and type(getattr(module, attr)) is type(setting), (key, value)
+    from ats_fx import overlap
+
+    seen.clear()
+    variants.Switched(lambda x: seen.append(overlap.JOIN_AFTER_PROJECTION), {"late_join": "on"})(torch.zeros(1))
+    assert seen == [True] and overlap.JOIN_AFTER_PROJECTION is False
 
 
 def test_speed_times_each_variant_as_its_own_configuration(tmp_path):

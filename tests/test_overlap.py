@@ -175,3 +175,29 @@ def test_compiled_overlapped_stage_matches_eager(overlap_mode, monkeypatch):
         torch._dynamo.reset()
     assert len(graphs) == 1
     assert len(calls) == 2 * 3 * 2  # two calls, three stages, the compiled and the eager model
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the side stream runs beside the main one on a GPU only")
+@pytest.mark.parametrize("graphs", [False, True], ids=["launches", "cuda-graph"])
+@pytest.mark.parametrize("late_join", [True, False], ids=["join-after-projection", "join-before"])
+@pytest.mark.parametrize("name", ["timm_deit_small", "timm_beitv2", "hf_vit_sdpa"])
+def test_overlapped_streams_on_a_gpu_agree_with_sequential_on_every_call(name, late_join, graphs, overlap_mode,
+                                                                         monkeypatch):
+    """On CUDA the sampling runs on a side stream while the main one attends (and, joined after the
+    projection, projects): a missing wait or a buffer reused across the streams would show as calls
+    that disagree with each other or with the sequential stage."""
+    from ats_fx import overlap
+
+    monkeypatch.setattr(overlap, "JOIN_AFTER_PROJECTION", late_join)
+    factory, _, chw = MODELS[name]
+    torch.manual_seed(0)
+    model = factory().cuda().half().eval()
+    x = torch.randn(4, *chw, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        overlap_mode("off")
+        sequential = logits(ats_fx.transform(model, "1-3", ratio=0.6, padding="static", cuda_graphs=False)(x)).float()
+        overlap_mode("auto")
+        ats = ats_fx.transform(model, "1-3", ratio=0.6, padding="static", cuda_graphs=graphs)
+        outs = [logits(ats(x)).float() for _ in range(20)]
+    assert all(torch.equal(out, outs[0]) for out in outs)
+    torch.testing.assert_close(outs[0], sequential, atol=2e-2, rtol=2e-2)

@@ -15,9 +15,10 @@ whether it returned every row (only the overlapped path does); the add follows i
 
 Where that chain starts with the heads' merge and the projection (``transpose(1, 2)``, reshapes,
 ``linear``), the pass also hands the projection's weights to the stage and takes those nodes out
-of the graph (``_fold_projection``): the overlapped stage then projects every row before its
-streams join, so the projection runs beside the sampling, which at batch 1 outlasts the attention
-(docs/performance.md, "Batch 1"). Every other path projects its output as the graph did.
+of the graph (``_fold_projection``): the overlapped stage then projects every row itself, and with
+``overlap.JOIN_AFTER_PROJECTION`` before its streams join, beside the sampling, which at batch 1
+likely outlasts the attention (docs/performance.md, "Batch 1"). Every other path projects its
+output as the graph did.
 """
 from __future__ import annotations
 
