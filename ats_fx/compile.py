@@ -332,17 +332,16 @@ def ats_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], options: Opti
     kept = _flatten_kept_outputs(ats)
     compiled = inner(ats, data)
     # The graph holds the weights it was compiled with (freeze), so it serves those tensors only.
-    taken = set(data_idx)
-    bound_idx = [i for i, x in enumerate(example_inputs) if i not in taken and isinstance(x, torch.Tensor)]
-    bound = tuple(example_inputs[i] for i in bound_idx)
-    live = operator.itemgetter(*bound_idx) if len(bound_idx) > 1 else lambda args: tuple(args[i] for i in bound_idx)
     # Dynamo checks that before the call (_guard_weights): another instance of the model class, or a
     # replaced parameter, then compiles a graph of its own. Where it cannot, each call checks
     # (one identity test per weight, about 3 us for DeiT-S's 152 on a slow host).
-    check = not _guard_weights(gm, example_inputs, bound_idx)
+    taken = set(data_idx)
+    bound_idx = [i for i, x in enumerate(example_inputs) if i not in taken and isinstance(x, torch.Tensor)]
+    check = bool(bound_idx) and not _guard_weights(gm, example_inputs, bound_idx)
+    bound = [(i, example_inputs[i]) for i in bound_idx] if check else []
 
     def run(*args):
-        if check and not all(map(operator.is_, live(args), bound)):
+        if check and not all(args[i] is weight for i, weight in bound):
             raise _other_weights()
         out = compiled(*[args[i] for i in data_idx])
         if graphed:  # the next replay rewrites the graph's outputs: the caller keeps copies
@@ -387,7 +386,7 @@ def _guard_weights(gm: fx.GraphModule, example_inputs: Sequence[Any], bound_idx:
         from torch._dynamo.guards import GuardBuilder, install_guard
     except ImportError:  # pragma: no cover - a torch without them
         return False
-    if not bound_idx or TracingContext.try_get() is None:
+    if TracingContext.try_get() is None:
         return False
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     guards = []

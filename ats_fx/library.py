@@ -222,8 +222,7 @@ def overlapped_stage(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
     ``(out, index, mask, kept, budget)``; ``gather=False``: ``out`` is every row's attention, or
     with ``proj_weight`` (and ``proj_bias``) every row projected. ``bias``, ``positions``: a
     position bias table read inside the kernels (``attention``)."""
-    detached = (None if t is None else t.detach() for t in (bias, proj_weight, proj_bias))
-    bias, proj_weight, proj_bias = detached
+    bias, proj_weight, proj_bias = (None if t is None else t.detach() for t in (bias, proj_weight, proj_bias))
     args = (q.detach(), k.detach(), v.detach(), key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather,
             bias, positions, proj_weight, proj_bias)
     if tracing(q):
