@@ -33,10 +33,11 @@ import torch
 from torch import Tensor
 
 
-# With ``proj``: True joins the streams after the output projection (it runs beside the sampling),
-# False before it (the schedule every timing so far measured). Off until an A/B on a GPU says it
-# pays (docs/performance.md, "Batch 1"; the benchmarks' late_join variant).
-JOIN_AFTER_PROJECTION = False
+# With ``proj``: True joins the streams after the output projection, so it runs beside the
+# sampling; False joins before it. True measured faster at batch 1 and the same at batch 8 (H200,
+# reduce-overhead, rho=0.87: DeiT-S 1.243x against 1.184x dense, ViT-B/16 1.287x against 1.238x;
+# docs/performance.md, "Batch 1"; the benchmarks' late_join variant).
+JOIN_AFTER_PROJECTION = True
 
 
 @functools.lru_cache(maxsize=None)
