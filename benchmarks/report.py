@@ -5,8 +5,9 @@
     python -m benchmarks.report --breakdown  # the benchmarks.breakdown tables instead
     python -m benchmarks.report --tiles    # the benchmarks.attention_tiles sweeps instead
 
-Each (model, run) row shows the cells of the newest commit that measured it ("n/m": not measured
-at that commit, so numbers of different code never share a row). A cell reads ``speed-up (FLOPs
+Each cell is the newest measurement of its (model, run, config, batch). Numbers of different code
+never share a row: a (model, run) gets one row per commit that holds some of its newest cells,
+newest commit first ("n/m": that commit did not measure the cell, or a newer one did). A cell reads ``speed-up (FLOPs
 share)`` where a FLOPs ratio was counted: the share is speed-up / FLOPs ratio, how much of the saved
 arithmetic became time. Eager runs measured against the dense model replayed as CUDA graphs get a
 second row, "eager vs dense graphs": what ATS itself adds, as the eager ATS model replays graphs.
@@ -38,14 +39,33 @@ def devices(rows: list[dict]) -> list[str]:
     return sorted(seen, key=lambda d: d.startswith("CPU"))
 
 
+def _row(head: list[str], commit: str, cells: list[tuple[Optional[dict], Optional[float], int]], env: set) -> str:
+    """One table row: of ``cells`` ((row, FLOPs ratio, batch) per column), those measured at
+    ``commit``; adds their environment to ``env``."""
+    row = head + [commit]
+    for cell, ratio, batch in cells:
+        if cell is None or cell["commit"] != commit:
+            row.append("n/m")
+            continue
+        # Every speed run before the row recorded it set cudnn.benchmark on.
+        cudnn = "on" if cell.get("cudnn_benchmark", True) else "off"
+        env.add((cell["torch"], cell["triton"], cell["dtype"], cell["commit"], cell["date"], cudnn))
+        text = f"{cell['value']:.2f}x"
+        if ratio is not None and batch >= 64:
+            text += f" ({cell['value'] / ratio:.2f})"
+        row.append(text)
+    return "| " + " | ".join(row) + " |"
+
+
 def speed_table(rows: list[dict], device: str, configs: tuple[str, ...] = ("multi rho=0.87", "single K=108")) -> str:
-    """Markdown for one device: one row per (model, run), one column per (config, batch)."""
+    """Markdown for one device: one row per (model, run) and commit of its newest cells, one column
+    per (config, batch)."""
     cells = {k[1:]: v for k, v in newest(rows).items() if k[0] == device}
     # FLOPs are counted, not timed: the newest ratio holds for every device.
     flops = {(r["model"], r["config"]): r["value"] for r in rows
              if r["benchmark"] == "speed" and r["metric"] == "flops_ratio"}
-    latest = {(r["model"], r["run"]): r["commit"] for r in rows
-              if r["benchmark"] == "speed" and r["metric"] == "speedup" and r["device"] == device}
+    # Commits newest first, by their last row in the file (rows are appended as measured).
+    recency = list(dict.fromkeys(r["commit"] for r in reversed(rows) if r["benchmark"] == "speed"))
     batches = sorted({k[2] for k in cells if k[2] > 0})
     models = list(dict.fromkeys(k[0] for k in cells if k[1] != "any"))
     runs = list(dict.fromkeys(k[1] for k in cells if k[1] != "any"))
@@ -55,24 +75,11 @@ def speed_table(rows: list[dict], device: str, configs: tuple[str, ...] = ("mult
     for model in models:
         for run in runs:
             for metric, label in (("speedup", run), ("speedup_vs_graphed_dense", f"{run} vs dense graphs")):
-                row, seen = [SHORT.get(model, model), label, latest.get((model, run), "-")], False
-                for config in configs:
-                    ratio = flops.get((model, config))
-                    for batch in batches:
-                        cell = cells.get((model, run, batch, config, metric))
-                        if cell is None or cell["commit"] != latest.get((model, run)):
-                            row.append("n/m")
-                            continue
-                        seen = True
-                        # Every speed run before the row recorded it set cudnn.benchmark on.
-                        cudnn = "on" if cell.get("cudnn_benchmark", True) else "off"
-                        env.add((cell["torch"], cell["triton"], cell["dtype"], cell["commit"], cell["date"], cudnn))
-                        text = f"{cell['value']:.2f}x"
-                        if ratio is not None and batch >= 64:
-                            text += f" ({cell['value'] / ratio:.2f})"
-                        row.append(text)
-                if seen:
-                    lines.append("| " + " | ".join(row) + " |")
+                columns = [(cells.get((model, run, b, c, metric)), flops.get((model, c)), b)
+                           for c in configs for b in batches]
+                held = {cell["commit"] for cell, _, _ in columns if cell is not None}
+                lines += [_row([SHORT.get(model, model), label], commit, columns, env)
+                          for commit in recency if commit in held]
     ratios = [f"{SHORT.get(m, m)} {c}: {flops[(m, c)]:.2f}" for m in models for c in configs if (m, c) in flops]
     gpu = not device.startswith("CPU")  # cuDNN's setting only matters where cuDNN runs the conv
     measured = "; ".join(f"torch {t}, triton {tr}, {dt}, commit {c}, {date}"

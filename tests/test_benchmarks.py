@@ -85,6 +85,17 @@ def test_report_gives_each_device_its_own_table():
     assert "commit c2, d, cudnn.benchmark off" in report.speed_tables(rows)
 
 
+def test_report_keeps_each_cells_newest_commit_on_its_own_row():
+    # A rerun of some batches at a new commit must not blank the others, nor mix commits in a row.
+    base = {"benchmark": "speed", "model": "deit_small_patch16_224", "config": "multi rho=0.87", "torch": "2",
+            "triton": "3", "dtype": "float16", "date": "d", "device": "GPU", "run": "eager", "metric": "speedup"}
+    rows = [{**base, "batch": 1, "value": 1.1, "commit": "old"}, {**base, "batch": 256, "value": 1.5, "commit": "old"},
+            {**base, "batch": 1, "value": 1.2, "commit": "new"}]
+    lines = [line for line in report.speed_table(rows, "GPU", configs=("multi rho=0.87",)).splitlines()
+             if line.startswith("| DeiT-S")]
+    assert lines == ["| DeiT-S | eager | new | 1.20x | n/m |", "| DeiT-S | eager | old | n/m | 1.50x |"]
+
+
 def test_report_deploy_table_shows_the_newest_commit_per_device_and_dtype():
     base = {"benchmark": "deploy", "model": "deit_small_patch16_224", "run": "aoti", "torch": "2", "triton": "3",
             "dtype": "float16", "date": "d", "device": "GPU", "cxx": "/usr/bin/g++ (13)", "ld_preload": ""}
