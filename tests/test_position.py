@@ -82,3 +82,58 @@ def test_rope_model_keeps_non_persistent_buffers_out_of_the_state_dict():
     model = timm.create_model("eva02_tiny_patch14_224", img_size=56, depth=2).eval()
     ats = ats_fx.transform(model, 0, ratio=0.5)
     assert sorted(ats.state_dict()) == sorted(model.state_dict())
+
+
+def _calls(gm, fn) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is fn)
+
+
+def test_rope_table_is_gathered_once_per_token_set_and_matches_the_reference():
+    """EVA's blocks chunk one RoPE table into sin and cos, for q and again for k: the rewrite
+    gathers the whole table once per token set and takes the same chunks of it (one gather a stage,
+    not four), and the logits still match the per-image float64 reference."""
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", img_size=56, depth=4).double().eval()
+    stages = {1: {"ratio": 0.6}, 2: {"ratio": 0.6}, 3: {"ratio": 0.6}}
+    ats = ats_fx.transform(model, "1-3", ratio=0.6, example_inputs=torch.randn(1, 3, 56, 56).double())
+    assert _calls(ats, ops.position_gather) == 2  # blocks 2 and 3 read token sets 1 and 2 (was 8)
+    x = torch.randn(3, 3, 56, 56, dtype=torch.float64)
+    with torch.no_grad():
+        want = torch.stack([eager.eva_forward(model, img, stages) for img in x])
+        torch.testing.assert_close(ats(x), want)
+
+
+def test_constant_parts_merge_only_when_cut_along_features(monkeypatch):
+    """A constant cut along its feature axis is gathered whole and cut again; one cut along the
+    token axis has other positions than the tokens and is gathered as it is. Either way the
+    outputs equal those of gathering every part on its own."""
+    from test_match import Attention, TinyViT
+
+    from ats_fx.passes import rewrite
+
+    class LateTables(TinyViT):
+        def __init__(self):
+            super().__init__(lambda i: Attention(32, 4, "sdpa"), depth=3)
+            n = (self.image_size // 4) ** 2 + 1
+            self.wide = torch.nn.Parameter(torch.randn(1, n, 64))  # cut along features
+            self.long = torch.nn.Parameter(torch.randn(1, n + 1, 32))  # cut along tokens
+
+        def forward(self, x):
+            x = self.tokens(x)
+            for blk in self.blocks:
+                x = (blk(x) + self.wide[..., :32]) * self.wide[..., 32:] + self.long[:, 1:]
+            return self.head(self.norm(x)[:, 0])
+
+    torch.manual_seed(0)
+    model = LateTables().double().eval()
+    example = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    ats = ats_fx.transform(model, "0-1", ratio=0.5, example_inputs=example)
+    gathered = [n.args[0].name for n in ats.graph.nodes if n.target is ops.position_gather]
+    # wide: once per token set (blocks 1 and 2 share set 2); long: each block's token-axis cut on its own
+    assert gathered.count("wide") == 2 and len(gathered) == 5 and "long" not in gathered, gathered
+    monkeypatch.setattr(rewrite, "feature_parts", lambda node: (node, []))
+    apart = ats_fx.transform(model, "0-1", ratio=0.5, example_inputs=example)
+    assert _calls(apart, ops.position_gather) == 9  # each block's three cuts, each alone
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ats(x), apart(x), rtol=0, atol=0)

@@ -1,6 +1,7 @@
 """Small graph queries on torch.fx graphs, answered with networkx."""
 from __future__ import annotations
 
+import operator
 from functools import cached_property
 from typing import Optional
 
@@ -109,3 +110,57 @@ def module_path(node: fx.Node) -> str:
 def describe(node: fx.Node) -> str:
     target = getattr(node.target, "__name__", str(node.target))
     return f"{target} (node {node.name!r} in {module_path(node)})"
+
+
+# Views that take part of a tensor along one axis, and the position of that axis among their
+# arguments (default 0). A getitem of a chunk or split, or a slice, is such a part.
+_PART_AXIS = {torch.ops.aten.chunk.default: 2, torch.ops.aten.split.Tensor: 2,
+              torch.ops.aten.split_with_sizes.default: 2, torch.ops.aten.tensor_split.sections: 2,
+              torch.ops.aten.tensor_split.indices: 2, torch.ops.aten.slice.Tensor: 1,
+              torch.ops.aten.narrow.default: 1}
+
+
+def _part_axis(node: fx.Node) -> Optional[int]:
+    """The axis a part-taking view of ``node`` cuts, counted from the end (-1: the last)."""
+    i = _PART_AXIS[node.target]
+    axis = node.args[i] if len(node.args) > i else node.kwargs.get("dim", 0)
+    shape = shape_of(node.args[0])
+    if not isinstance(axis, int) or shape is None:
+        return None
+    return axis - len(shape) if axis >= 0 else axis
+
+
+def feature_parts(node: fx.Node) -> tuple[fx.Node, list[tuple[fx.Node, Optional[int]]]]:
+    """``(root, parts)``: ``node`` is ``root`` with each of ``parts`` applied in turn. Each part is
+    a view node with its cut axis counted from the end, or a getitem with None. Empty parts: ``node``
+    is not such a part, or an axis is unknown."""
+    parts: list = []
+    while node.op == "call_function":
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+                and node.args[0].op == "call_function" and node.args[0].target in _PART_AXIS:
+            parts.append((node, None))
+            node = node.args[0]
+        elif node.target in _PART_AXIS:
+            axis = _part_axis(node)
+            if axis is None:
+                return node, []
+            parts.append((node, axis))
+            node = node.args[0]
+        else:
+            break
+    return node, parts[::-1]
+
+
+def replay_parts(graph: fx.Graph, parts: list[tuple[fx.Node, Optional[int]]], value: fx.Node) -> fx.Node:
+    """``feature_parts``' views taken again of ``value``, which may have more leading axes (each
+    axis is counted from the end). Inserts at the graph's insertion point."""
+    for node, axis in parts:
+        args, kwargs = [value, *node.args[1:]], dict(node.kwargs)
+        if axis is not None:
+            i = _PART_AXIS[node.target]
+            if len(args) > i:
+                args[i] = axis
+            else:
+                kwargs["dim"] = axis
+        value = graph.call_function(node.target, tuple(args), kwargs)
+    return value

@@ -23,7 +23,7 @@ import torch.fx as fx
 from .. import ops
 from ..config import ATSOptions, StageOptions
 from ..errors import ATSUnsupportedModel
-from .graph import BATCH_PROBE, DataFlow, batch_dim, concrete_shape, describe
+from .graph import BATCH_PROBE, DataFlow, batch_dim, concrete_shape, describe, feature_parts, replay_parts
 from .match import PASS_THROUGH, AttentionSite, unmatched_softmaxes
 from .tokens import Label, TokenAxis, map_reshape, norm_dim
 
@@ -485,23 +485,47 @@ class TokenWalk:
 
     def _gather_constant(self, node: fx.Node, a: fx.Node, top: TokenAxis, dim: int, out_nd: int) -> fx.Node:
         """A per-position constant meeting sampled tokens (RoPE sin/cos, a position embedding
-        added late): gather it with the kept tokens' original positions."""
+        added late): gather it with the kept tokens' original positions.
+
+        Where ``a`` is a part of a larger constant along a feature axis (EVA's RoPE table, chunked
+        into sin and cos for q and again for k in every block), the whole constant is gathered
+        once per token set and the same parts are taken of it: one gather a stage instead of four."""
+        root, parts = feature_parts(a)
+        # Every cut must lie right of the token and batch axes (counted from the end, as the
+        # gathered constant has the batch in front).
         shape = concrete_shape(a)
-        pos = dim - (out_nd - len(shape))
-        tokens = concrete_shape(node)[dim]
-        bdim = batch_dim(node)
-        problem = None
-        if self.flow.depends_on_input(a):
-            problem = "comes from the input by a path ats_fx lost track of"
-        elif shape[pos] != tokens or not (top.outer == 1 and top.inner == 1):
-            problem = "does not line up one entry per token"
-        elif bdim is None or (bdim - (out_nd - len(shape)) >= 0 and shape[bdim - (out_nd - len(shape))] != 1):
-            problem = "has no batch axis of size 1 to gather into"
+        edge = max(dim, batch_dim(node) if batch_dim(node) is not None else -1) - out_nd
+        if parts and all(axis is None or axis > edge for _, axis in parts) \
+                and concrete_shape(root) is not None and len(concrete_shape(root)) == len(shape) \
+                and not self._gather_problem(node, root, top, dim, out_nd):
+            value = self._gather_whole(node, root, top, dim, out_nd)
+            with self.graph.inserting_before(node):
+                return replay_parts(self.graph, parts, value)
+        problem = self._gather_problem(node, a, top, dim, out_nd)
         if problem:
             raise Unsupported(
                 f"adds or multiplies a tensor ({a.name}) with one entry per token position that {problem}; "
                 "ats_fx cannot keep it aligned with the sampled tokens"
             )
+        return self._gather_whole(node, a, top, dim, out_nd)
+
+    def _gather_problem(self, node: fx.Node, a: fx.Node, top: TokenAxis, dim: int, out_nd: int) -> Optional[str]:
+        """Why the constant ``a`` cannot be gathered with the tokens of ``node``'s axis ``dim``."""
+        shape = concrete_shape(a)
+        pos = dim - (out_nd - len(shape))
+        tokens = concrete_shape(node)[dim]
+        bdim = batch_dim(node)
+        if self.flow.depends_on_input(a):
+            return "comes from the input by a path ats_fx lost track of"
+        if shape[pos] != tokens or not (top.outer == 1 and top.inner == 1):
+            return "does not line up one entry per token"
+        if bdim is None or (bdim - (out_nd - len(shape)) >= 0 and shape[bdim - (out_nd - len(shape))] != 1):
+            return "has no batch axis of size 1 to gather into"
+        return None
+
+    def _gather_whole(self, node: fx.Node, a: fx.Node, top: TokenAxis, dim: int, out_nd: int) -> fx.Node:
+        """``position_gather`` of ``a``, one node per (constant, token set, layout)."""
+        bdim = batch_dim(node)
         key = (a, top.version, top.start, bdim, dim, out_nd)
         if key not in self.gathers:
             with self.graph.inserting_before(node):
