@@ -351,8 +351,9 @@ def test_switched_sets_ats_fx_choices_around_each_call_and_restores_them():
     from ats_fx import overlap
 
     seen.clear()
-    variants.Switched(lambda x: seen.append(overlap.JOIN_AFTER_PROJECTION), {"late_join": "on"})(torch.zeros(1))
-    assert seen == [True] and overlap.JOIN_AFTER_PROJECTION is False
+    default = overlap.JOIN_AFTER_PROJECTION
+    variants.Switched(lambda x: seen.append(overlap.JOIN_AFTER_PROJECTION), {"late_join": "off"})(torch.zeros(1))
+    assert seen == [False] and overlap.JOIN_AFTER_PROJECTION is default is True
 
 
 def test_speed_times_each_variant_as_its_own_configuration(tmp_path):
