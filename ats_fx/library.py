@@ -192,9 +192,10 @@ def overlapped_stage_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tens
                         ratio: Optional[float], k_tokens: Optional[int], score: str,
                         width: int, gather: bool = True, bias: Optional[Tensor] = None,
                         positions: Optional[Tensor] = None, proj_weight: Optional[Tensor] = None,
-                        proj_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        proj_bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """A static-width stage with the sampling beside the attention (``overlap.py``): ``(out, index,
-    mask, kept, budget)``, the outputs of ``sample_tokens`` then ``attention_rows``; forward only.
+    mask, kept, budget, new_positions)``, the outputs of ``sample_tokens`` then ``attention_rows``,
+    and the kept rows' original positions (-1 for padding); forward only.
     With ``gather=False`` ``out`` holds every query row (B, H, T, dh), not the kept ones; with
     ``proj_weight`` too, every row through the output projection (B, T, out features)."""
     return _overlapped_direct(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, gather, bias,
@@ -211,7 +212,7 @@ def _overlapped_stage_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens
         out = q.new_empty((q.shape[0], rows, proj_weight.shape[0]))
     else:
         out = q.new_empty((q.shape[0], rows, q.shape[1], v.shape[-1])).transpose(1, 2)
-    return out, index, mask, kept, budget
+    return out, index, mask, kept, budget, torch.empty_like(index)
 
 
 def overlapped_stage(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
@@ -219,7 +220,7 @@ def overlapped_stage(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
                      gather: bool = True, bias: Optional[Tensor] = None, positions: Optional[Tensor] = None,
                      proj_weight: Optional[Tensor] = None, proj_bias: Optional[Tensor] = None) -> tuple:
     """``ats_fx::overlapped_stage`` (the registered op when tracing, else a direct call):
-    ``(out, index, mask, kept, budget)``; ``gather=False``: ``out`` is every row's attention, or
+    ``(out, index, mask, kept, budget, new_positions)``; ``gather=False``: ``out`` is every row's attention, or
     with ``proj_weight`` (and ``proj_bias``) every row projected. ``bias``, ``positions``: a
     position bias table read inside the kernels (``attention``)."""
     bias, proj_weight, proj_bias = (None if t is None else t.detach() for t in (bias, proj_weight, proj_bias))
@@ -233,8 +234,8 @@ def overlapped_stage(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
 def _overlapped_direct(*args) -> tuple:
     *args, proj_weight, proj_bias = args
     proj = None if proj_weight is None else (proj_weight, proj_bias)
-    out, index, mask, kept, budget = overlap.overlapped_stage_attention(*args, proj=proj)
-    return out, index, mask.view(torch.bool), kept, budget
+    out, index, mask, kept, budget, positions = overlap.overlapped_stage_attention(*args, proj=proj)
+    return out, index, mask.view(torch.bool), kept, budget, positions
 
 
 def _attention_rows_flops(q_shape, k_shape, v_shape, index_shape, mask_shape, scale, bias_shape=None,

@@ -112,7 +112,7 @@ class ATSStage(nn.Module):
         elif path == "overlapped":
             # A small static batch: sampling on a side stream beside every row's attention.
             inside = self.defer_gather and proj_weight is not None  # project every row, beside the sampling
-            out, index, mask, kept, budget = library.overlapped_stage(
+            out, index, mask, kept, budget, new_positions = library.overlapped_stage(
                 q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width,
                 not self.defer_gather, bias, positions, proj_weight if inside else None, proj_bias if inside else None)
             padded = None
@@ -132,9 +132,10 @@ class ATSStage(nn.Module):
             out = library.attention(q, k, v, index, key_mask, self.scale, dropout_p, self.kernels, bias, positions)
         if proj_weight is not None:
             out = project_rows(out, proj_weight, proj_bias)
-        # Original positions of the kept rows; at the first stage the rows' positions are the index.
-        source = index if positions is None else positions.gather(1, index)
-        new_positions = source if padded is False else torch.where(mask, source, -1)
+        if path != "overlapped":  # the overlapped stage's sampling kernel wrote them
+            # Original positions of the kept rows; at the first stage the rows' positions are the index.
+            source = index if positions is None else positions.gather(1, index)
+            new_positions = source if padded is False else torch.where(mask, source, -1)
         if not tracing:  # the trace API is eager-only: a compiled graph keeps no Python state
             self.last = StageTrace(
                 self.layer, self.module_name, new_positions.detach(), kept.detach(), budget.detach(),

@@ -51,9 +51,10 @@ def overlapped_stage_attention(
     ratio: Optional[float], k_tokens: Optional[int], score: str, width: int, gather: bool = True,
     bias: Optional[Tensor] = None, positions: Optional[Tensor] = None,
     proj: Optional[tuple[Tensor, Optional[Tensor]]] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(out, index, mask, kept, budget)`` of a static-width stage (``width`` = K + p), as
-    ``sample_tokens`` followed by ``attention_rows``, with the sampling on a side stream. With
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(out, index, mask, kept, budget, new_positions)`` of a static-width stage (``width`` = K + p),
+    as ``sample_tokens`` followed by ``attention_rows``, with the sampling on a side stream;
+    ``new_positions`` (B, width) are the kept rows' original positions, -1 for padding. With
     ``gather=False`` ``out`` is every row's attention (B, H, T, dh), for a graph that gathers the
     kept rows after the output projection instead (``passes/defer.py``); with ``proj`` (weight,
     bias), every row projected, (B, T, out features). ``bias``, ``positions``: a position bias table
@@ -75,8 +76,9 @@ def overlapped_stage_attention(
         side.wait_stream(main)
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         head_scores(q, k, v, key_mask, scale, score, out=heads, bias=bias, positions=positions)
-        index, mask, kept, budget, _, _ = sample_with_budget(heads, key_mask, num_prefix, ratio, k_tokens, width,
-                                                             None, stats=False, out=buffers)
+        sample_with_budget(heads, key_mask, num_prefix, ratio, k_tokens, width, None, stats=False, out=buffers,
+                           positions=positions)
+    index, mask, kept, budget, _, new_positions = buffers
     full = launch_attention(q, k, v, None, key_mask, scale, T, bias=bias, positions=positions)
     if side is not None and (proj is None or not JOIN_AFTER_PROJECTION):
         main.wait_stream(side)
@@ -85,7 +87,7 @@ def overlapped_stage_attention(
         full = project_rows(full, *proj)
     if side is not None:
         main.wait_stream(side)
-    return (gather_rows(full, index) if gather else full), index, mask, kept, budget
+    return (gather_rows(full, index) if gather else full), index, mask, kept, budget, new_positions
 
 
 def project_rows(out: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:

@@ -38,11 +38,18 @@ def test_overlapped_stage_equals_sequential_kernels(masked, prefix, ratio, k):
     mask = padding_mask(B, T) if masked else None
     scale = D**-0.5
     width = reference.static_budget(T, prefix, ratio, k) + prefix
-    out, index, kept_mask, kept, budget = library.overlapped_stage(q, k_, v, mask, prefix, scale, ratio, k,
-                                                                   "attn_vnorm", width)
+    # The input token set's original positions (-1 at padding), as a later stage receives them.
+    given = torch.randperm(3 * T, generator=torch.Generator().manual_seed(1))[:B * T].reshape(B, T).to(DEVICE)
+    given = given if mask is None else torch.where(mask, given, -1)
+    out, index, kept_mask, kept, budget, positions = library.overlapped_stage(
+        q, k_, v, mask, prefix, scale, ratio, k, "attn_vnorm", width, positions=given)
     heads = head_scores(q, k_, v, mask, scale)
     i2, m2, k2, b2, _, _ = sample_with_budget(heads, mask, prefix, ratio, k, width, None, stats=False)
     assert torch.equal(index, i2) and torch.equal(kept_mask, m2) and torch.equal(kept, k2) and torch.equal(budget, b2)
+    # The sampling kernel writes the kept rows' original positions, as the stage's gather and where did.
+    assert torch.equal(positions, torch.where(kept_mask, given.gather(1, index), -1))
+    first = library.overlapped_stage(q, k_, v, mask, prefix, scale, ratio, k, "attn_vnorm", width)[5]
+    assert torch.equal(first, torch.where(kept_mask, index, -1))
     assert kept_mask.dtype == torch.bool and out.shape == (B, H, width, D)
     torch.testing.assert_close(out, launch_attention(q, k_, v, i2, mask, scale, width), atol=1e-5, rtol=1e-5)
     # and the paper's math in float64 at the kept rows (padding rows are masked downstream)

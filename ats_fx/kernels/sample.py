@@ -5,7 +5,8 @@ quantile u_i = (2i-1)/2K land in (C[j-1], C[j]]?" — which is exactly "is j the
 reaches u_i" — so the K searches and the de-duplication become one vectorised test. The kept
 tokens (prefix first, then ascending positions) are compacted with a prefix sum: kept token j
 goes to slot cumsum(keep)[j] - 1 and every dropped token to a slot after all kept ones, a
-permutation, so no slot is written twice and none needs a separate fill.
+permutation, so no slot is written twice and none needs a separate fill. Given buffers for them
+(``empty_outputs``, the overlapped stage), it also writes each slot's original position.
 
 Reference: ``reference.inverse_transform_sample``.
 """
@@ -32,10 +33,11 @@ def _quantile(i, K):
 
 @triton.jit
 def _sample_kernel(
-    S, VN, BUDGET, MASK, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS,
-    smb, smt,
+    S, VN, BUDGET, MASK, INDEX, OUT_MASK, KEPT, BAD, STATS, RATIO_BITS, POS, OUT_POS,
+    smb, smt, spb, spt,
     T, W, H, num_prefix, k_fixed, min_tokens,
     HAS_MASK: tl.constexpr, BUDGET_GIVEN: tl.constexpr, HAS_STATS: tl.constexpr, FROM_HEADS: tl.constexpr,
+    WRITE_POS: tl.constexpr, HAS_POS: tl.constexpr,
     PDL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     wait_for_previous_kernel(PDL)
@@ -86,6 +88,14 @@ def _sample_kernel(
     store = inside & (slot < W)
     tl.store(INDEX + b * W + slot, tl.where(keep, t, 0).to(tl.int64), mask=store)
     tl.store(OUT_MASK + b * W + slot, keep.to(tl.int8), mask=store)
+    if WRITE_POS:
+        # Each slot's original position (-1 for padding): the input token set's positions POS
+        # (B, T), or the tokens' own indices at the first stage. Saves the caller a gather and a
+        # where per stage.
+        source = t.to(tl.int64)
+        if HAS_POS:
+            source = tl.load(POS + b * spb + t * spt, mask=inside, other=-1).to(tl.int64)
+        tl.store(OUT_POS + b * W + slot, tl.where(keep, source, -1), mask=store)
     tl.store(KEPT + b, (total - num_prefix).to(tl.int64))
     if HAS_STATS:
         # Batch width and "any image fell back to uniform scores", for one host read per stage.
@@ -128,6 +138,7 @@ def sample_with_budget(
     bad: Optional[torch.Tensor],
     stats: bool = True,
     out: Optional[tuple] = None,
+    positions: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """The library's path: K computed in the kernel. ``scores`` are normalised (B, T) with their
     fallback flags ``bad``, or the per-head logits and value norms (2, B, H, T) of
@@ -136,16 +147,19 @@ def sample_with_budget(
     Returns ``(index, mask, kept, budget, stats, bad)``; ``stats`` = [max_b K'_b + p, any(bad),
     -min_b K'_b - p] (int32, on the device; None unless asked for): one host read gives the
     batch width, the NaN check and whether any image is padded. ``out``: the buffers
-    ``empty_outputs`` made, for a caller that allocates on one stream and launches on another."""
-    return _launch(scores, key_mask, num_prefix, width, ratio=ratio, k=k, bad=bad, want_stats=stats, out=out)
+    ``empty_outputs`` made, for a caller that allocates on one stream and launches on another; the
+    kernel then also writes their last, each slot's original position (-1 for padding), read from
+    ``positions`` (B, T), the input tokens' own (None: the tokens' indices)."""
+    return _launch(scores, key_mask, num_prefix, width, ratio=ratio, k=k, bad=bad, want_stats=stats, out=out,
+                   positions=positions)
 
 
 def empty_outputs(B: int, T: int, W: int, device: torch.device) -> tuple:
-    """Uninitialised ``(index, mask, kept, budget, bad)`` for ``sample_with_budget(out=...)`` on
-    per-head logits (``bad`` is written by the kernel)."""
+    """Uninitialised ``(index, mask, kept, budget, bad, positions)`` for ``sample_with_budget(out=...)``
+    on per-head logits (``bad`` and ``positions`` are written by the kernel)."""
     return (torch.empty(B, W, device=device, dtype=torch.int64), torch.empty(B, W, device=device, dtype=torch.int8),
             torch.empty(B, device=device, dtype=torch.int64), torch.empty(B, device=device, dtype=torch.int64),
-            torch.empty(B, device=device, dtype=torch.int8))
+            torch.empty(B, device=device, dtype=torch.int8), torch.empty(B, W, device=device, dtype=torch.int64))
 
 
 # Warps per program (one program per image); None: 4 up to 256 tokens, else 8. 4 was the fastest
@@ -163,7 +177,7 @@ def _float64_bits(x: float) -> int:
 
 
 def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None, bad=None, want_stats=False,
-            out=None, traceable=False):
+            out=None, traceable=False, positions=None):
     if isinstance(scores, tuple):  # logits and value norms in two (B, H, T) tensors
         scores, vnorms = scores
         scores = scores[None]  # (1, B, H, T): the shapes below read as for the stacked pair
@@ -177,9 +191,11 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
     device = scores.device
     # Every slot below min(W, T) is written (the slots are a permutation of the tokens).
     given = budget is not None
+    out_pos = None
+    assert positions is None or out is not None, "positions are written into the caller's buffers only"
     if out is not None:  # the caller's buffers (empty_outputs), for per-head logits and no budget
         assert from_heads and not given and W <= T
-        index, out_mask, kept, budget, bad = out
+        index, out_mask, kept, budget, bad, out_pos = out
     else:
         index = torch.empty(B, W, device=device, dtype=torch.int64)
         out_mask = torch.empty(B, W, device=device, dtype=torch.int8)
@@ -201,9 +217,12 @@ def _launch(scores, key_mask, num_prefix, width, budget=None, ratio=None, k=None
         scores, vnorms if vnorms is not None else scores[1] if from_heads else scores, budget, mask, index, out_mask,
         kept,
         bad if bad is not None else kept, stats if stats is not None else kept, _float64_bits(ratio or 0.0),
+        positions if positions is not None else kept, out_pos if out_pos is not None else kept,
         mask.stride(0), mask.stride(-1),
+        positions.stride(0) if positions is not None else 0, positions.stride(-1) if positions is not None else 0,
         T, W, H, num_prefix, -1 if k is None else int(k), MIN_TOKENS,
         HAS_MASK=key_mask is not None, BUDGET_GIVEN=given, HAS_STATS=stats is not None, FROM_HEADS=from_heads,
+        WRITE_POS=out_pos is not None, HAS_POS=positions is not None,
         PDL=pdl,
         BLOCK_T=triton.next_power_of_2(T), BLOCK_H=triton.next_power_of_2(H),
         num_warps=NUM_WARPS or (4 if T <= 256 else 8), **options, **launch_options(pdl),
