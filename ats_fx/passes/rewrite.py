@@ -491,13 +491,14 @@ class TokenWalk:
         into sin and cos for q and again for k in every block), the whole constant is gathered
         once per token set and the same parts are taken of it: one gather a stage instead of four."""
         root, parts = feature_parts(a)
-        # Every cut must lie right of the token and batch axes (counted from the end, as the
-        # gathered constant has the batch in front).
-        shape = concrete_shape(a)
-        edge = max(dim, batch_dim(node) if batch_dim(node) is not None else -1) - out_nd
-        if parts and all(axis is None or axis > edge for _, axis in parts) \
-                and concrete_shape(root) is not None and len(concrete_shape(root)) == len(shape) \
-                and not self._gather_problem(node, root, top, dim, out_nd):
+        # Every cut must lie right of the token and batch axes, counted from the end: the gathered
+        # constant has the batch and the tokens where the output has them, and the cut axes last.
+        bdim = batch_dim(node)
+        edge = max(dim, -1 if bdim is None else bdim) - out_nd
+        root_shape = concrete_shape(root)
+        if (parts and all(axis is None or axis > edge for _, axis in parts)
+                and root_shape is not None and len(root_shape) == len(concrete_shape(a))
+                and not self._gather_problem(node, root, top, dim, out_nd)):
             value = self._gather_whole(node, root, top, dim, out_nd)
             with self.graph.inserting_before(node):
                 return replay_parts(self.graph, parts, value)
