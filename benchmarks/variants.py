@@ -33,7 +33,7 @@ SWITCHES = {
     "overlap": ("ats_fx.dispatch", "OVERLAP", {"auto": "auto", "on": "on", "off": "off"}),
     "pdl": ("ats_fx.kernels.pdl", "ENABLED", {"on": True, "off": False}),
     "unmasked": ("ats_fx.dispatch", "UNMASKED", {"on": True, "off": False}),  # overlap the first stage too
-    # the overlapped stage's streams join after the output projection (on) or before it (off, the default)
+    # the overlapped stage's streams join after the output projection (on, the default) or before it (off)
     "late_join": ("ats_fx.overlap", "JOIN_AFTER_PROJECTION", {"on": True, "off": False}),
 }
 
