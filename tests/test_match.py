@@ -245,8 +245,7 @@ def test_attention_pooling_head_attends_over_the_kept_tokens():
 
 
 def test_softmax_over_channels_is_not_token_attention():
-    make = lambda i: ChannelAttention(32, 4) if i == 1 else Attention(32, 4, "mul_q")
-    model = TinyViT(make).eval()
+    model = TinyViT(lambda i: ChannelAttention(32, 4) if i == 1 else Attention(32, 4, "mul_q")).eval()
     _, analysis, _ = analyse(model)
     assert len(analysis.sites) == 3  # syntactically three softmax(QKᵀ)V ...
     assert [s.module for s in analysis.token_sites] == ["blocks.0.attn", "blocks.2.attn"]  # ... two over tokens
@@ -260,8 +259,7 @@ def test_softmax_over_channels_is_not_token_attention():
 
 
 def test_unmatched_attention_after_ats_is_refused_naming_the_layer():
-    make = lambda i: EinsumAttention(32, 4, "sdpa") if i == 2 else Attention(32, 4, "sdpa")
-    model = TinyViT(make).eval()
+    model = TinyViT(lambda i: EinsumAttention(32, 4, "sdpa") if i == 2 else Attention(32, 4, "sdpa")).eval()
     with pytest.raises(ats_fx.ATSUnsupportedModel, match=r"blocks\.2\.attn"):
         ats_fx.transform(model, 0, k=4)
 
