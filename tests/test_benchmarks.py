@@ -96,6 +96,31 @@ def test_report_keeps_each_cells_newest_commit_on_its_own_row():
     assert lines == ["| DeiT-S | eager | new | 1.20x | n/m |", "| DeiT-S | eager | old | n/m | 1.50x |"]
 
 
+def test_report_leaves_out_rows_from_before_their_run_changed():
+    # compile:default before b09dcb9 timed the backend without CUDA graphs: a newer row of another
+    # batch must not leave the old cells in the table as if they were today's.
+    base = {"benchmark": "speed", "model": "deit_small_patch16_224", "config": "multi rho=0.87", "torch": "2",
+            "triton": "3", "dtype": "float16", "date": "d", "device": "GPU", "metric": "speedup"}
+    rows = [{**base, "run": "compile:default", "batch": 8, "value": 0.4, "commit": "before"},
+            {**base, "run": "compile:default", "batch": 1, "value": 5.0, "commit": "after"},
+            {**base, "run": "eager", "batch": 8, "value": 1.3, "commit": "before"}]
+    order = {("b09dcb9", "before"): False, ("b09dcb9", "after"): True}
+    text = report.speed_table(rows, "GPU", configs=("multi rho=0.87",), ancestor=lambda a, b: order[(a, b)])
+    lines = [line for line in text.splitlines() if line.startswith("| DeiT-S")]
+    assert lines == ["| DeiT-S | compile:default | after | 5.00x | n/m |", "| DeiT-S | eager | before | n/m | 1.30x |"]
+    assert "Not shown: compile:default rows from before commit b09dcb9" in text
+    # Where git cannot place a commit the row stays, and nothing is said.
+    kept = report.speed_table(rows, "GPU", configs=("multi rho=0.87",), ancestor=lambda a, b: None)
+    assert "0.40x" in kept and "Not shown" not in kept
+
+
+def test_report_places_commits_with_git():
+    if report.is_ancestor("b09dcb9", "c20ad78") is None:
+        pytest.skip("this checkout holds no history back to b09dcb9 (a shallow clone)")
+    assert report.is_ancestor("b09dcb9", "c20ad78") is True and report.is_ancestor("c20ad78", "b09dcb9") is False
+    assert report.is_ancestor("b09dcb9", "0000000") is None  # a commit git does not hold
+
+
 def test_report_deploy_table_shows_the_newest_commit_per_device_and_dtype():
     base = {"benchmark": "deploy", "model": "deit_small_patch16_224", "run": "aoti", "torch": "2", "triton": "3",
             "dtype": "float16", "date": "d", "device": "GPU", "cxx": "/usr/bin/g++ (13)", "ld_preload": ""}
