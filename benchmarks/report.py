@@ -86,8 +86,9 @@ def speed_table(rows: list[dict], device: str, configs: tuple[str, ...] = ("mult
                 ancestor: Callable[[str, str], Optional[bool]] = is_ancestor) -> str:
     """Markdown for one device: one row per (model, run) and commit of its newest cells, one column
     per (config, batch). Rows from before their run changed (``CHANGED``) are left out, and said so."""
-    dropped = {r["run"] for r in rows if r["benchmark"] == "speed" and r["device"] == device and superseded(r, ancestor)}
-    rows = [r for r in rows if not superseded(r, ancestor)]
+    old = [superseded(r, ancestor) for r in rows]
+    dropped = {r["run"] for r, o in zip(rows, old) if o and r["benchmark"] == "speed" and r["device"] == device}
+    rows = [r for r, o in zip(rows, old) if not o]
     cells = {k[1:]: v for k, v in newest(rows).items() if k[0] == device}
     # FLOPs are counted, not timed: the newest ratio holds for every device.
     flops = {(r["model"], r["config"]): r["value"] for r in rows
