@@ -34,7 +34,8 @@ def fresh_dynamo():
 
 
 @pytest.mark.parametrize("padding", ["batch_max", "static"])
-@pytest.mark.parametrize("name", CASES)
+# One model also through Inductor's vectorized C++ (conftest.scalar_inductor says why only one).
+@pytest.mark.parametrize("name", [pytest.param(CASES[0], marks=pytest.mark.vectorized), *CASES[1:]])
 def test_compiled_equals_eager_transform(name, padding):
     factory, _, chw = MODELS[name]
     model = factory()
