@@ -34,7 +34,7 @@ def fresh_dynamo():
 
 
 @pytest.mark.parametrize("padding", ["batch_max", "static"])
-# One model also through Inductor's vectorized C++ (conftest.scalar_inductor says why only one).
+# One model through Inductor's vectorized C++, the others scalar (conftest.scalar_inductor says why).
 @pytest.mark.parametrize("name", [pytest.param(CASES[0], marks=pytest.mark.vectorized), *CASES[1:]])
 def test_compiled_equals_eager_transform(name, padding):
     factory, _, chw = MODELS[name]
