@@ -30,6 +30,8 @@ def test_speed_appends_rows_with_environment_and_report_renders_them(tmp_path):
                 "--flops-images", "1", "--results", str(results), "--cudnn-benchmark", "off"])
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert {r["cudnn_benchmark"] for r in rows if r["batch"] > 0} == {False}  # torch's default, as asked
+    timed = [r for r in rows if r["metric"] in ("img_s", "speedup")]
+    assert timed and {(r["rounds"], r["budget_ms"]) for r in timed} == {(2, 5.0)}  # how each cell was timed
     metrics = {r["metric"] for r in rows}
     assert {"img_s", "speedup", "speedup_min", "speedup_max", "flops_ratio"} <= metrics
     for r in rows:
