@@ -421,24 +421,28 @@ def test_every_compiled_configuration_stays_compiled_at_a_second_batch(monkeypat
     # the last two configurations ran the frame uncompiled, the dense model, at batch 2.
     from ats_fx import library
 
+    # The limits the benchmark raises are restored after the test by Dynamo's own config.patch: pytest's
+    # monkeypatch (9.2) reads the old value from the module's __dict__, where a torch config module
+    # keeps none, so its undo deleted the entry and every later compile in the process failed
+    # ("torch._dynamo.config.recompile_limit does not exist").
     config = torch._dynamo.config
-    for name in ("recompile_limit", "fail_on_recompile_limit_hit"):  # restored after the test
-        if hasattr(config, name):
-            monkeypatch.setattr(config, name, getattr(config, name))
-    calls = []
-    for name in ("_sample", "_sample_scores"):
-        monkeypatch.setattr(library, name, lambda *a, real=getattr(library, name), **k: calls.append(1) or real(*a, **k))
-    # The ATS rewrite with Dynamo's eager backend behind it: what runs is what the benchmark compiles.
-    monkeypatch.setattr(speed, "point_kwargs", lambda label, real=speed.point_kwargs: {**real(label), "backend": "eager"})
-    base = harness.build_timm("vit_tiny_patch16_224", img_size=32)
-    labels = ["single K=48", "single K=48 overlap=off", "single K=48 pdl=off", "single K=48 unmasked=off"]
-    models = speed.callers(speed.compiled_models(base, labels, "default", torch.device("cpu"), torch.float32))
-    ran = {}
-    for batch in (1, 2):  # as the benchmark calls them: every model at one batch, then the next
-        x = torch.randn(batch, 3, 32, 32)
-        for label in labels:
-            calls.clear()
-            with torch.no_grad():
-                models[label](x)
-            ran[label, batch] = bool(calls)
-    assert all(ran.values()), ran
+    limits = {name: getattr(config, name) for name in ("recompile_limit", "fail_on_recompile_limit_hit")
+              if hasattr(config, name)}
+    with config.patch(limits):
+        calls = []
+        for name in ("_sample", "_sample_scores"):
+            monkeypatch.setattr(library, name, lambda *a, real=getattr(library, name), **k: calls.append(1) or real(*a, **k))
+        # The ATS rewrite with Dynamo's eager backend behind it: what runs is what the benchmark compiles.
+        monkeypatch.setattr(speed, "point_kwargs", lambda label, real=speed.point_kwargs: {**real(label), "backend": "eager"})
+        base = harness.build_timm("vit_tiny_patch16_224", img_size=32)
+        labels = ["single K=48", "single K=48 overlap=off", "single K=48 pdl=off", "single K=48 unmasked=off"]
+        models = speed.callers(speed.compiled_models(base, labels, "default", torch.device("cpu"), torch.float32))
+        ran = {}
+        for batch in (1, 2):  # as the benchmark calls them: every model at one batch, then the next
+            x = torch.randn(batch, 3, 32, 32)
+            for label in labels:
+                calls.clear()
+                with torch.no_grad():
+                    models[label](x)
+                ran[label, batch] = bool(calls)
+        assert all(ran.values()), ran
