@@ -209,8 +209,8 @@ def measure_run(name: str, base, run: str, configs: list[str], batches: list[int
         ups = harness.speedups(times, DENSE)
         vs_eager = harness.speedups(times, "eager dense") if eager_dense is not None else {}
         vs_graphed = harness.speedups(times, GRAPHED_DENSE) if graphed_dense is not None else {}
-        # How the cell was timed goes with it: a batch-256 cell's rounds spread by up to 16%, so the
-        # number of rounds and the time per measurement say how far its median can be trusted.
+        # How the cell was timed goes with it: at 200 ms a measurement a batch-256 cell's rounds spread
+        # by up to 16%, so the number of rounds and the time per measurement say how far its median goes.
         cell = {"benchmark": "speed", "model": name, "run": run, "batch": batch, "dtype": args.dtype,
                 "cudnn_benchmark": torch.backends.cudnn.benchmark, "rounds": args.rounds,
                 "budget_ms": args.budget_ms}
