@@ -7,7 +7,8 @@ A results row is one measured number, in long format::
      "run": "compile:reduce-overhead", "batch": 256, "config": "multi rho=0.87", "dtype": "float16",
      "device": "NVIDIA H200", "torch": "2.11.0", "triton": "3.6.0", "commit": "...", "date": "..."}
 
-``benchmarks/report.py`` turns the newest row of each cell into the README's tables.
+``benchmarks/report.py`` turns the newest row of each cell into the README's summary and
+benchmarks/results/speed.md.
 """
 from __future__ import annotations
 

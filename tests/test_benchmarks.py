@@ -150,6 +150,55 @@ def test_report_deploy_table_shows_the_newest_commit_per_device_and_dtype():
     assert report.deploy_table([r for r in rows if r["benchmark"] == "speed"]) == ""
 
 
+def test_report_summary_shows_each_cells_newest_value_for_the_runs_users_make():
+    base = {"benchmark": "speed", "model": "vit_base_patch16_224", "config": "multi rho=0.87", "torch": "2",
+            "triton": "3", "dtype": "float16", "device": "GPU", "metric": "speedup", "cudnn_benchmark": False}
+    rows = [{**base, "run": "eager", "batch": 1, "value": 1.1, "commit": "old", "date": "d1"},
+            {**base, "run": "eager", "batch": 256, "value": 1.5, "commit": "old", "date": "d1"},
+            {**base, "run": "eager", "batch": 1, "value": 1.2, "commit": "new", "date": "d2"},
+            {**base, "run": "eager:no-graphs", "batch": 1, "value": 0.4, "commit": "new", "date": "d2"},
+            {**base, "run": "compile:default", "batch": 256, "value": 1.6, "commit": "new", "date": "d2"},
+            {**base, "run": "eager", "batch": 1, "value": 1.9, "commit": "new", "date": "d2",
+             "metric": "speedup_vs_graphed_dense"},
+            {**base, "model": "deit_small_patch16_224", "run": "eager", "batch": 1, "value": 1.3, "commit": "new",
+             "date": "d2", "cudnn_benchmark": True}]
+    text = report.summary_table(rows, "GPU", configs=("multi rho=0.87",), ancestor=lambda a, b: None)
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    assert lines[0] == "| model | run | rho=0.87 b1 | rho=0.87 b256 |"
+    # DeiT-S first, whatever the file's order; the newest value of each cell, across commits; only the
+    # runs users make (no-graphs and the graphed-dense baseline stay in the whole matrix).
+    assert lines[2:] == ["| DeiT-S | eager | 1.30x | - |", "| ViT-B/16 | eager | 1.20x | 1.50x |",
+                         "| ViT-B/16 | compile | - | 1.60x |"]
+    assert "GPU: torch 2, triton 3, float16; commits new, old (d1 to d2); cudnn.benchmark on at new, off at the others." in text
+    assert report.summary_table(rows, "CPU", configs=("multi rho=0.87",), ancestor=lambda a, b: None) == ""
+
+
+def test_report_readme_writes_the_summary_and_the_whole_matrix(tmp_path, monkeypatch):
+    readme, full, results = tmp_path / "README.md", tmp_path / "speed.md", tmp_path / "results.jsonl"
+    readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\n")
+    row = {"benchmark": "speed", "model": "deit_small_patch16_224", "config": "multi rho=0.87", "torch": "2",
+           "triton": "3", "dtype": "float16", "device": "GPU", "metric": "speedup", "run": "eager:no-graphs",
+           "batch": 1, "value": 0.42, "commit": "c", "date": "d"}
+    results.write_text(json.dumps(row) + "\n" + json.dumps({**row, "run": "eager", "value": 1.25}) + "\n")
+    monkeypatch.setattr(report, "README", readme)
+    monkeypatch.setattr(report, "FULL", full)
+    monkeypatch.setattr(report.rewrite_readme, "__defaults__", (readme,))
+    report.main(["--results", str(results), "--readme"])
+    assert "1.25x" in readme.read_text() and "0.42x" not in readme.read_text()
+    assert "| DeiT-S | eager:no-graphs | c | 0.42x |" in full.read_text() and "1.25x" in full.read_text()
+
+
+def test_readme_and_speed_md_are_what_the_results_file_generates():
+    # A result appended without `benchmarks.report --readme` would leave the README's tables stale.
+    if report.is_ancestor("b09dcb9", "c20ad78") is None:
+        pytest.skip("this checkout holds no history back to b09dcb9: the tables' left-out rows need it")
+    rows = harness.load(harness.RESULTS)
+    readme = report.README.read_text()
+    between = readme.split(report.BEGIN, 1)[1].split(report.END, 1)[0]
+    assert between == "\n" + report.summary_tables(rows) + "\n", "run python -m benchmarks.report --readme"
+    assert report.FULL.read_text() == report.full_text(rows), "run python -m benchmarks.report --readme"
+
+
 def test_report_rewrites_only_between_the_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{report.BEGIN}\nold\n{report.END}\noutro\n")
