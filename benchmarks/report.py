@@ -315,8 +315,9 @@ def full_text(rows: list[dict]) -> str:
             + "\n\n".join(part for part in (speed_tables(rows), deploy_table(rows)) if part) + "\n")
 
 
-def rewrite_readme(table: str, readme: Path = README) -> None:
-    """Replace what lies between the README's markers by ``table``."""
+def rewrite_readme(table: str, readme: Optional[Path] = None) -> None:
+    """Replace what lies between the markers of ``readme`` (default: the project's README) by ``table``."""
+    readme = readme or README
     text = readme.read_text()
     if BEGIN not in text or END not in text:
         raise SystemExit(f"{readme} has no {BEGIN!r} ... {END!r} markers")

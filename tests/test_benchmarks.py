@@ -182,7 +182,6 @@ def test_report_readme_writes_the_summary_and_the_whole_matrix(tmp_path, monkeyp
     results.write_text(json.dumps(row) + "\n" + json.dumps({**row, "run": "eager", "value": 1.25}) + "\n")
     monkeypatch.setattr(report, "README", readme)
     monkeypatch.setattr(report, "FULL", full)
-    monkeypatch.setattr(report.rewrite_readme, "__defaults__", (readme,))
     report.main(["--results", str(results), "--readme"])
     assert "1.25x" in readme.read_text() and "0.42x" not in readme.read_text()
     assert "| DeiT-S | eager:no-graphs | c | 0.42x |" in full.read_text() and "1.25x" in full.read_text()
