@@ -100,7 +100,7 @@ def test_report_keeps_each_cells_newest_commit_on_its_own_row():
 
 def test_report_leaves_out_rows_from_before_their_run_changed():
     # compile:default before b09dcb9 timed the backend without CUDA graphs: a newer row of another
-    # batch must not leave the old cells in the table as if they were today's.
+    # batch must not leave the old cells in the table as if they were current.
     base = {"benchmark": "speed", "model": "deit_small_patch16_224", "config": "multi rho=0.87", "torch": "2",
             "triton": "3", "dtype": "float16", "date": "d", "device": "GPU", "metric": "speedup"}
     rows = [{**base, "run": "compile:default", "batch": 8, "value": 0.4, "commit": "before"},
