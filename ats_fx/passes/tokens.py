@@ -3,8 +3,8 @@
 A forward walk labels every tensor derived from the token sequence with a ``TokenAxis``. The
 sequence starts at the ``cat`` that puts learned prefix tokens (class, distillation, registers)
 in front of the patch tokens. Each op has a rule for where the axis goes (a reshape may merge it
-with the batch, as torchvision's attention does, and split it again). The same rules drive the
-rewrite in passes/rewrite.py: a tensor whose token set is newer than the captured one is
+with the batch, as torchvision's attention does, and split it again; passes/rules.py). The same rules
+drive the rewrite in passes/rewrite.py: a tensor whose token set is newer than the captured one is
 "active", and its ops are patched to run on the smaller, padded set.
 """
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import torch
+import torch.fx as fx
 
 aten = torch.ops.aten
 
@@ -39,6 +40,22 @@ class TokenAxis:
 
 
 Label = Union[None, TokenAxis, tuple]
+
+
+class Unsupported(Exception):
+    """Raised by a rule; turned into ATSUnsupportedModel with the node's context."""
+
+
+@dataclass
+class TokenSet:
+    """A token set made by an ATS stage: rows of the previous set, padding mask, positions.
+    ``index`` is None for a set made by prepending tokens (``cat([cls, x])``, CaiT)."""
+
+    index: Optional[fx.Node]
+    mask: fx.Node
+    positions: fx.Node
+    layer: int
+    module: str
 
 
 def cumprod(shape) -> list[int]:
