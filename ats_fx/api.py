@@ -514,8 +514,8 @@ def count_flops(model: nn.Module, inputs: torch.Tensor, *, per_image: bool = Tru
     """
     batches = [inputs[i : i + 1] for i in range(inputs.shape[0])] if per_image else [inputs]
     out = []
-    # The sequential stages: an overlapped one may project every row (passes/defer.py), and the
-    # count is the method's, not that schedule's.
+    # The sequential stages: an overlapped one may project every row (passes/defer.py), the
+    # received-attention kernels compute the kept rows' logits twice; the count is the method's.
     with torch.no_grad(), _frozen(model), dispatch.sequential_stages():
         for x in batches:
             counter = _flop_counter()

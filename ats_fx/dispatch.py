@@ -2,10 +2,13 @@
 overlapped two-stream stage. Imports only ``errors`` (and ``kernels`` inside a function), so
 ``library``, ``overlap`` and ``ops`` can all ask it without importing each other.
 
-A stage takes one of four paths (``stage_path``):
+A stage takes one of five paths (``stage_path``):
 
 - ``"weights"``: the attention matrix is materialised and scored from its rows (talking heads,
-  CaiT; stages without a class token). PyTorch, with autograd.
+  CaiT; stages without a class token off the Triton path). PyTorch, with autograd.
+- ``"received"``: a stage without a class token on the Triton path: two kernels score each token by
+  the attention it receives without materialising the matrix (``kernels/received.py``), then the
+  kept rows are sampled and attended as on the sampled path.
 - ``"baseline"``: the paper's top-K / random baselines (eager ablations).
 - ``"overlapped"``: a small static batch at inference on CUDA: sampling on a side stream beside every
   row's attention (``overlap.py``).
@@ -45,6 +48,13 @@ UNMASKED = True
 # dense against batch_max's 0.92x at rho=0.87 (1.31x against 1.28x at K=108); at 64 and below the two
 # split by point, and both are host-bound there (docs/performance.md, "Padding").
 AUTO_STATIC_BATCH = 128
+
+# Stages without a class token on the Triton path score with kernels/received.py ("received") instead of
+# materialising the attention matrix ("weights"). Chosen on memory traffic, not yet timed on a GPU: at
+# batch 256 a ViT-B stage's matrix is 238 MB in fp16, which the PyTorch path writes and reads about ten
+# times (logits, softmax, the float32 copy, |A|, the mean, the kept rows), against two QKᵀ passes
+# that keep it in registers. The switch lets benchmarks time both (benchmarks/variants.py).
+RECEIVED = True
 
 _reference_only = 0  # > 0 inside ``reference_kernels()``
 _static_padding = 0  # > 0 inside ``static_padding()``: a CUDA graph capture (graphs.py)
@@ -129,14 +139,16 @@ def overlap_pays(q: Tensor) -> bool:
 
 @contextlib.contextmanager
 def sequential_stages() -> Iterator[None]:
-    """Every stage sequential inside the block (``ats_fx.count_flops``: an overlapped stage with a
-    deferred gather projects every row, and the count is the method's, not that schedule's)."""
-    global OVERLAP
-    saved, OVERLAP = OVERLAP, "off"
+    """Every stage sequential inside the block, and without a class token on the matrix it scores
+    (``ats_fx.count_flops``: the count is the method's, not a schedule's; an overlapped stage with a
+    deferred gather projects every row, the received-attention kernels compute the kept rows' logits
+    a second time)."""
+    global OVERLAP, RECEIVED
+    saved, OVERLAP, RECEIVED = (OVERLAP, RECEIVED), "off", False
     try:
         yield
     finally:
-        OVERLAP = saved
+        OVERLAP, RECEIVED = saved
 
 
 @contextlib.contextmanager
@@ -185,13 +197,18 @@ def padding_for(padding: str, q: Tensor, static_width: int) -> str:
 
 def stage_path(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *, class_token: bool, width: int,
                kernels: str, selection: str, dropout_p: float, bias: Optional[Tensor], mix: Optional[tuple]) -> str:
-    """The path of one stage call: ``"weights"``, ``"baseline"``, ``"overlapped"`` or ``"sampled"``
+    """The path of one stage call: ``"weights"``, ``"received"``, ``"baseline"``, ``"overlapped"`` or ``"sampled"``
     (see the module docstring). ``width`` is K + p for static padding, -1 for batch_max."""
-    if mix is not None or not class_token:
+    grads = needs_grad(q, k, v) or (bias is not None and needs_grad(bias))
+    if mix is not None:
+        return "weights"
+    if not class_token:
+        # The kernels have no backward and no dropout: training materialises the matrix.
+        if RECEIVED and selection == "ats" and dropout_p == 0.0 and not grads and use_triton(q, kernels):
+            return "received"
         return "weights"
     if selection != "ats":
         return "baseline"
-    grads = needs_grad(q, k, v) or (bias is not None and needs_grad(bias))
     if ((key_mask is not None or UNMASKED) and width >= 0 and dropout_p == 0.0 and use_triton(q, kernels)
             and not grads and overlap_pays(q)):
         return "overlapped"

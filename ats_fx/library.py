@@ -173,6 +173,41 @@ def _sample_scores_fake(scores, bad, key_mask, num_prefix, ratio, k_tokens, widt
                                strict, kernels)
 
 
+@torch.library.custom_op("ats_fx::received_scores", mutates_args=())
+def received_scores_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
+                       score: str, bias: Optional[Tensor] = None,
+                       positions: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """Scores (B, T) float32 and uniform-fallback flags (B,) int8 of a stage without a class token, from
+    the attention each token receives (``kernels/received.py``), with a position bias table read at
+    original positions; Triton only."""
+    from .kernels.received import received_scores
+
+    return received_scores(q, k, v, key_mask, num_prefix, scale, score, bias, positions)
+
+
+@received_scores_op.register_fake
+def _received_scores_fake(q, k, v, key_mask, num_prefix, scale, score, bias=None, positions=None):
+    return q.new_empty((q.shape[0], q.shape[2]), dtype=torch.float32), q.new_empty((q.shape[0],), dtype=torch.int8)
+
+
+def received_sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
+                    ratio: Optional[float], k_tokens: Optional[int], score: str, width: int, strict: bool,
+                    kernels: str, bias: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> tuple:
+    """Score and sample a stage without a class token on the Triton path: ``(index, mask, kept,
+    budget, padded)`` as ``sample``. Eager, the sampling kernel combines the heads itself (three
+    launches); traced, ``ats_fx::received_scores`` then ``ats_fx::sample_scores``. ``bias``,
+    ``positions``: a position bias table read at original positions (``attention``)."""
+    q, k, v = q.detach(), k.detach(), v.detach()
+    bias = None if bias is None else bias.detach()
+    if tracing(q):
+        scores, bad = torch.ops.ats_fx.received_scores(q, k, v, key_mask, num_prefix, scale, score, bias, positions)
+        return sample_from_scores(scores, bad, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels)
+    from .kernels.received import received_head_scores
+
+    heads = received_head_scores(q, k, v, key_mask, scale, score, bias, positions)
+    return _sample_scores(heads, None, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels)
+
+
 @torch.library.custom_op("ats_fx::attention_rows", mutates_args=())
 def attention_rows_op(q: Tensor, k: Tensor, v: Tensor, index: Optional[Tensor], key_mask: Optional[Tensor],
                       scale: float, bias: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
@@ -250,6 +285,15 @@ def _attention_rows_flops(q_shape, k_shape, v_shape, index_shape, mask_shape, sc
     return sdpa_flop_count((B, H, out_shape[2], D), k_shape, v_shape)
 
 
+def _received_scores_flops(q_shape, k_shape, v_shape, mask_shape, num_prefix, scale, score, bias_shape=None,
+                           positions_shape=None, *, out_shape, **kwargs) -> int:
+    """FlopCounterMode's count for ``ats_fx::received_scores``: one QKᵀ over every query row, what the
+    PyTorch path counts for the whole attention matrix. (The kernels compute it twice, once for each
+    row's normaliser and once for the column sums: the FLOPs ratio stays the method's.)"""
+    B, H, T, D = q_shape
+    return 2 * B * H * T * k_shape[2] * D
+
+
 def _overlapped_stage_flops(q_shape, k_shape, v_shape, mask_shape, num_prefix, scale, ratio, k_tokens, score, width,
                             gather=True, bias_shape=None, positions_shape=None, proj_weight_shape=None,
                             proj_bias_shape=None, *, out_shape, **kwargs) -> int:
@@ -271,6 +315,8 @@ def _register_flop_formula() -> None:
         flop_counter.register_flop_formula(torch.ops.ats_fx.attention_rows)(_attention_rows_flops)
     if torch.ops.ats_fx.overlapped_stage not in flop_counter.flop_registry:
         flop_counter.register_flop_formula(torch.ops.ats_fx.overlapped_stage)(_overlapped_stage_flops)
+    if torch.ops.ats_fx.received_scores not in flop_counter.flop_registry:
+        flop_counter.register_flop_formula(torch.ops.ats_fx.received_scores)(_received_scores_flops)
 
 
 _register_flop_formula()

@@ -125,6 +125,10 @@ class ATSStage(nn.Module):
                     q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
                     self.kernels, bias, positions,
                 )
+            elif path == "received":  # no class token, on the Triton path: A is never materialised
+                index, mask, kept, budget, padded = library.received_sample(
+                    q, k, v, key_mask, self.num_prefix, self.scale, self.ratio, self.k, self.score, width, strict,
+                    self.kernels, bias, positions)
             else:
                 index, mask, kept, budget, padded = self._reference_select(
                     q, k, v, key_mask, width, None if bias is None else reference.position_bias(bias, positions,

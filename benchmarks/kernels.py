@@ -41,6 +41,7 @@ def cases(B: int, H: int, T: int, D: int, device, dtype) -> dict:
     from ats_fx.kernels.attention_rows import attention_rows
     from ats_fx.kernels.gather_add import gather_add
     from ats_fx.kernels.masked_attention import masked_attention
+    from ats_fx.kernels.received import received_scores
     from ats_fx.kernels.sample import inverse_transform_sample
     from ats_fx.kernels.scores import class_token_scores
 
@@ -59,6 +60,10 @@ def cases(B: int, H: int, T: int, D: int, device, dtype) -> dict:
         W = b[0].shape[1]
         return float(torch.equal(a[0][:, :W], b[0]) and torch.equal(a[2], b[2]))
 
+    def received_reference(q, k, v):
+        attn = reference.attention_weights(q, k, mask, scale)
+        return reference.weight_scores(attn, v, mask, 0, strict=False, class_token=False)[0]
+
     qf, kf, vf = q.float(), k.float(), v.float()
     real = mask[:, None, :, None].expand(q.shape)
     # (triton, reference in the model's dtype: what eager would run instead, reference in float32: the
@@ -66,6 +71,9 @@ def cases(B: int, H: int, T: int, D: int, device, dtype) -> dict:
     return {
         "scores": (lambda: class_token_scores(q, k, v, mask, 1, scale)[0],
                    lambda: reference.class_token_scores(q, k, v, mask, 1, scale), None, close),
+        # No class token: the attention each token receives, without the matrix the reference builds.
+        "received_scores": (lambda: received_scores(q, k, v, mask, 0, scale)[0],
+                            lambda: received_reference(q, k, v), lambda: received_reference(qf, kf, vf), close),
         "sample": (lambda: inverse_transform_sample(scores, mask, budget, 1),
                    lambda: reference.inverse_transform_sample(scores, mask, budget, 1), None, same_indices),
         "attention_rows": (lambda: attention_rows(q, k, v, index, mask, scale),

@@ -33,6 +33,8 @@ SWITCHES = {
     "overlap": ("ats_fx.dispatch", "OVERLAP", {"auto": "auto", "on": "on", "off": "off"}),
     "pdl": ("ats_fx.kernels.pdl", "ENABLED", {"on": True, "off": False}),
     "unmasked": ("ats_fx.dispatch", "UNMASKED", {"on": True, "off": False}),  # overlap the first stage too
+    # stages without a class token score with kernels/received.py (on) or materialise A (off)
+    "received": ("ats_fx.dispatch", "RECEIVED", {"on": True, "off": False}),
     # the overlapped stage's streams join after the output projection (on, the default) or before it (off)
     "late_join": ("ats_fx.overlap", "JOIN_AFTER_PROJECTION", {"on": True, "off": False}),
 }

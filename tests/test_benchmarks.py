@@ -211,7 +211,7 @@ def test_kernels_benchmark_checks_each_kernel_against_its_reference(tmp_path):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: Triton's interpreter
     rows = kernels.run([(2, 2, 17, 8)], device, torch.float32, rounds=1, budget_ms=1)
     checks = {r["model"]: r["value"] for r in rows if r["metric"] in ("max_abs_error", "equal")}
-    assert set(checks) == {"scores", "sample", "attention_rows", "masked_attention", "gather_add"}
+    assert set(checks) == {"scores", "received_scores", "sample", "attention_rows", "masked_attention", "gather_add"}
     assert checks.pop("sample") == 1.0
     assert max(checks.values()) < 1e-5, checks
     assert {r["config"] for r in rows if r["metric"] == "ms"} == {"2x2x17x8 triton", "2x2x17x8 reference"}

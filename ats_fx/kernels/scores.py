@@ -194,10 +194,17 @@ def class_token_scores(
     """Scores S (B, T) float32 and a per-image flag (B,) int8, 1 for rows that fell back to uniform:
     ``head_scores`` then ``combine_heads`` (two launches; the library folds the second into the
     sampling kernel). ``bias``, ``positions``: a position bias table, as ``head_scores``."""
-    heads = head_scores(q, k, v, key_mask, scale, score, bias=bias, positions=positions)
+    return normalise(head_scores(q, k, v, key_mask, scale, score, bias=bias, positions=positions), key_mask,
+                     num_prefix)
+
+
+def normalise(heads: torch.Tensor, key_mask: Optional[torch.Tensor], num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``combine_heads`` of per-head logits and value norms (2, B, H, T) in a launch of its own: the
+    scores S (B, T) float32 over the real tokens after the prefix, and the uniform-fallback flags
+    (B,) int8."""
     _, B, H, T = heads.shape
-    scores = torch.empty(B, T, device=q.device, dtype=torch.float32)
-    bad = torch.empty(B, device=q.device, dtype=torch.int8)
+    scores = torch.empty(B, T, device=heads.device, dtype=torch.float32)
+    bad = torch.empty(B, device=heads.device, dtype=torch.int8)
     mask = key_mask if key_mask is not None else scores
     block_t = triton.next_power_of_2(T)
     _normalise_kernel[(B,)](heads[0], heads[1], mask, scores, bad, mask.stride(0), mask.stride(-1), T, H, num_prefix,
