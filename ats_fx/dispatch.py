@@ -203,8 +203,10 @@ def stage_path(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], *, c
     if mix is not None:
         return "weights"
     if not class_token:
-        # The kernels have no backward and no dropout: training materialises the matrix.
-        if RECEIVED and selection == "ats" and dropout_p == 0.0 and not grads and use_triton(q, kernels):
+        # The kernels have no backward and no dropout: training materialises the matrix. Exported
+        # for CUDA they are packaged (``packaged`` says why a gradient does not count there).
+        kernel = (use_triton(q, kernels) and not grads) or packaged(q, kernels)
+        if RECEIVED and selection == "ats" and dropout_p == 0.0 and kernel:
             return "received"
         return "weights"
     if selection != "ats":

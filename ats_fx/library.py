@@ -195,10 +195,14 @@ def received_sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                     kernels: str, bias: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> tuple:
     """Score and sample a stage without a class token on the Triton path: ``(index, mask, kept,
     budget, padded)`` as ``sample``. Eager, the sampling kernel combines the heads itself (three
-    launches); traced, ``ats_fx::received_scores`` then ``ats_fx::sample_scores``. ``bias``,
+    launches); traced, ``ats_fx::received_scores`` then ``ats_fx::sample_scores``; exported for CUDA,
+    ``ats_fx::packaged_sample`` (``packaged_ops.py``). ``bias``,
     ``positions``: a position bias table read at original positions (``attention``)."""
     q, k, v = q.detach(), k.detach(), v.detach()
     bias = None if bias is None else bias.detach()
+    if width >= 0 and not strict and packaged(q, kernels):  # exported on CUDA: the kernels, packageable
+        return (*torch.ops.ats_fx.packaged_sample(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width,
+                                                  bias, positions, False), None)
     if tracing(q):
         scores, bad = torch.ops.ats_fx.received_scores(q, k, v, key_mask, num_prefix, scale, score, bias, positions)
         return sample_from_scores(scores, bad, key_mask, num_prefix, ratio, k_tokens, width, strict, kernels)

@@ -31,11 +31,13 @@ from .kernels import reference
 @triton_op("ats_fx::packaged_sample", mutates_args=())
 def packaged_sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], num_prefix: int, scale: float,
                     ratio: Optional[float], k_tokens: Optional[int], score: str, width: int,
-                    bias: Optional[Tensor] = None, positions: Optional[Tensor] = None
+                    bias: Optional[Tensor] = None, positions: Optional[Tensor] = None, class_token: bool = True
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Score and sample one stage at a static ``width`` (K + p): ``(index, mask, kept, budget)``, as
     ``ats_fx::sample_tokens`` with ``strict=False`` (a row of NaN scores falls back to uniform).
-    The head-logits kernel, then the sampling kernel, which combines the heads."""
+    The head-logits kernel (without ``class_token``: the received-attention kernels), then the
+    sampling kernel, which combines the heads."""
+    from .kernels.received import received_head_scores
     from .kernels.sample import inverse_transform_sample
     from .kernels.scores import head_scores
 
@@ -43,7 +45,10 @@ def packaged_sample(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
     # Logits and value norms in two tensors, not views of one: each kernel argument Inductor sees
     # mutated is then a whole buffer.
     heads = tuple(q.new_empty((B, H, T), dtype=torch.float32) for _ in range(2))
-    head_scores(q, k, v, key_mask, scale, score, out=heads, bias=bias, positions=positions, traceable=True)
+    if class_token:
+        head_scores(q, k, v, key_mask, scale, score, out=heads, bias=bias, positions=positions, traceable=True)
+    else:
+        received_head_scores(q, k, v, key_mask, scale, score, bias, positions, out=heads, traceable=True)
     budget = reference.token_budget(key_mask, B, T, num_prefix, ratio, k_tokens, q.device)
     index, mask, kept = inverse_transform_sample(heads, key_mask, budget, num_prefix, width, traceable=True)
     return index, mask, kept, budget
@@ -64,7 +69,7 @@ def packaged_attention(q: Tensor, k: Tensor, v: Tensor, index: Optional[Tensor],
 # (TRITON_INTERPRET=1, the CPU tests) would run on fake tensors.
 @packaged_sample.register_fake
 def _packaged_sample_fake(q, k, v, key_mask, num_prefix, scale, ratio, k_tokens, score, width, bias=None,
-                          positions=None):
+                          positions=None, class_token=True):
     B = q.shape[0]
     return (q.new_empty((B, width), dtype=torch.int64), q.new_empty((B, width), dtype=torch.bool),
             q.new_empty((B,), dtype=torch.int64), q.new_empty((B,), dtype=torch.int64))

@@ -42,6 +42,31 @@ def test_packaged_sample_equals_the_library_op(masked, case):
         assert torch.equal(got[3], reference.token_budget(mask, B, T, p, ratio, k_tokens, DEVICE))
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_packaged_sample_without_a_class_token_equals_the_received_path(masked, with_bias):
+    """``class_token=False``: the received-attention kernels score (the mean query row), registers are
+    kept; the same index, mask, K' and K as the eager received path at a static width."""
+    B, H, T, D, p = 3, 3, 65, 16, 2
+    q, k, v = qkv(B, H, T, D, torch.float16, sharp=3.0 if DEVICE == "cpu" else 1.0)
+    mask = padding_mask(B, T) if masked else None
+    bias, positions = None, None
+    if with_bias:
+        bias, positions, _ = bias_inputs(B, H, T, False, True, "sampled")
+        if mask is not None:
+            positions = torch.where(mask, positions, -1)
+    width = reference.static_budget(T, p, 0.7, None) + p
+    got = torch.ops.ats_fx.packaged_sample(q, k, v, mask, p, D**-0.5, 0.7, None, "attn_vnorm", width, bias,
+                                           positions, False)
+    want = library.received_sample(q, k, v, mask, p, D**-0.5, 0.7, None, "attn_vnorm", width, False, "triton",
+                                   bias, positions)
+    for g, w in zip(got, want[:4]):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    class_row = torch.ops.ats_fx.packaged_sample(q, k, v, mask, p, D**-0.5, 0.7, None, "attn_vnorm", width, bias,
+                                                 positions)
+    assert not torch.equal(class_row[0], got[0])  # a different score, not the class row's
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("rows", ["kept", "all"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
@@ -74,7 +99,7 @@ def test_packaged_attention_layout_matches_its_fake():
     assert fake.shape == real.shape and fake.stride() == real.stride()
 
 
-@pytest.mark.parametrize("name", ["timm_deit_distilled", "timm_beit"])
+@pytest.mark.parametrize("name", ["timm_deit_distilled", "timm_beit", "timm_vit_registers_gap"])
 def test_model_on_the_packaged_ops_equals_the_reference(monkeypatch, name):
     """The whole model run through the packaged ops (forced on, eagerly, as the exported graph runs
     them) gives the logits of the reference path at the same static padding."""
@@ -93,6 +118,7 @@ def test_model_on_the_packaged_ops_equals_the_reference(monkeypatch, name):
         return kernels != "reference"
 
     monkeypatch.setattr(library, "packaged", forced)
+    monkeypatch.setattr(dispatch, "packaged", forced)  # a stage without a class token asks for its path
     monkeypatch.setattr(library, "use_triton", lambda x, kernels: False)  # on a GPU: not the eager launches
     with torch.no_grad():
         got, want = ats(x), want_model(x)
@@ -111,11 +137,12 @@ def fake_cuda_export(model: torch.nn.Module, shape: tuple, dtype=torch.float16) 
     return Counter(str(n.target).split(".")[1] for n in program.graph.nodes if "ats_fx" in str(n.target))
 
 
-@pytest.mark.parametrize("name", ["timm_deit_distilled", "timm_beit"])
+@pytest.mark.parametrize("name", ["timm_deit_distilled", "timm_beit", "timm_vit_gap"])
 def test_cuda_export_calls_the_packaged_kernels(name):
     """Exported for CUDA, every stage samples and attends with the packaged ops, and the layers
     after the stages attend over the key mask with them too; none of the library's custom ops,
-    which AOTInductor cannot package, is left."""
+    which AOTInductor cannot package, is left. Without a class token too: the stage scores with the
+    received-attention kernels inside ``packaged_sample`` instead of materialising the matrix."""
     build, _, shape = MODELS[name]
     ops = fake_cuda_export(ats_fx.transform(build(), range(1, 3), ratio=0.6), shape)
     depth = 4

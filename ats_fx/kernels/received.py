@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 
 @triton.jit
@@ -178,18 +179,23 @@ def received_head_scores(
     score: str = "attn_vnorm",
     bias: Optional[torch.Tensor] = None,
     positions: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    traceable: bool = False,
 ) -> torch.Tensor:
     """(2, B, H, T) float32: per head, ln of each key's attention summed over the real queries
     (-inf at padded keys), and ‖V_j‖ (1 with ``score="attn"``): what ``scores.head_scores`` gives
     for the class row, for ``combine_heads``. ``q, k, v`` are (B, H, T, dh) with any strides;
     ``key_mask`` (B, T) bool marks the real tokens (None: all are). ``bias`` (L, N, N), L = heads
     or 1: a position bias table of the logits over the original tokens, read at ``positions``
-    (B, T) (original positions, -1 for padding; None: the tokens are the original ones)."""
+    (B, T) (original positions, -1 for padding; None: the tokens are the original ones).
+    ``out``: a (2, B, H, T) float32 buffer to write instead of a new one, or a pair of (B, H, T) ones.
+    ``traceable``: launched through ``wrap_triton`` inside a ``triton_op`` (``packaged_ops.py``)."""
     B, H, T, D = k.shape
-    out = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32)
+    if out is None:
+        out = torch.empty(2, B, H, T, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-    mask = out[0] if key_mask is None else key_mask  # a dummy pointer without a mask
-    if mask.dtype == torch.bool:
+    mask = lse if key_mask is None else key_mask  # a dummy pointer without a mask
+    if mask.dtype == torch.bool and not traceable:  # (Inductor cannot lower a view from bool to int8)
         mask = mask.view(torch.int8)
     if bias is not None and (bias.dim() != 3 or bias.shape[0] not in (1, H)):
         raise ValueError(f"a position bias table must be (heads or 1, N, N), got {tuple(bias.shape)} for {H} heads")
@@ -207,10 +213,12 @@ def received_head_scores(
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=NUM_WARPS,
     )
     strides = (*q.stride(), *k.stride())
-    _row_lse_kernel[(triton.cdiv(T, BLOCK_M), H, B)](
+    rows_kernel = wrap_triton(_row_lse_kernel) if traceable else _row_lse_kernel
+    columns_kernel = wrap_triton(_column_kernel) if traceable else _column_kernel
+    rows_kernel[(triton.cdiv(T, BLOCK_M), H, B)](
         q, k, mask, *tables, lse, *strides, mask.stride(0), mask.stride(-1), *table_strides, **common)
-    _column_kernel[(triton.cdiv(T, BLOCK_N), H, B)](
-        q, k, v, mask, *tables, lse, out[0], out[1], *strides, *v.stride(), mask.stride(0), mask.stride(-1),
+    columns_kernel[(triton.cdiv(T, BLOCK_N), H, B)](
+        q, k, v, mask, *tables, lse, *out, *strides, *v.stride(), mask.stride(0), mask.stride(-1),
         *table_strides, USE_VNORM=score == "attn_vnorm", **common)
     return out
 
