@@ -109,7 +109,7 @@ def test_constant_parts_merge_only_when_cut_along_features(monkeypatch):
     outputs equal those of gathering every part on its own."""
     from test_match import Attention, TinyViT
 
-    from ats_fx.passes import rewrite
+    from ats_fx.passes import rules
 
     class LateTables(TinyViT):
         def __init__(self):
@@ -131,7 +131,7 @@ def test_constant_parts_merge_only_when_cut_along_features(monkeypatch):
     gathered = [n.args[0].name for n in ats.graph.nodes if n.target is ops.position_gather]
     # wide: once per token set (blocks 1 and 2 share set 2); long: each block's token-axis cut on its own
     assert gathered.count("wide") == 2 and len(gathered) == 5 and "long" not in gathered, gathered
-    monkeypatch.setattr(rewrite, "feature_parts", lambda node: (node, []))
+    monkeypatch.setattr(rules, "feature_parts", lambda node: (node, []))
     apart = ats_fx.transform(model, "0-1", ratio=0.5, example_inputs=example)
     assert _calls(apart, ops.position_gather) == 9  # each block's three cuts, each alone
     x = torch.randn(4, 3, 16, 16, dtype=torch.float64)

@@ -15,7 +15,6 @@ from ats_fx.kernels import reference
 from ats_fx.kernels.received import received_head_scores, received_scores
 
 SHAPES = [  # B, H, T, dh, prefix (registers: queries, never scored)
-    (2, 3, 197, 64, 0),
     (3, 2, 50, 32, 4),
     (2, 4, 65, 24, 1),
 ]
@@ -45,6 +44,19 @@ def test_received_scores_kernel(shape, dtype, masked):
     if masked:
         assert (got[~mask] == 0).all()
     torch.testing.assert_close(got.sum(1), torch.ones(B, device=DEVICE))
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+def test_received_scores_kernel_at_a_vit_stage_shape(masked):
+    """197 tokens, head dim 64 (a ViT-B/16 stage at 224 px; several key and query tiles, the last one
+    partial), in fp16 as models run."""
+    B, H, T, D = 2, 3, 197, 64
+    q, k, v = qkv(B, H, T, D, torch.float16, seed=5)
+    mask = padding_mask(B, T) if masked else None
+    got, bad = received_scores(q, k, v, mask, 0, D**-0.5)
+    want, _ = whole_matrix_scores(q, k, v, mask, 0)
+    assert not bad.any()
+    torch.testing.assert_close(got.double(), want, atol=TOL[torch.float16] / 10, rtol=TOL[torch.float16])
 
 
 def test_received_head_logits_are_log_column_sums_and_value_norms():
