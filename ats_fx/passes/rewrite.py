@@ -25,11 +25,12 @@ from ..config import ATSOptions, StageOptions
 from ..errors import ATSUnsupportedModel
 from .graph import BATCH_PROBE, DataFlow, batch_dim, concrete_shape, describe
 from .match import AttentionSite, unmatched_softmaxes
-from .rules import EXTRA_POINTWISE, IGNORED, NORMS, RULES, OpRules
+from .rules import NORMS, OpRules, rule_for
 from .tokens import Label, TokenAxis, TokenSet, Unsupported, norm_dim
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
+IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int}  # never carry the token axis
 
 
 @dataclass
@@ -137,11 +138,7 @@ class TokenWalk(OpRules):
             return lab[node.args[1]] if isinstance(lab, tuple) and node.args[1] < len(lab) else None
         if not any(isinstance(self.label(a), (TokenAxis, tuple)) for a in node.all_input_nodes):
             return self.visit_cat_seed(node) if target is aten.cat.default else None
-        handler = RULES.get(target)
-        if handler is None and isinstance(target, torch._ops.OpOverload) and (
-            torch.Tag.pointwise in target.tags or target in EXTRA_POINTWISE
-        ):
-            handler = OpRules.rule_pointwise
+        handler = rule_for(target)
         if handler is None:
             self.fail(node, "receives the token axis, and ats_fx has no rule for how it treats a varying number of tokens")
             return None

@@ -2,7 +2,7 @@
 
 ``OpRules`` holds one rule per op family (reshapes, slices, concatenation, pooling, pointwise ops
 with per-position constants, matmuls), mixed into ``TokenWalk`` (passes/rewrite.py), which
-decides where stages go and calls ``RULES[node.target]`` for every op that receives a token axis.
+decides where stages go and calls ``rule_for(node.target)`` for every op that receives a token axis.
 A rule returns the op's output ``Label``; on a sampled token set ("active") it also patches the
 op: ``-1`` for the token count, gathers of older token sets and of per-position constants, masked
 pooling. What it cannot follow it hands to ``fail``, which raises when the op is active.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -37,7 +37,6 @@ REDUCTIONS = {
 SOFTMAXES = {aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default}
 NORMS = {aten.layer_norm.default, aten.rms_norm.default}
 EXTRA_POINTWISE = PASS_THROUGH | {aten.detach.default, aten.lift_fresh_copy.default, aten.where.self}
-IGNORED = {aten._assert_tensor_metadata.default, aten.sym_size.int}
 GRID_RESHAPE = ("splits the token axis into several axes, a reshape back to a 2-D grid (PiT's and LeViT's "
                 "pooling, a dense-prediction head): a sampled token set no longer fills the grid. Put the "
                 "stages after the last grid reshape, or transform a model that stays on token sequences")
@@ -427,3 +426,13 @@ RULES = {
     aten.bmm.default: OpRules.rule_matmul,
     aten.mm.default: OpRules.rule_matmul,
 }
+
+
+def rule_for(target) -> Optional[Callable[[OpRules, fx.Node], Label]]:
+    """The rule of an op that receives a token axis: its entry in ``RULES``, else the pointwise rule
+    for ops torch tags pointwise (and ``EXTRA_POINTWISE``); None when ats_fx has none."""
+    rule = RULES.get(target)
+    if rule is None and isinstance(target, torch._ops.OpOverload) and (
+            torch.Tag.pointwise in target.tags or target in EXTRA_POINTWISE):
+        rule = OpRules.rule_pointwise
+    return rule
